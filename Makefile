@@ -1,0 +1,40 @@
+# Set-up is two commands on a fresh machine with only python3 and make: `make demo`, `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench docs build clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/selfreport demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict src
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml $(PYTEST_ARGS)
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir .site
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+build: $(STAMP)
+	rm -rf dist && $(BIN)/python -m pip wheel --no-deps --quiet -w dist . && ls dist
+
+clean:
+	rm -rf $(VENV) dist .site .coverage* coverage.xml .mypy_cache .ruff_cache

@@ -1,0 +1,140 @@
+"""selfreport: error reporting that can report its own errors without ever feeding on itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import ERROR as _ERROR
+from typing import Any, Optional, Union
+
+from ._client import Client
+from ._guard import guarded, is_reporting, reporting_path
+from ._state import current_client
+from ._state import init as _init
+from ._transport import is_marked_origin
+from ._version import __version__
+from .exceptions import ConfigError, SelfreportError
+from .logging import LoggingHandler
+
+__all__ = [
+    "Client",
+    "ConfigError",
+    "LoggingHandler",
+    "SelfreportError",
+    "__version__",
+    "capture_exception",
+    "capture_message",
+    "close",
+    "flush",
+    "guarded",
+    "init",
+    "is_own_report",
+    "is_reporting",
+    "reporting_path",
+    "stats",
+]
+
+
+def init(
+    dsn: Optional[str] = None,
+    *,
+    environment: Optional[str] = None,
+    release: Optional[str] = None,
+    before_send: Any = None,
+    sample_rate: float = 1.0,
+    max_queue: int = 1000,
+    shutdown_timeout: float = 2.0,
+    logging_level: Union[int, str, None] = _ERROR,
+    install_hooks: bool = True,
+    debug: bool = False,
+    rate_limit: float = 10.0,
+    rate_burst: int = 100,
+    dedupe_window: float = 60.0,
+    **options: Any,
+) -> Client:
+    """Start reporting: install a logging handler and exception hooks sending to ``dsn``.
+
+    Args:
+        dsn: Sentry-format DSN; ``None`` reads ``SELFREPORT_DSN``; with neither, nothing is sent.
+        environment: ``environment`` of every event (``"production"``, ...).
+        release: ``release`` of every event.
+        before_send: ``before_send(event, hint) -> event | None``; runs on the worker thread in
+            the reporting path, with the caller's contextvars. If it raises, the event is dropped.
+        sample_rate: share of events kept, 0.0 to 1.0.
+        max_queue: events waiting for the worker at most; more are dropped, never blocking.
+        shutdown_timeout: seconds ``close()`` and interpreter exit may spend delivering.
+        logging_level: level of the root-logger handler; ``None`` installs none.
+        install_hooks: install sys/threading/unraisable/asyncio hooks and guard propagation.
+        debug: log selfreport's own activity to stderr through the ``selfreport`` logger.
+        rate_limit: events per second sent at most (token bucket); 0 disables.
+        rate_burst: events that may be sent at once before ``rate_limit`` applies.
+        dedupe_window: seconds during which repeats of one fingerprint are folded; 0 disables.
+        **options: further :class:`Client` options (``scrub``, ``include_locals``,
+            ``server_name``, ``http_timeout``, ``max_retries``, ``compress``, ...).
+
+    Raises:
+        ConfigError: a malformed DSN or option, naming the offending part.
+    """
+    return _init(
+        dsn,
+        environment=environment,
+        release=release,
+        before_send=before_send,
+        sample_rate=sample_rate,
+        max_queue=max_queue,
+        shutdown_timeout=shutdown_timeout,
+        logging_level=logging_level,
+        install_hooks=install_hooks,
+        debug=debug,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        dedupe_window=dedupe_window,
+        **options,
+    )
+
+
+def capture_exception(exc: Optional[BaseException] = None) -> Optional[str]:
+    """Report ``exc`` (default: the exception being handled); the event id, or None if dropped."""
+    client = current_client()
+    return client.capture_exception(exc) if client is not None else None
+
+
+def capture_message(message: str, level: str = "error") -> Optional[str]:
+    """Report a message at ``level``; the event id, or None if dropped."""
+    client = current_client()
+    return client.capture_message(message, level) if client is not None else None
+
+
+def flush(timeout: float = 2.0) -> bool:
+    """Wait up to ``timeout`` seconds for queued events to be delivered; True when all were."""
+    client = current_client()
+    return client.flush(timeout) if client is not None else True
+
+
+def close(timeout: Optional[float] = None) -> None:
+    """Deliver what is queued (bounded by ``timeout``), remove the handler and hooks."""
+    from ._state import close as _close
+
+    _close(timeout)
+
+
+def stats() -> dict[str, int]:
+    """Counters of the global client: captured, sent, and dropped by reason."""
+    client = current_client()
+    if client is None:
+        from ._client import STAT_KEYS
+
+        return dict.fromkeys(STAT_KEYS, 0)
+    return client.stats()
+
+
+def is_own_report(headers: Mapping[str, str]) -> bool:
+    """Whether an incoming request carries a report sent by a selfreport client for this
+    process's DSN project (headers: any str->str mapping, keys compared case-insensitively).
+
+    A collector that reports its own errors processes such requests inside
+    :func:`reporting_path`, so ingesting its own reports can never report again.
+    """
+    client = current_client()
+    if client is not None:
+        return client.is_own_report(headers)
+    return is_marked_origin(headers, None)

@@ -1,0 +1,479 @@
+"""The Client: options, the capture pipeline on the caller's side, and delivery on the worker."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import os
+import random
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional, Union
+
+from ._diag import Diagnostics
+from ._dsn import Dsn, parse_dsn
+from ._event import (
+    Capture,
+    build_event,
+    capture_from_exception,
+    capture_from_message,
+    capture_from_record,
+    fingerprint_of,
+)
+from ._guard import ReportingPath, is_reporting, originated_in_reporting_path
+from ._ratelimit import Deduper, TokenBucket, UpstreamLimits
+from ._transport import (
+    HttpTransport,
+    Transport,
+    is_marked_origin,
+    origin_value,
+    serialize_envelope,
+)
+from ._worker import Worker
+from .exceptions import ConfigError
+
+__all__ = ["STAT_KEYS", "Client", "Event", "Hint"]
+
+Event = dict[str, Any]
+Hint = dict[str, Any]
+BeforeSend = Callable[[Event, Hint], Optional[Event]]
+Scrub = Callable[[Event], Event]
+
+STAT_KEYS = (
+    "captured",  # accepted into the queue
+    "sent",  # acknowledged by the collector
+    "dropped_reentrant",  # originated inside the reporting path
+    "dropped_rate_limited",  # global bucket, per-fingerprint dedupe, or upstream 429
+    "deduplicated",  # of dropped_rate_limited: repeats folded into a later event
+    "dropped_sampled",  # sample_rate
+    "dropped_duplicate",  # the same exception object was already captured
+    "dropped_queue_full",
+    "dropped_before_send",  # before_send returned None
+    "dropped_error",  # building, before_send or scrubbing raised: dropped, never sent raw
+    "dropped_closed",  # captured after close() or left in the queue at a timed-out close
+    "send_failed",  # given up after retries, or refused by the collector
+    "retried",
+    "queue_size",
+)
+
+_CAPTURED_MARK = "__selfreport_captured__"
+_NO_DSN_MESSAGE = "no DSN given and SELFREPORT_DSN is not set: events are not sent anywhere"
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float = math.inf, integer: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"expected a number, got {type(value).__name__}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(name, f"expected a whole number, got {value!r}")
+    if not (low <= value <= high) or value != value:
+        raise ConfigError(name, f"must be between {low} and {high}, got {value!r}")
+
+
+class Client:
+    """One configured reporter. Use :func:`selfreport.init` to make the global one."""
+
+    def __init__(
+        self,
+        dsn: Union[str, Dsn, None] = None,
+        *,
+        environment: Optional[str] = None,
+        release: Optional[str] = None,
+        server_name: Optional[str] = None,
+        before_send: Optional[BeforeSend] = None,
+        sample_rate: float = 1.0,
+        max_queue: int = 1000,
+        shutdown_timeout: float = 2.0,
+        rate_limit: float = 10.0,
+        rate_burst: int = 100,
+        dedupe_window: float = 60.0,
+        include_locals: bool = False,
+        http_timeout: float = 5.0,
+        max_retries: int = 3,
+        retry_backoff: float = 0.5,
+        compress: bool = True,
+        scrub: Union[bool, Scrub, None] = None,
+        transport: Optional[Transport] = None,
+        debug: bool = False,
+    ) -> None:
+        _check_number("sample_rate", sample_rate, 0.0, 1.0)
+        _check_number("max_queue", max_queue, 1, 10_000_000, integer=True)
+        _check_number("shutdown_timeout", shutdown_timeout, 0.0, 3600.0)
+        _check_number("rate_limit", rate_limit, 0.0)
+        _check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
+        _check_number("dedupe_window", dedupe_window, 0.0)
+        _check_number("http_timeout", http_timeout, 0.001, 600.0)
+        _check_number("max_retries", max_retries, 0, 100, integer=True)
+        _check_number("retry_backoff", retry_backoff, 0.0, 600.0)
+        if before_send is not None and not callable(before_send):
+            raise ConfigError("before_send", "must be callable or None")
+        if dsn is None:
+            dsn = os.environ.get("SELFREPORT_DSN") or None
+        self.dsn: Optional[Dsn] = dsn if isinstance(dsn, Dsn) or dsn is None else parse_dsn(dsn)
+        self.environment = environment
+        self.release = release
+        self.server_name = server_name
+        self.before_send = before_send
+        self.sample_rate = float(sample_rate)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.include_locals = include_locals
+        self.http_timeout = float(http_timeout)
+        self.max_retries = max_retries
+        self.retry_backoff = float(retry_backoff)
+        self.debug = debug
+        self._scrub = self._resolve_scrub(scrub)
+        self._bucket = TokenBucket(rate_limit, rate_burst)
+        self._deduper = Deduper(dedupe_window)
+        self._limits = UpstreamLimits()
+        self.diagnostics = Diagnostics()
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._stats_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._close_deadline: Optional[float] = None
+        self._origin = origin_value(self.dsn) if self.dsn is not None else None
+        if transport is None and self.dsn is not None:
+            transport = HttpTransport(self.dsn, compress=compress)
+        self.transport = transport
+        self.enabled = transport is not None
+        self._worker: Worker[Capture] = Worker(self._process, max_queue)
+        _live_clients.add(self)
+        if not self.enabled:
+            self.diagnostics.once("no_dsn", _NO_DSN_MESSAGE)
+        if debug:
+            self._enable_debug_logging()
+
+    # --- configuration helpers -----------------------------------------------------------
+
+    @staticmethod
+    def _resolve_scrub(scrub: Union[bool, Scrub, None]) -> Optional[Scrub]:
+        if scrub is None or scrub is False:
+            return None
+        if scrub is True:
+            from ._scrub import Scrubber
+
+            return Scrubber()
+        if callable(scrub):
+            return scrub
+        raise ConfigError("scrub", "must be True, False, None or a callable taking the event")
+
+    @staticmethod
+    def _enable_debug_logging() -> None:
+        own = logging.getLogger("selfreport")
+        if not any(getattr(h, "_selfreport_debug", False) for h in own.handlers):
+            handler = logging.StreamHandler()
+            handler._selfreport_debug = True  # type: ignore[attr-defined]
+            handler.setFormatter(logging.Formatter("selfreport [%(levelname)s] %(message)s"))
+            own.addHandler(handler)
+        own.setLevel(logging.DEBUG)
+
+    # --- stats -----------------------------------------------------------------------------
+
+    def _count(self, key: str, amount: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[key] += amount
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters (see ``STAT_KEYS``); never raises."""
+        with self._stats_lock:
+            out = dict(self._stats)
+        out["queue_size"] = self._worker.qsize()
+        return out
+
+    # --- the caller's side: cheap decisions first ------------------------------------------
+
+    def _drop_reentrant(self, what: str) -> None:
+        self._count("dropped_reentrant")
+        self.diagnostics.once(
+            "reentrant:" + what,
+            f"dropped a {what} that originated inside the reporting path "
+            "(counted in stats()['dropped_reentrant']; further drops are counted silently)",
+        )
+
+    def capture_record(self, record: logging.LogRecord) -> Optional[str]:
+        """Report a log record (what the logging handler calls)."""
+        if is_reporting() or record.name == "selfreport" or record.name.startswith("selfreport."):
+            self._drop_reentrant("log record")
+            return None
+        exc = record.exc_info[1] if record.exc_info else None
+        template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+        return self._admit(
+            exc,
+            lambda: fingerprint_of(record.name, template, exc),
+            lambda: capture_from_record(record, self.include_locals),
+        )
+
+    def capture_exception(
+        self,
+        exc: Optional[BaseException] = None,
+        *,
+        mechanism: str = "generic",
+        handled: bool = True,
+    ) -> Optional[str]:
+        """Report ``exc`` (default: the exception being handled); the event id, or None."""
+        if is_reporting():
+            self._drop_reentrant("exception")
+            return None
+        if exc is None:
+            exc = sys.exc_info()[1]
+            if exc is None:
+                return None
+        error = exc
+        return self._admit(
+            error,
+            lambda: fingerprint_of(None, None, error),
+            lambda: capture_from_exception(error, mechanism, handled, self.include_locals),
+        )
+
+    def capture_hooked(self, exc: BaseException, mechanism: str, context_meaningful: bool) -> None:
+        """Report an exception handed to an exception hook (uncaught, so unhandled)."""
+        if context_meaningful and is_reporting():
+            self._drop_reentrant("exception")
+            return
+        self._admit(
+            exc,
+            lambda: fingerprint_of(None, None, exc),
+            lambda: capture_from_exception(exc, mechanism, False, self.include_locals),
+        )
+
+    def capture_message(self, message: str, level: str = "error") -> Optional[str]:
+        """Report a plain message; the event id, or None when dropped."""
+        if is_reporting():
+            self._drop_reentrant("message")
+            return None
+        text = message if isinstance(message, str) else repr(message)
+        return self._admit(
+            None,
+            lambda: (None, text, level),
+            lambda: capture_from_message(text, level),
+        )
+
+    def _admit(
+        self,
+        exc: Optional[BaseException],
+        fingerprint: Callable[[], object],
+        snapshot: Callable[[], Capture],
+    ) -> Optional[str]:
+        if exc is not None:
+            if originated_in_reporting_path(exc):
+                self._drop_reentrant("exception")
+                return None
+            if getattr(exc, _CAPTURED_MARK, False):
+                self._count("dropped_duplicate")
+                return None
+        if not self.enabled:
+            return None
+        if self._closed.is_set():
+            self._count("dropped_closed")
+            return None
+        if self._worker.full():
+            self._count("dropped_queue_full")
+            self.diagnostics.warn(
+                "queue_full", "queue full: dropping events (is the collector slow?)"
+            )
+            return None
+        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+            self._count("dropped_sampled")
+            return None
+        try:
+            with ReportingPath():
+                repeats = self._deduper.admit(fingerprint())
+                if repeats is None:
+                    self._count("dropped_rate_limited")
+                    self._count("deduplicated")
+                    return None
+                if not self._bucket.take():
+                    self._count("dropped_rate_limited")
+                    self.diagnostics.warn("rate_limited", "rate limit reached: dropping events")
+                    return None
+                capture = snapshot()
+                capture.repeats = repeats
+                capture.context = contextvars.copy_context()
+                if exc is not None:
+                    try:
+                        setattr(exc, _CAPTURED_MARK, True)
+                    except Exception:  # pragma: no cover - exotic exceptions without __dict__
+                        pass
+        except Exception as error:
+            self._count("dropped_error")
+            self.diagnostics.warn("capture_error", f"could not capture an event: {error!r}")
+            return None
+        if not self._worker.submit(capture):
+            self._count("dropped_closed" if self._closed.is_set() else "dropped_queue_full")
+            return None
+        self._count("captured")
+        return capture.event_id
+
+    # --- the worker's side ------------------------------------------------------------------
+
+    def _prepare(self, capture: Capture) -> Optional[Event]:
+        with ReportingPath():
+            event = build_event(capture, self.environment, self.release, self.server_name)
+            if self.before_send is not None:
+                hint: Hint = {"exc_info": capture.exc_info}
+                result = self.before_send(event, hint)
+                if result is None:
+                    self._count("dropped_before_send")
+                    return None
+                if not isinstance(result, Mapping):
+                    raise TypeError(f"before_send returned {type(result).__name__}, not a dict")
+                event = dict(result)
+            if self._scrub is not None:
+                event = self._scrub(event)
+            return event
+
+    def _process(self, capture: Capture) -> None:
+        if self._limits.is_limited("error"):
+            self._count("dropped_rate_limited")
+            return
+        try:
+            context = capture.context
+            capture.context = None
+            event = context.run(self._prepare, capture) if context else self._prepare(capture)
+            if event is None:
+                return
+            sent_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            body = serialize_envelope(event, self.dsn, sent_at)
+        except Exception as error:
+            self._count("dropped_error")
+            self.diagnostics.warn(
+                "prepare_error",
+                f"dropped an event because building, before_send or scrubbing it raised {error!r}",
+            )
+            return
+        self._deliver(body)
+
+    def _deliver(self, body: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        attempt = 0
+        while True:
+            deadline = self._close_deadline
+            timeout = self.http_timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    self._count("send_failed")
+                    return
+            try:
+                response = transport.send(body, timeout)
+            except Exception as error:  # OSError, timeouts, and anything a custom transport raises
+                problem = f"could not reach the collector: {error!r}"
+                status = 0
+            else:
+                status = response.status
+                if 200 <= status < 300:
+                    self._count("sent")
+                    return
+                self._limits.update(status, response.headers)
+                if status == 429:
+                    self._count("dropped_rate_limited")
+                    self.diagnostics.warn("upstream_429", "the collector is rate limiting us (429)")
+                    return
+                if status < 500:
+                    self._count("send_failed")
+                    self.diagnostics.warn(
+                        f"http_{status}", f"the collector refused an event with HTTP {status}"
+                    )
+                    return
+                problem = f"the collector answered HTTP {status}"
+            if attempt >= self.max_retries or self._closed.is_set():
+                self._count("send_failed")
+                self.diagnostics.warn("send_failed", f"gave up sending an event: {problem}")
+                return
+            attempt += 1
+            self._count("retried")
+            delay = self.retry_backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            if self._closed.wait(delay):
+                self._count("send_failed")
+                return
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait up to ``timeout`` seconds for queued events to be delivered; True when done."""
+        if not self.enabled:
+            return True
+        try:
+            return self._worker.flush(timeout)
+        except Exception:  # pragma: no cover - never raise into the caller
+            return False
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Deliver what is queued within ``timeout`` (default ``shutdown_timeout``), then stop."""
+        if self._closed.is_set():
+            return
+        limit = self.shutdown_timeout if timeout is None else max(0.0, float(timeout))
+        self._close_deadline = time.monotonic() + limit
+        try:
+            self._send_repeat_summaries()
+            self._closed.set()
+            if self.enabled:
+                finished = self._worker.stop(limit)
+                left = self._worker.drain()
+                if left:
+                    self._count("dropped_closed", len(left))
+                if not finished:
+                    interrupt = getattr(self.transport, "interrupt", None)
+                    if interrupt is not None:
+                        interrupt()
+                    self.diagnostics.warn(
+                        "close_timeout",
+                        f"close() gave up after {limit:.1f}s; undelivered events were dropped",
+                    )
+                elif self.transport is not None:
+                    self.transport.close()
+        except Exception as error:  # pragma: no cover - never raise into the caller
+            self.diagnostics.warn("close_error", f"error while closing: {error!r}")
+
+    def _send_repeat_summaries(self) -> None:
+        for fingerprint, repeats in self._deduper.pending().items():
+            if not self.enabled or self._worker.full():
+                break
+            parts = fingerprint if isinstance(fingerprint, tuple) else (fingerprint,)
+            logger_name = parts[0] if parts and isinstance(parts[0], str) else None
+            what = ", ".join(
+                getattr(p, "__qualname__", None) or str(p) for p in parts[1:] if p is not None
+            )
+            capture = capture_from_message(
+                f"selfreport: {repeats} repeat(s) folded by dedupe: {what}", "info"
+            )
+            capture.logger = logger_name
+            capture.repeats = repeats
+            if self._worker.submit(capture):
+                self._count("captured")
+
+    def after_fork_in_child(self) -> None:
+        """Give the child its own queue, locks and connection; the parent sends what it queued."""
+        self._worker.reset_after_fork()
+        self._stats_lock = threading.Lock()
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._bucket.reset_after_fork()
+        self._deduper.reset_after_fork()
+        self.diagnostics.reset_after_fork()
+        forget = getattr(self.transport, "forget_after_fork", None)
+        if forget is not None:
+            forget()
+
+    # --- marking --------------------------------------------------------------------------
+
+    def is_own_report(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request with ``headers`` carries a report sent for this client's project."""
+        return is_marked_origin(headers, self._origin)
+
+
+_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live_clients):
+        client.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

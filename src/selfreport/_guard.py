@@ -1,0 +1,227 @@
+"""The reporting-path flag: a contextvars flag plus a thread-local depth, propagated to new work."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+import threading
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Callable, Optional, TypeVar, cast
+
+import wrapt
+
+from ._patching import Patches
+
+__all__ = [
+    "ReportingPath",
+    "enter_thread_for_life",
+    "guarded",
+    "install_propagation",
+    "is_reporting",
+    "mark_exception",
+    "originated_in_reporting_path",
+    "reporting_path",
+    "thread_is_reporting",
+    "uninstall_propagation",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The contextvar follows asyncio tasks, callbacks and copy_context().run(); the thread-local
+# depth survives code that runs synchronously in a fresh Context (C callbacks, Context().run).
+_in_path: contextvars.ContextVar[bool] = contextvars.ContextVar("selfreport_in_path", default=False)
+_local = threading.local()
+
+# Attribute set on exceptions that escaped the reporting path and on threads started inside it,
+# so a hook that runs later, outside the path, still recognises them.
+_MARK = "__selfreport_reporting_path__"
+
+_get_running_loop = asyncio._get_running_loop
+
+
+def is_reporting() -> bool:
+    """Whether the calling code runs inside selfreport's reporting path."""
+    return _in_path.get() or getattr(_local, "depth", 0) > 0
+
+
+def mark_exception(exc: BaseException) -> None:
+    """Tag ``exc`` as raised inside the reporting path; later captures of it are dropped."""
+    try:
+        setattr(exc, _MARK, True)
+    except Exception:  # pragma: no cover - exceptions with __slots__ and no __dict__ are exotic
+        pass
+
+
+def originated_in_reporting_path(exc: Optional[BaseException]) -> bool:
+    """Whether ``exc`` (or any exception it was chained from) escaped the reporting path."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if getattr(exc, _MARK, False):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+class ReportingPath:
+    """Context manager marking its body as part of the reporting path (sync and async)."""
+
+    __slots__ = ("_thread_depth", "_token")
+
+    def __init__(self) -> None:
+        self._token: Optional[contextvars.Token[bool]] = None
+        self._thread_depth = False
+
+    def __enter__(self) -> ReportingPath:
+        self._token = _in_path.set(True)
+        # Inside an event loop the body may await, and a thread-local would leak into every
+        # other task on this thread; the task's own context carries the flag there instead.
+        if _get_running_loop() is None:
+            _local.depth = getattr(_local, "depth", 0) + 1
+            self._thread_depth = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if self._thread_depth:
+            _local.depth -= 1
+            self._thread_depth = False
+        if self._token is not None:
+            _in_path.reset(self._token)
+            self._token = None
+        if exc is not None:
+            mark_exception(exc)
+
+    async def __aenter__(self) -> ReportingPath:
+        self._token = _in_path.set(True)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def reporting_path() -> ReportingPath:
+    """Mark the code inside ``with reporting_path():`` (or ``async with``) as reporting path.
+
+    Errors logged or raised there, and in threads, executor work and asyncio tasks started
+    there, are never reported by selfreport. Other logging handlers still see them.
+    """
+    return ReportingPath()
+
+
+@contextmanager
+def _thread_in_path() -> Iterator[None]:
+    _local.depth = getattr(_local, "depth", 0) + 1
+    token = _in_path.set(True)
+    try:
+        yield
+    except BaseException as exc:
+        mark_exception(exc)
+        raise
+    finally:
+        _in_path.reset(token)
+        _local.depth -= 1
+
+
+def guarded(func: F) -> F:
+    """Decorator: run ``func`` (a plain or ``async`` function) inside the reporting path."""
+    if inspect.iscoroutinefunction(func):
+
+        @wrapt.decorator
+        async def async_wrapper(
+            wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+        ) -> Any:
+            async with ReportingPath():
+                return await wrapped(*args, **kwargs)
+
+        return cast(F, async_wrapper(func))
+
+    @wrapt.decorator
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        with ReportingPath():
+            return wrapped(*args, **kwargs)
+
+    return cast(F, wrapper(func))
+
+
+# --- propagation into threads, executors and asyncio tasks started inside the path ----------
+
+
+def _run_in_path(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def run_in_path(*args: Any, **kwargs: Any) -> Any:
+        with _thread_in_path():
+            return func(*args, **kwargs)
+
+    return run_in_path
+
+
+async def _await_in_path(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        return await coro
+    except BaseException as exc:
+        mark_exception(exc)
+        raise
+
+
+def _thread_start(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if is_reporting() and isinstance(instance, threading.Thread):
+        setattr(instance, _MARK, True)
+        instance.run = _run_in_path(instance.run)  # type: ignore[method-assign]
+    return wrapped(*args, **kwargs)
+
+
+def _executor_submit(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if is_reporting() and args:
+        args = (_run_in_path(args[0]), *args[1:])
+    return wrapped(*args, **kwargs)
+
+
+def _loop_create_task(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if is_reporting() and args and inspect.iscoroutine(args[0]):
+        # The task inherits the contextvar by itself; wrapping only tags what it raises, so
+        # the loop's exception handler (called later, from any context) can recognise it.
+        args = (_await_in_path(args[0]), *args[1:])
+    return wrapped(*args, **kwargs)
+
+
+_propagation = Patches(
+    (threading.Thread, "start", _thread_start),
+    (concurrent.futures.ThreadPoolExecutor, "submit", _executor_submit),
+    (asyncio.BaseEventLoop, "create_task", _loop_create_task),
+)
+
+
+def install_propagation() -> None:
+    """Patch thread start, executor submit and task creation to carry the flag (idempotent)."""
+    _propagation.install()
+
+
+def uninstall_propagation() -> None:
+    """Undo :func:`install_propagation`."""
+    _propagation.uninstall()
+
+
+def thread_is_reporting(thread: Optional[threading.Thread]) -> bool:
+    """Whether ``thread`` was started inside the reporting path."""
+    return thread is not None and bool(getattr(thread, _MARK, False))
+
+
+def enter_thread_for_life() -> None:
+    """Mark the calling thread (selfreport's worker) as reporting path until it ends."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    _in_path.set(True)

@@ -1,0 +1,112 @@
+"""sys, threading, unraisable and asyncio exception hooks: chained, and removed on close."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from types import TracebackType
+from typing import Any, Callable, Optional
+
+from ._guard import install_propagation, thread_is_reporting, uninstall_propagation
+from ._patching import Patches
+
+__all__ = ["Hooks"]
+
+# What a hook hands to the client: the exception, a mechanism name, and whether the
+# reporting-path flag of the calling context means anything (not in GC finalizers).
+CaptureFn = Callable[[BaseException, str, bool], None]
+ReentrantFn = Callable[[str], None]
+
+
+def _reportable(exc: Optional[BaseException]) -> bool:
+    # KeyboardInterrupt, SystemExit and GeneratorExit are control flow, not errors.
+    return isinstance(exc, Exception)
+
+
+class Hooks:
+    """Installs selfreport's exception hooks; each still calls the hook it replaced."""
+
+    def __init__(self, capture: CaptureFn, reentrant: ReentrantFn) -> None:
+        self._capture = capture
+        self._reentrant = reentrant
+        self.active = False
+        self._prev_sys: Optional[Callable[..., Any]] = None
+        self._prev_threading: Optional[Callable[..., Any]] = None
+        self._prev_unraisable: Optional[Callable[..., Any]] = None
+        self._asyncio = Patches(
+            (asyncio.BaseEventLoop, "call_exception_handler", self._asyncio_handler)
+        )
+
+    def _safe_capture(self, exc: BaseException, mechanism: str, context_meaningful: bool) -> None:
+        try:
+            self._capture(exc, mechanism, context_meaningful)
+        except Exception:  # pragma: no cover - capture never raises; belt and braces
+            pass
+
+    def _sys_hook(
+        self,
+        exc_type: type[BaseException],
+        exc: BaseException,
+        tb: Optional[TracebackType],
+    ) -> None:
+        if self.active and _reportable(exc):
+            self._safe_capture(exc, "excepthook", True)
+        previous = self._prev_sys or sys.__excepthook__
+        previous(exc_type, exc, tb)
+
+    def _threading_hook(self, args: Any) -> None:
+        if self.active and _reportable(args.exc_value):
+            if thread_is_reporting(args.thread):
+                self._reentrant("thread exception")
+            else:
+                self._safe_capture(args.exc_value, "threading", True)
+        previous = self._prev_threading or threading.__excepthook__
+        previous(args)
+
+    def _unraisable_hook(self, unraisable: Any) -> None:
+        if self.active and _reportable(unraisable.exc_value):
+            # Unraisable errors surface in finalizers, whatever code the GC interrupted.
+            self._safe_capture(unraisable.exc_value, "unraisablehook", False)
+        previous = self._prev_unraisable or sys.__unraisablehook__
+        previous(unraisable)
+
+    def _asyncio_handler(
+        self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+    ) -> Any:
+        context = args[0] if args else kwargs.get("context", {})
+        exc = context.get("exception") if isinstance(context, dict) else None
+        if self.active and isinstance(exc, Exception):
+            # "Task exception was never retrieved" is raised from the task's finalizer, so the
+            # calling context says nothing; a task started in the path has its exception tagged.
+            from_finalizer = "future" in context or "task" in context
+            self._safe_capture(exc, "asyncio", not from_finalizer)
+        return wrapped(*args, **kwargs)
+
+    def install(self) -> None:
+        if self.active:
+            return
+        self._prev_sys = sys.excepthook
+        sys.excepthook = self._sys_hook
+        self._prev_threading = threading.excepthook
+        threading.excepthook = self._threading_hook
+        self._prev_unraisable = sys.unraisablehook
+        sys.unraisablehook = self._unraisable_hook
+        self._asyncio.install()
+        install_propagation()
+        self.active = True
+
+    def uninstall(self) -> None:
+        """Restore the previous hooks; where another library has chained on top of ours since,
+        ours stays in its chain as a pass-through instead of cutting that library off."""
+        if not self.active:
+            return
+        self.active = False
+        if sys.excepthook == self._sys_hook:
+            sys.excepthook = self._prev_sys or sys.__excepthook__
+        if threading.excepthook == self._threading_hook:
+            threading.excepthook = self._prev_threading or threading.__excepthook__
+        if sys.unraisablehook == self._unraisable_hook:
+            sys.unraisablehook = self._prev_unraisable or sys.__unraisablehook__
+        self._asyncio.uninstall()
+        uninstall_propagation()

@@ -1,0 +1,103 @@
+"""The process-wide client: init(), close(), the root-logger handler, hooks, atexit and fork."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from typing import Any, Optional, Union
+
+from ._client import Client
+from ._hooks import Hooks
+from .logging import LoggingHandler
+
+__all__ = ["close", "current_client", "init", "set_client"]
+
+_client: Optional[Client] = None
+_handler: Optional[LoggingHandler] = None
+_lock = threading.RLock()
+
+
+def current_client() -> Optional[Client]:
+    return _client
+
+
+def set_client(client: Optional[Client]) -> Optional[Client]:
+    """Make ``client`` the global one without touching hooks or handlers; returns the old one."""
+    global _client
+    with _lock:
+        previous, _client = _client, client
+    return previous
+
+
+def _hook_capture(exc: BaseException, mechanism: str, context_meaningful: bool) -> None:
+    client = _client
+    if client is not None:
+        client.capture_hooked(exc, mechanism, context_meaningful)
+
+
+def _hook_reentrant(what: str) -> None:
+    client = _client
+    if client is not None:
+        client._drop_reentrant(what)
+
+
+_hooks = Hooks(_hook_capture, _hook_reentrant)
+
+
+def init(
+    dsn: Optional[str] = None,
+    *,
+    logging_level: Union[int, str, None] = logging.ERROR,
+    install_hooks: bool = True,
+    **options: Any,
+) -> Client:
+    """Create the global client; a second call closes the previous one first."""
+    global _handler
+    client = Client(dsn, **options)  # raises ConfigError before anything is replaced
+    with _lock:
+        previous = set_client(client)
+        if previous is not None:
+            previous.close(timeout=previous.shutdown_timeout)
+        root = logging.getLogger()
+        if _handler is not None:
+            root.removeHandler(_handler)
+            _handler = None
+        if logging_level is not None:
+            _handler = LoggingHandler(logging_level)
+            root.addHandler(_handler)
+        if install_hooks:
+            _hooks.install()
+        else:
+            _hooks.uninstall()
+    return client
+
+
+def close(timeout: Optional[float] = None) -> None:
+    """Flush (bounded by ``timeout``) and close the global client; remove handler and hooks."""
+    global _handler
+    with _lock:
+        client = set_client(None)
+        if _handler is not None:
+            logging.getLogger().removeHandler(_handler)
+            _handler = None
+        _hooks.uninstall()
+    if client is not None:
+        client.close(timeout)
+
+
+def _at_exit() -> None:
+    client = _client
+    if client is not None:
+        client.close()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()
+
+
+atexit.register(_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,3 @@
+"""The selfreport version."""
+
+__version__ = "0.1.0"
