@@ -13,6 +13,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from types import ModuleType
 from typing import Any, Callable, Optional, Union
 
 from ._diag import Diagnostics
@@ -134,6 +135,7 @@ class Client:
         self.diagnostics = Diagnostics()
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._stats_lock = threading.Lock()
+        self._last_record: Optional[weakref.ref[logging.LogRecord]] = None
         self._closed = threading.Event()
         self._close_deadline: Optional[float] = None
         self._origin = origin_value(self.dsn) if self.dsn is not None else None
@@ -191,7 +193,8 @@ class Client:
         self._count("dropped_reentrant")
         self.diagnostics.once(
             "reentrant:" + what,
-            f"dropped a {what} that originated inside the reporting path "
+            f"dropped {'an' if what[0] in 'aeiou' else 'a'} {what} that originated inside the "
+            "reporting path "
             "(counted in stats()['dropped_reentrant']; further drops are counted silently)",
         )
 
@@ -200,6 +203,13 @@ class Client:
         if is_reporting() or record.name == "selfreport" or record.name.startswith("selfreport."):
             self._drop_reentrant("log record")
             return None
+        last = self._last_record
+        if last is not None and last() is record:
+            # The same record through a second handler feeding this client (init() plus a
+            # dictConfig handler, or capture_events() under init()): one event, not two.
+            self._count("dropped_duplicate")
+            return None
+        self._last_record = weakref.ref(record)
         exc = record.exc_info[1] if record.exc_info else None
         template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
         return self._admit(
@@ -282,12 +292,15 @@ class Client:
             return None
         try:
             with ReportingPath():
-                repeats = self._deduper.admit(fingerprint())
+                key = fingerprint()
+                repeats = self._deduper.admit(key)
                 if repeats is None:
                     self._count("dropped_rate_limited")
                     self._count("deduplicated")
                     return None
                 if not self._bucket.take():
+                    # Not sent, so not a "first occurrence" either: the next one may go.
+                    self._deduper.forget(key, repeats)
                     self._count("dropped_rate_limited")
                     self.diagnostics.warn("rate_limited", "rate limit reached: dropping events")
                     return None
@@ -304,6 +317,7 @@ class Client:
             self.diagnostics.warn("capture_error", f"could not capture an event: {error!r}")
             return None
         if not self._worker.submit(capture):
+            self._deduper.forget(key, repeats)
             self._count("dropped_closed" if self._closed.is_set() else "dropped_queue_full")
             return None
         self._count("captured")
@@ -314,6 +328,9 @@ class Client:
     def _prepare(self, capture: Capture) -> Optional[Event]:
         with ReportingPath():
             event = build_event(capture, self.environment, self.release, self.server_name)
+            otel = _otel_integration()
+            if otel is not None:  # the caller's span is current here: we run in its Context
+                otel.add_trace_context(event)
             if self.before_send is not None:
                 hint: Hint = {"exc_info": capture.exc_info}
                 result = self.before_send(event, hint)
@@ -361,7 +378,12 @@ class Client:
                     self._count("send_failed")
                     return
             try:
-                response = transport.send(body, timeout)
+                otel = _otel_integration()
+                if otel is None:
+                    response = transport.send(body, timeout)
+                else:  # instrumented HTTP clients must not trace or log our own sends
+                    with otel.suppress_instrumentation():
+                        response = transport.send(body, timeout)
             except Exception as error:  # OSError, timeouts, and anything a custom transport raises
                 problem = f"could not reach the collector: {error!r}"
                 status = 0
@@ -465,6 +487,18 @@ class Client:
     def is_own_report(self, headers: Mapping[str, str]) -> bool:
         """Whether a request with ``headers`` carries a report sent for this client's project."""
         return is_marked_origin(headers, self._origin)
+
+
+def _otel_integration() -> Optional[ModuleType]:
+    """selfreport.integrations.opentelemetry once the application has imported OpenTelemetry
+    (never imported on our account), else None."""
+    if "opentelemetry.context" not in sys.modules:
+        return None
+    try:
+        from .integrations import opentelemetry
+    except Exception:  # an OpenTelemetry too old or broken to use: report without it
+        return None
+    return opentelemetry
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()

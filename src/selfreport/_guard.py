@@ -7,6 +7,7 @@ import concurrent.futures
 import contextvars
 import functools
 import inspect
+import logging
 import threading
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ __all__ = [
     "ReportingPath",
     "enter_thread_for_life",
     "guarded",
+    "in_nested_log_record",
     "install_propagation",
     "is_reporting",
     "mark_exception",
@@ -186,9 +188,19 @@ def _thread_start(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs:
 
 
 def _executor_submit(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-    if is_reporting() and args:
-        args = (_run_in_path(args[0]), *args[1:])
-    return wrapped(*args, **kwargs)
+    if not (is_reporting() and args):
+        return wrapped(*args, **kwargs)
+    args = (_run_in_path(args[0]), *args[1:])
+    # The pool may start a worker thread for this submit; that thread outlives the work item
+    # and must not be marked as reporting path for life, so start it from outside the path.
+    depth = getattr(_local, "depth", 0)
+    token = _in_path.set(False)
+    _local.depth = 0
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _local.depth = depth
+        _in_path.reset(token)
 
 
 def _loop_create_task(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
@@ -199,7 +211,26 @@ def _loop_create_task(wrapped: Callable[..., Any], instance: Any, args: Any, kwa
     return wrapped(*args, **kwargs)
 
 
+def _logger_handle(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    depth = getattr(_local, "log_depth", 0)
+    _local.log_depth = depth + 1
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _local.log_depth = depth
+
+
+def in_nested_log_record() -> bool:
+    """Whether a record is being logged while another is being handled on this thread.
+
+    That happens when a handler formats a log argument whose ``__str__`` logs, or a handler
+    fails and logs about it: errors of the logging path, which are never reported.
+    """
+    return getattr(_local, "log_depth", 0) > 1
+
+
 _propagation = Patches(
+    (logging.Logger, "handle", _logger_handle),
     (threading.Thread, "start", _thread_start),
     (concurrent.futures.ThreadPoolExecutor, "submit", _executor_submit),
     (asyncio.BaseEventLoop, "create_task", _loop_create_task),
@@ -207,7 +238,7 @@ _propagation = Patches(
 
 
 def install_propagation() -> None:
-    """Patch thread start, executor submit and task creation to carry the flag (idempotent)."""
+    """Patch logging dispatch, thread start, executor submit and task creation (idempotent)."""
     _propagation.install()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Optional, Union
 
-from ._guard import is_reporting
+from ._guard import in_nested_log_record, is_reporting
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -41,7 +41,7 @@ class LoggingHandler(logging.Handler):
         client = self._client()
         if client is None:
             return False
-        if is_reporting():
+        if is_reporting() or in_nested_log_record():
             client._drop_reentrant("log record")
             return False
         verdict: object = self.filter(record)
