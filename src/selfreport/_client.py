@@ -25,6 +25,7 @@ from ._event import (
     capture_from_message,
     capture_from_record,
     fingerprint_of,
+    safe_str,
 )
 from ._guard import ReportingPath, is_reporting, originated_in_reporting_path
 from ._ratelimit import Deduper, TokenBucket, UpstreamLimits
@@ -114,6 +115,13 @@ class Client:
         _check_number("retry_backoff", retry_backoff, 0.0, 600.0)
         if before_send is not None and not callable(before_send):
             raise ConfigError("before_send", "must be callable or None")
+        for name, text in (("environment", environment), ("release", release)):
+            if text is not None and not isinstance(text, str):
+                raise ConfigError(name, f"expected a string or None, got {type(text).__name__}")
+        if server_name is not None and not isinstance(server_name, str):
+            raise ConfigError("server_name", f"expected a string, got {type(server_name).__name__}")
+        if transport is not None and not callable(getattr(transport, "send", None)):
+            raise ConfigError("transport", "must have a send(body, timeout) method")
         if dsn is None:
             dsn = os.environ.get("SELFREPORT_DSN") or None
         self.dsn: Optional[Dsn] = dsn if isinstance(dsn, Dsn) or dsn is None else parse_dsn(dsn)
@@ -389,10 +397,11 @@ class Client:
                 status = 0
             else:
                 status = response.status
+                # Sentry sends X-Sentry-Rate-Limits on accepted requests too.
+                self._limits.update(status, response.headers)
                 if 200 <= status < 300:
                     self._count("sent")
                     return
-                self._limits.update(status, response.headers)
                 if status == 429:
                     self._count("dropped_rate_limited")
                     self.diagnostics.warn("upstream_429", "the collector is rate limiting us (429)")
@@ -436,7 +445,10 @@ class Client:
             self._send_repeat_summaries()
             self._closed.set()
             if self.enabled:
-                finished = self._worker.stop(limit)
+                # Keep a sliver of the budget to unblock a send stuck on a silent upstream, so
+                # the in-flight event is counted before close() returns.
+                grace = min(0.1, limit / 10)
+                finished = self._worker.stop(limit - grace)
                 left = self._worker.drain()
                 if left:
                     self._count("dropped_closed", len(left))
@@ -444,6 +456,7 @@ class Client:
                     interrupt = getattr(self.transport, "interrupt", None)
                     if interrupt is not None:
                         interrupt()
+                    finished = self._worker.stop(grace)
                     self.diagnostics.warn(
                         "close_timeout",
                         f"close() gave up after {limit:.1f}s; undelivered events were dropped",
@@ -457,13 +470,11 @@ class Client:
         for fingerprint, repeats in self._deduper.pending().items():
             if not self.enabled or self._worker.full():
                 break
-            parts = fingerprint if isinstance(fingerprint, tuple) else (fingerprint,)
-            logger_name = parts[0] if parts and isinstance(parts[0], str) else None
-            what = ", ".join(
-                getattr(p, "__qualname__", None) or str(p) for p in parts[1:] if p is not None
-            )
+            logger_name, what = _describe_fingerprint(fingerprint)
             capture = capture_from_message(
-                f"selfreport: {repeats} repeat(s) folded by dedupe: {what}", "info"
+                f"selfreport: {repeats} more occurrence(s) of {what} were folded by dedupe "
+                "and not sent",
+                "info",
             )
             capture.logger = logger_name
             capture.repeats = repeats
@@ -474,6 +485,9 @@ class Client:
         """Give the child its own queue, locks and connection; the parent sends what it queued."""
         self._worker.reset_after_fork()
         self._stats_lock = threading.Lock()
+        closed, self._closed = self._closed.is_set(), threading.Event()  # its lock may be held
+        if closed:
+            self._closed.set()
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._bucket.reset_after_fork()
         self._deduper.reset_after_fork()
@@ -499,6 +513,20 @@ def _otel_integration() -> Optional[ModuleType]:
     except Exception:  # an OpenTelemetry too old or broken to use: report without it
         return None
     return opentelemetry
+
+
+def _describe_fingerprint(fingerprint: object) -> tuple[Optional[str], str]:
+    """The logger of a dedupe fingerprint (see ``fingerprint_of``) and words for the rest."""
+    parts = fingerprint if isinstance(fingerprint, tuple) else (None, fingerprint)
+    logger_name = parts[0] if parts and isinstance(parts[0], str) else None
+    described = []
+    if len(parts) >= 5 and isinstance(parts[2], type):
+        filename, lineno = parts[3], parts[4]
+        where = f" at {os.path.basename(str(filename))}:{lineno}" if filename else ""
+        described.append(f"{parts[2].__qualname__}{where}")
+    if len(parts) > 1 and parts[1] is not None:
+        described.append(repr(safe_str(parts[1], 200)))
+    return logger_name, " logged as ".join(described) or "an event"
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
