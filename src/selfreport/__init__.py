@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from logging import ERROR as _ERROR
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ._client import Client
+from ._destination import Destination
 from ._guard import guarded, is_reporting, reporting_path
 from ._state import current_client
 from ._state import init as _init
@@ -15,10 +16,15 @@ from ._version import __version__
 from .exceptions import ConfigError, SelfreportError
 from .logging import LoggingHandler
 
+if TYPE_CHECKING:
+    from ._scrub import Scrubber
+
 __all__ = [
     "Client",
     "ConfigError",
+    "Destination",
     "LoggingHandler",
+    "Scrubber",
     "SelfreportError",
     "__version__",
     "capture_exception",
@@ -138,3 +144,12 @@ def is_own_report(headers: Mapping[str, str]) -> bool:
     if client is not None:
         return client.is_own_report(headers)
     return is_marked_origin(headers, None)
+
+
+def __getattr__(name: str) -> Any:
+    # The scrubber's patterns take a while to compile: only for those who use it.
+    if name == "Scrubber":
+        from ._scrub import Scrubber
+
+        return Scrubber
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

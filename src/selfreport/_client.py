@@ -11,11 +11,12 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from types import ModuleType
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+from ._destination import Destination, Uplink
 from ._diag import Diagnostics
 from ._dsn import Dsn, parse_dsn
 from ._event import (
@@ -29,6 +30,7 @@ from ._event import (
 )
 from ._guard import ReportingPath, is_reporting, originated_in_reporting_path
 from ._ratelimit import Deduper, TokenBucket, UpstreamLimits
+from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
 from ._transport import (
     HttpTransport,
     Transport,
@@ -38,6 +40,9 @@ from ._transport import (
 )
 from ._worker import Worker
 from .exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from ._statsd import StatsdConfig, StatsdExporter
 
 __all__ = ["STAT_KEYS", "Client", "Event", "Hint"]
 
@@ -60,6 +65,10 @@ STAT_KEYS = (
     "dropped_closed",  # captured after close() or left in the queue at a timed-out close
     "send_failed",  # given up after retries, or refused by the collector
     "retried",
+    "spooled",  # kept in the spool (spool_dir) while the collector was unreachable, 5xx or 429
+    "replayed",  # of sent: delivered later from the spool
+    "dropped_spool_full",  # the oldest spooled envelopes, dropped to stay under spool_max_bytes
+    "dropped_spool_expired",  # spooled envelopes older than spool_max_age
     "queue_size",
 )
 
@@ -76,6 +85,13 @@ def _check_number(
         raise ConfigError(name, f"expected a whole number, got {value!r}")
     if not (low <= value <= high) or value != value:
         raise ConfigError(name, f"must be between {low} and {high}, got {value!r}")
+
+
+def _is_sdk_logger(name: str) -> bool:
+    """The SDK's own loggers are never reported; the collector is an application and is."""
+    return name == "selfreport" or (
+        name.startswith("selfreport.") and not name.startswith("selfreport.collector")
+    )
 
 
 class Client:
@@ -101,6 +117,11 @@ class Client:
         retry_backoff: float = 0.5,
         compress: bool = True,
         scrub: Union[bool, Scrub, None] = None,
+        spool_dir: Union[str, os.PathLike[str], None] = None,
+        spool_max_bytes: int = DEFAULT_MAX_BYTES,
+        spool_max_age: float = DEFAULT_MAX_AGE,
+        destinations: Sequence[Union[Destination, str]] = (),
+        statsd: Union[str, StatsdConfig, Mapping[str, Any], None] = None,
         transport: Optional[Transport] = None,
         debug: bool = False,
     ) -> None:
@@ -147,11 +168,26 @@ class Client:
         self._closed = threading.Event()
         self._close_deadline: Optional[float] = None
         self._origin = origin_value(self.dsn) if self.dsn is not None else None
+        own_transport = transport is None
         if transport is None and self.dsn is not None:
             transport = HttpTransport(self.dsn, compress=compress)
         self.transport = transport
-        self.enabled = transport is not None
+        # Validated in this order so a ConfigError leaves no thread behind.
+        self._statsd = self._make_statsd(statsd)
+        self.destinations = self._resolve_destinations(destinations)
+        self._uplink: Optional[Uplink] = None
+        if spool_dir is not None:
+            self._uplink = self._make_uplink(
+                spool_dir, spool_max_bytes, spool_max_age, compress, own_transport
+            )
+        self.enabled = transport is not None or bool(self.destinations)
         self._worker: Worker[Capture] = Worker(self._process, max_queue)
+        if self._statsd is not None:
+            self._statsd.add_source(self.stats)
+            for destination in self.destinations:
+                self._statsd.add_source(destination.stats, destination.tags)
+                destination.latency = self._statsd.timing
+            self._statsd.start()
         _live_clients.add(self)
         if not self.enabled:
             self.diagnostics.once("no_dsn", _NO_DSN_MESSAGE)
@@ -171,6 +207,63 @@ class Client:
         if callable(scrub):
             return scrub
         raise ConfigError("scrub", "must be True, False, None or a callable taking the event")
+
+    def _make_statsd(
+        self, statsd: Union[str, StatsdConfig, Mapping[str, Any], None]
+    ) -> Optional[StatsdExporter]:
+        if statsd is None:
+            return None
+        from ._statsd import StatsdConfig, StatsdExporter
+
+        return StatsdExporter(StatsdConfig.parse(statsd))
+
+    def _resolve_destinations(
+        self, destinations: Union[Sequence[Union[Destination, str]], Destination, str]
+    ) -> list[Destination]:
+        if isinstance(destinations, (str, Destination)):
+            destinations = [destinations]
+        resolved = []
+        for item in destinations:
+            if isinstance(item, Destination):
+                resolved.append(item)
+            elif isinstance(item, str):
+                resolved.append(Destination(item, diagnostics=self.diagnostics))
+            else:
+                raise ConfigError(
+                    "destinations",
+                    f"expected Destination objects or DSN strings, got {type(item).__name__}",
+                )
+        return resolved
+
+    def _make_uplink(
+        self,
+        spool_dir: Union[str, os.PathLike[str]],
+        max_bytes: int,
+        max_age: float,
+        compress: bool,
+        own_transport: bool,
+    ) -> Uplink:
+        if self.transport is None:
+            raise ConfigError("spool_dir", "needs a DSN (or a transport) to replay to")
+        # Replays run on their own thread: a connection of their own, or the custom transport.
+        replay = self.transport
+        if own_transport and self.dsn is not None:
+            replay = HttpTransport(self.dsn, compress=compress)
+        return Uplink(
+            spool_dir,
+            transport=replay,
+            limits=self._limits,
+            count=self._count,
+            diagnostics=self.diagnostics,
+            http_timeout=self.http_timeout,
+            max_bytes=max_bytes,
+            max_age=max_age,
+            latency=self._observe_latency,
+        )
+
+    def _observe_latency(self, seconds: float) -> None:
+        if self._statsd is not None:
+            self._statsd.timing(seconds)
 
     @staticmethod
     def _enable_debug_logging() -> None:
@@ -208,7 +301,7 @@ class Client:
 
     def capture_record(self, record: logging.LogRecord) -> Optional[str]:
         """Report a log record (what the logging handler calls)."""
-        if is_reporting() or record.name == "selfreport" or record.name.startswith("selfreport."):
+        if is_reporting() or _is_sdk_logger(record.name):
             self._drop_reentrant("log record")
             return None
         last = self._last_record
@@ -348,12 +441,12 @@ class Client:
                 if not isinstance(result, Mapping):
                     raise TypeError(f"before_send returned {type(result).__name__}, not a dict")
                 event = dict(result)
-            if self._scrub is not None:
-                event = self._scrub(event)
             return event
 
     def _process(self, capture: Capture) -> None:
-        if self._limits.is_limited("error"):
+        # A spool keeps what the collector cannot take now; destinations have their own limits.
+        limited = self._limits.is_limited("error") and self._uplink is None
+        if limited and not self.destinations:
             self._count("dropped_rate_limited")
             return
         try:
@@ -362,6 +455,15 @@ class Client:
             event = context.run(self._prepare, capture) if context else self._prepare(capture)
             if event is None:
                 return
+            for destination in self.destinations:
+                destination.send_event(event, copy=True)  # each scrubs its own copy
+            if self.transport is None:
+                return
+            if limited:
+                self._count("dropped_rate_limited")
+                return
+            if self._scrub is not None:
+                event = self._scrub(event)
             sent_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             body = serialize_envelope(event, self.dsn, sent_at)
         except Exception as error:
@@ -376,6 +478,10 @@ class Client:
     def _deliver(self, body: bytes) -> None:
         transport = self.transport
         assert transport is not None
+        uplink = self._uplink
+        if uplink is not None and uplink.should_spool():
+            uplink.keep(body, upstream_failed=False)  # down or rate limited: do not even try
+            return
         attempt = 0
         while True:
             deadline = self._close_deadline
@@ -383,8 +489,12 @@ class Client:
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
                 if timeout <= 0:
-                    self._count("send_failed")
+                    if uplink is not None:
+                        uplink.keep(body, upstream_failed=True)
+                    else:
+                        self._count("send_failed")
                     return
+            started = time.monotonic()
             try:
                 otel = _otel_integration()
                 if otel is None:
@@ -396,6 +506,7 @@ class Client:
                 problem = f"could not reach the collector: {error!r}"
                 status = 0
             else:
+                self._observe_latency(time.monotonic() - started)
                 status = response.status
                 # Sentry sends X-Sentry-Rate-Limits on accepted requests too.
                 self._limits.update(status, response.headers)
@@ -403,6 +514,9 @@ class Client:
                     self._count("sent")
                     return
                 if status == 429:
+                    if uplink is not None:
+                        uplink.keep(body, upstream_failed=False)  # replayed after Retry-After
+                        return
                     self._count("dropped_rate_limited")
                     self.diagnostics.warn("upstream_429", "the collector is rate limiting us (429)")
                     return
@@ -413,6 +527,11 @@ class Client:
                     )
                     return
                 problem = f"the collector answered HTTP {status}"
+            if uplink is not None:
+                # To disk at once; the replay thread retries with backoff (stale keep-alive
+                # connections are already retried by the transport).
+                uplink.keep(body, upstream_failed=True)
+                return
             if attempt >= self.max_retries or self._closed.is_set():
                 self._count("send_failed")
                 self.diagnostics.warn("send_failed", f"gave up sending an event: {problem}")
@@ -431,7 +550,11 @@ class Client:
         if not self.enabled:
             return True
         try:
-            return self._worker.flush(timeout)
+            deadline = time.monotonic() + timeout
+            done = self._worker.flush(timeout)
+            for destination in self.destinations:
+                done = destination.flush(max(0.0, deadline - time.monotonic())) and done
+            return done
         except Exception:  # pragma: no cover - never raise into the caller
             return False
 
@@ -463,8 +586,18 @@ class Client:
                     )
                 elif self.transport is not None:
                     self.transport.close()
+            self._close_extras(self._close_deadline)
         except Exception as error:  # pragma: no cover - never raise into the caller
             self.diagnostics.warn("close_error", f"error while closing: {error!r}")
+
+    def _close_extras(self, deadline: float) -> None:
+        """Destinations, the spool's replay thread and metrics, within what is left of close()."""
+        for destination in self.destinations:
+            destination.close(max(0.0, deadline - time.monotonic()))
+        if self._uplink is not None:
+            self._uplink.close(max(0.0, deadline - time.monotonic()))
+        if self._statsd is not None:  # last, so the final counts go out
+            self._statsd.close(max(0.0, deadline - time.monotonic()))
 
     def _send_repeat_summaries(self) -> None:
         for fingerprint, repeats in self._deduper.pending().items():
@@ -495,6 +628,10 @@ class Client:
         forget = getattr(self.transport, "forget_after_fork", None)
         if forget is not None:
             forget()
+        if self._uplink is not None:
+            self._uplink.after_fork_in_child()
+        if self._statsd is not None:
+            self._statsd.after_fork_in_child()
 
     # --- marking --------------------------------------------------------------------------
 

@@ -12,6 +12,11 @@ from .exceptions import ConfigError
 __all__ = ["Dsn", "parse_dsn"]
 
 _PROJECT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Keys travel in the X-Sentry-Auth header: printable ASCII without the header's separators.
+_KEY = re.compile(r"^[!#-+\--~]+$")
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Characters a URL path may carry as they are; anything else (non-ASCII) is percent-encoded.
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,29 @@ def parse_dsn(value: str) -> Dsn:
         raise ConfigError("dsn", f"project id {project_id!r} has characters other than A-Z0-9_-")
     if port == 0:
         raise ConfigError("dsn", "port 0 is not a valid destination")
+    public_key = unquote(parts.username)
+    secret_key = unquote(parts.password) if parts.password else None
+    for what, key in (("public key", public_key), ("secret key", secret_key)):
+        if key is not None and not _KEY.match(key):
+            raise ConfigError("dsn", f"{what} must be printable ASCII without spaces, ',' or '\"'")
     return Dsn(
         scheme=parts.scheme,
-        public_key=unquote(parts.username),
-        secret_key=unquote(parts.password) if parts.password else None,
-        host=parts.hostname,
+        public_key=public_key,
+        secret_key=secret_key,
+        host=_check_host(parts.hostname),
         port=port,
-        path=path,
+        path=quote(path, safe=_PATH_SAFE),
         project_id=project_id,
     )
+
+
+def _check_host(host: str) -> str:
+    if ":" in host:  # an IPv6 literal, which urlsplit has already checked
+        return host
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ConfigError("dsn", f"host {host!r} is not a valid host name") from None
+    if not _HOST_NAME.match(ascii_host):
+        raise ConfigError("dsn", f"host {host!r} is not a valid host name")
+    return host

@@ -150,15 +150,24 @@ def fingerprint_of(
     return (logger, template, type(exc), *_innermost_location(exc.__traceback__))
 
 
+def _kept_frame(index: int, count: int) -> bool:
+    """Whether frame ``index`` of ``count`` is in the event: both ends of a deep traceback."""
+    half = MAX_FRAMES // 2
+    return count <= MAX_FRAMES or index < half or index >= count - half
+
+
 def _snapshot_vars(tb: Optional[TracebackType]) -> list[Optional[dict[str, str]]]:
+    entries: list[TracebackType] = []
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
     out: list[Optional[dict[str, str]]] = []
-    while tb is not None and len(out) < MAX_FRAMES:
-        frame = tb.tb_frame
-        if _in_app(frame.f_code.co_filename):
+    for index, entry in enumerate(entries):
+        frame = entry.tb_frame
+        if _kept_frame(index, len(entries)) and _in_app(frame.f_code.co_filename):
             out.append({k: safe_repr(v, 256) for k, v in list(frame.f_locals.items())[:50]})
         else:
             out.append(None)
-        tb = tb.tb_next
     return out
 
 
@@ -243,10 +252,11 @@ def _frame_dict(
         "filename": _short_filename(abs_path, module),
         "abs_path": abs_path,
         "function": getattr(code, "co_qualname", code.co_name),
-        "module": module if isinstance(module, str) else None,
         "lineno": lineno,
         "in_app": _in_app(abs_path),
     }
+    if isinstance(module, str):  # Sentry's schema wants the key absent, not null
+        out["module"] = module
     lines = linecache.getlines(abs_path, frame.f_globals) if lineno > 0 else []
     if 0 < lineno <= len(lines):
         start = max(0, lineno - 1 - CONTEXT_LINES)
@@ -271,16 +281,16 @@ def _short_filename(abs_path: str, module: object) -> str:
 
 
 def _stacktrace(tb: Optional[TracebackType], variables: Optional[list[Any]]) -> dict[str, Any]:
-    frames = []
-    index = 0
+    entries: list[tuple[int, TracebackType]] = []
     while tb is not None:
-        frame_vars = variables[index] if variables and index < len(variables) else None
-        frames.append(_frame_dict(tb.tb_frame, tb.tb_lineno, frame_vars))
+        entries.append((len(entries), tb))
         tb = tb.tb_next
-        index += 1
-    if len(frames) > MAX_FRAMES:
-        half = MAX_FRAMES // 2
-        frames = frames[:half] + frames[-half:]
+    count = len(entries)  # keep both ends of a deep recursion, and build only those
+    entries = [entry for entry in entries if _kept_frame(entry[0], count)]
+    frames = []
+    for index, entry in entries:
+        frame_vars = variables[index] if variables and index < len(variables) else None
+        frames.append(_frame_dict(entry.tb_frame, entry.tb_lineno, frame_vars))
     return {"frames": frames}
 
 
@@ -305,9 +315,10 @@ def _exception_values(exc: BaseException, capture: Capture) -> list[dict[str, An
         value: dict[str, Any] = {
             "type": exc_type.__qualname__,
             "value": safe_str(item),
-            "module": None if module == "builtins" else module,
             "stacktrace": _stacktrace(item.__traceback__, capture.vars if is_outer else None),
         }
+        if isinstance(module, str) and module != "builtins":
+            value["module"] = module
         if is_outer:
             value["mechanism"] = {"type": capture.mechanism, "handled": capture.handled}
         else:

@@ -173,6 +173,8 @@ def _run_in_path(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _await_in_path(coro: Coroutine[Any, Any, Any]) -> Any:
+    # Set here as well: a task given its own ``context=`` does not inherit the flag.
+    _in_path.set(True)
     try:
         return await coro
     except BaseException as exc:
@@ -204,10 +206,13 @@ def _executor_submit(wrapped: Callable[..., Any], instance: Any, args: Any, kwar
 
 
 def _loop_create_task(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-    if is_reporting() and args and inspect.iscoroutine(args[0]):
+    if is_reporting():
         # The task inherits the contextvar by itself; wrapping only tags what it raises, so
         # the loop's exception handler (called later, from any context) can recognise it.
-        args = (_await_in_path(args[0]), *args[1:])
+        if args and inspect.iscoroutine(args[0]):
+            args = (_await_in_path(args[0]), *args[1:])
+        elif inspect.iscoroutine(kwargs.get("coro")):
+            kwargs = {**kwargs, "coro": _await_in_path(kwargs["coro"])}
     return wrapped(*args, **kwargs)
 
 

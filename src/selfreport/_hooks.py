@@ -34,6 +34,7 @@ class Hooks:
         self._prev_sys: Optional[Callable[..., Any]] = None
         self._prev_threading: Optional[Callable[..., Any]] = None
         self._prev_unraisable: Optional[Callable[..., Any]] = None
+        self._stuck: dict[str, set[str]] = {}  # module name -> hooks left in another's chain
         self._asyncio = Patches(
             (asyncio.BaseEventLoop, "call_exception_handler", self._asyncio_handler)
         )
@@ -83,15 +84,26 @@ class Hooks:
             self._safe_capture(exc, "asyncio", not from_finalizer)
         return wrapped(*args, **kwargs)
 
+    def _hook_points(self) -> tuple[tuple[Any, str, Callable[..., Any], str], ...]:
+        return (
+            (sys, "excepthook", self._sys_hook, "_prev_sys"),
+            (threading, "excepthook", self._threading_hook, "_prev_threading"),
+            (sys, "unraisablehook", self._unraisable_hook, "_prev_unraisable"),
+        )
+
     def install(self) -> None:
         if self.active:
             return
-        self._prev_sys = sys.excepthook
-        sys.excepthook = self._sys_hook
-        self._prev_threading = threading.excepthook
-        threading.excepthook = self._threading_hook
-        self._prev_unraisable = sys.unraisablehook
-        sys.unraisablehook = self._unraisable_hook
+        for module, name, ours, previous in self._hook_points():
+            current = getattr(module, name)
+            if name in self._stuck.get(module.__name__, ()):
+                self._stuck[module.__name__].discard(name)
+                if current != getattr(self, previous):
+                    # Our hook is still in the chain of one installed on top of it since;
+                    # chaining to that one again would make the two call each other forever.
+                    continue
+            setattr(self, previous, current)
+            setattr(module, name, ours)
         self._asyncio.install()
         install_propagation()
         self.active = True
@@ -102,11 +114,10 @@ class Hooks:
         if not self.active:
             return
         self.active = False
-        if sys.excepthook == self._sys_hook:
-            sys.excepthook = self._prev_sys or sys.__excepthook__
-        if threading.excepthook == self._threading_hook:
-            threading.excepthook = self._prev_threading or threading.__excepthook__
-        if sys.unraisablehook == self._unraisable_hook:
-            sys.unraisablehook = self._prev_unraisable or sys.__unraisablehook__
+        for module, name, ours, previous in self._hook_points():
+            if getattr(module, name) == ours:
+                setattr(module, name, getattr(self, previous) or getattr(module, f"__{name}__"))
+            else:
+                self._stuck.setdefault(module.__name__, set()).add(name)
         self._asyncio.uninstall()
         uninstall_propagation()

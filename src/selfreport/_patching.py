@@ -17,28 +17,39 @@ class Patches:
 
     def __init__(self, *patches: tuple[Any, str, Wrapper]) -> None:
         self._patches = patches
-        self._originals: dict[tuple[Any, str], Any] = {}
+        # (owner, name) -> (what we wrapped, our wrapper)
+        self._applied: dict[tuple[Any, str], tuple[Any, Any]] = {}
+        # Patches we could not remove because someone patched on top of ours since: our wrapper
+        # still runs inside their chain, so a re-install reuses it instead of wrapping twice.
+        self._stuck: dict[tuple[Any, str], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
     @property
     def installed(self) -> bool:
-        return bool(self._originals)
+        return bool(self._applied)
 
     def install(self) -> None:
         """Apply every patch not applied yet (idempotent)."""
         with self._lock:
             for owner, name, wrapper in self._patches:
-                if (owner, name) in self._originals:
+                key = (owner, name)
+                if key in self._applied:
                     continue
-                original = owner.__dict__[name]
-                self._originals[(owner, name)] = original
-                setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
+                current = owner.__dict__[name]
+                stuck = self._stuck.pop(key, None)
+                if stuck is not None and current is not stuck[0]:
+                    self._applied[key] = stuck
+                    continue
+                ours = wrapt.FunctionWrapper(current, wrapper)
+                self._applied[key] = (current, ours)
+                setattr(owner, name, ours)
 
     def uninstall(self) -> None:
         """Restore the originals, except where someone else has patched on top of ours since."""
         with self._lock:
-            for (owner, name), original in self._originals.items():
-                current = owner.__dict__.get(name)
-                if isinstance(current, wrapt.FunctionWrapper) and current.__wrapped__ is original:
+            for (owner, name), (original, ours) in self._applied.items():
+                if owner.__dict__.get(name) is ours:
                     setattr(owner, name, original)
-            self._originals.clear()
+                else:
+                    self._stuck[(owner, name)] = (original, ours)
+            self._applied.clear()

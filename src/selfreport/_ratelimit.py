@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -80,6 +81,18 @@ class Deduper:
             while len(self._seen) > self.max_keys:
                 self._seen.popitem(last=False)
             return carried
+
+    def forget(self, fingerprint: object, carried: int) -> None:
+        """Undo :meth:`admit` for an event dropped after all (rate limit, full queue): the next
+        occurrence is admitted as a first one and carries ``carried`` plus any repeats since."""
+        if self.window <= 0:
+            return
+        with self._lock:
+            entry = self._seen.get(fingerprint)
+            if entry is None:
+                return
+            entry.first = -math.inf
+            entry.repeats += carried
 
     def pending(self) -> dict[object, int]:
         """Fingerprints with repeats not yet carried by any event; clears them."""

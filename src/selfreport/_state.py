@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import difflib
+import inspect
 import logging
 import os
 import threading
@@ -10,6 +12,7 @@ from typing import Any, Optional, Union
 
 from ._client import Client
 from ._hooks import Hooks
+from .exceptions import ConfigError
 from .logging import LoggingHandler
 
 __all__ = ["close", "current_client", "init", "set_client"]
@@ -46,6 +49,29 @@ def _hook_reentrant(what: str) -> None:
 _hooks = Hooks(_hook_capture, _hook_reentrant)
 
 
+def _check_level(level: Union[int, str, None]) -> Optional[int]:
+    if level is None:
+        return None
+    if isinstance(level, str):
+        value = logging.getLevelName(level.strip().upper())
+        if isinstance(value, int):
+            return value
+    elif isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    raise ConfigError(
+        "logging_level", f"expected a level such as logging.ERROR or 'ERROR', got {level!r}"
+    )
+
+
+def _check_option_names(options: dict[str, Any]) -> None:
+    known = [name for name in inspect.signature(Client).parameters if name != "dsn"]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(name, f"is not an option of selfreport.init{hint}")
+
+
 def init(
     dsn: Optional[str] = None,
     *,
@@ -55,7 +81,10 @@ def init(
 ) -> Client:
     """Create the global client; a second call closes the previous one first."""
     global _handler
-    client = Client(dsn, **options)  # raises ConfigError before anything is replaced
+    # Every ConfigError comes before anything is replaced.
+    level = _check_level(logging_level)
+    _check_option_names(options)
+    client = Client(dsn, **options)
     with _lock:
         previous = set_client(client)
         if previous is not None:
@@ -64,8 +93,8 @@ def init(
         if _handler is not None:
             root.removeHandler(_handler)
             _handler = None
-        if logging_level is not None:
-            _handler = LoggingHandler(logging_level)
+        if level is not None:
+            _handler = LoggingHandler(level)
             root.addHandler(_handler)
         if install_hooks:
             _hooks.install()

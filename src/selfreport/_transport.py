@@ -32,6 +32,10 @@ __all__ = [
 ORIGIN_HEADER = "X-Selfreport-Origin"
 _ORIGIN_LOWER = ORIGIN_HEADER.lower()
 USER_AGENT = f"selfreport/{__version__}"
+_MAX_RESPONSE = 65536
+# What reusing a connection the server has closed in the meantime raises (RemoteDisconnected is
+# a ConnectionResetError); timeouts are not among them.
+_STALE_CONNECTION = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 def origin_value(dsn: Dsn) -> str:
@@ -133,9 +137,10 @@ class HttpTransport:
         if self._conn is None:
             port = self.dsn.port
             if self.dsn.scheme == "https":
-                context = self._ssl_context or ssl.create_default_context()
+                if self._ssl_context is None:  # loading the CA store is slow: once per transport
+                    self._ssl_context = ssl.create_default_context()
                 self._conn = http.client.HTTPSConnection(
-                    self.dsn.host, port, timeout=timeout, context=context
+                    self.dsn.host, port, timeout=timeout, context=self._ssl_context
                 )
             else:
                 self._conn = http.client.HTTPConnection(self.dsn.host, port, timeout=timeout)
@@ -154,13 +159,26 @@ class HttpTransport:
         if self.compress and len(body) > 1024:
             body = gzip.compress(body, compresslevel=6)
             headers["Content-Encoding"] = "gzip"
-        conn = self._connection(max(timeout, 0.001))
+        timeout = max(timeout, 0.001)
+        reused = self._conn is not None and self._conn.sock is not None
+        try:
+            return self._post(body, headers, timeout)
+        except _STALE_CONNECTION:
+            if not reused:
+                raise
+            # The server closed the idle keep-alive connection before our request reached it:
+            # not a failure of the collector, so try once more at once on a fresh connection.
+            return self._post(body, headers, timeout)
+
+    def _post(self, body: bytes, headers: dict[str, str], timeout: float) -> Response:
+        conn = self._connection(timeout)
         try:
             conn.request("POST", self.dsn.envelope_path, body=body, headers=headers)
             resp = conn.getresponse()
-            resp.read(65536)  # drain so the connection can be reused
+            resp.read(_MAX_RESPONSE)  # drain so the connection can be reused
             result = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()})
-            if resp.will_close:
+            if resp.will_close or not resp.isclosed():
+                resp.close()  # the server closes, or answered more than we read: start afresh
                 self.close()
             return result
         except (OSError, http.client.HTTPException) as exc:

@@ -33,7 +33,9 @@ class Worker(Generic[T]):
     def _reset(self) -> None:
         self._items: deque[T] = deque()
         self._cond = threading.Condition(threading.Lock())
-        self._pending = 0  # queued + being processed
+        # flush() waits for what was submitted before it, not for what keeps arriving after.
+        self._submitted = 0  # items ever accepted
+        self._finished = 0  # items processed or drained
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
 
@@ -56,17 +58,20 @@ class Worker(Generic[T]):
         with self._cond:
             if self._stopping or len(self._items) >= self.max_queue:
                 return False
-            self._items.append(item)
-            self._pending += 1
             if self._thread is None:
-                self._start()
+                try:
+                    self._start()
+                except RuntimeError:  # no new threads at interpreter shutdown: drop, not raise
+                    return False
+            self._items.append(item)
+            self._submitted += 1
             self._cond.notify()
         return True
 
     def _start(self) -> None:
         thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread = thread
         thread.start()
+        self._thread = thread
 
     def _run(self) -> None:
         enter_thread_for_life()
@@ -84,14 +89,21 @@ class Worker(Generic[T]):
                 pass
             finally:
                 with cond:
-                    self._pending -= 1
+                    self._finished += 1
                     cond.notify_all()
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far is processed; False on timeout."""
+        """Wait until everything submitted before this call is processed; False on timeout.
+
+        Called from the worker thread itself (a before_send that flushes) it cannot wait for
+        itself, so it answers at once whether the queue was already done.
+        """
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
-            while self._pending:
+            target = self._submitted
+            if self._finished < target and self._thread is threading.current_thread():
+                return False
+            while self._finished < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -115,6 +127,6 @@ class Worker(Generic[T]):
         with self._cond:
             items = list(self._items)
             self._items.clear()
-            self._pending -= len(items)
+            self._finished += len(items)
             self._cond.notify_all()
             return items

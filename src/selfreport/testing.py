@@ -38,6 +38,7 @@ class CapturedEvents(list):  # type: ignore[type-arg]
         return self
 
     def messages(self) -> list[Optional[str]]:
+        """The formatted message of each event (after a flush); None for events without one."""
         self.flush()
         out = []
         for event in self:
@@ -54,13 +55,14 @@ class MemoryTransport:
         self.envelopes: list[Envelope] = []
 
     def send(self, body: bytes, timeout: float) -> Response:
+        """Parse ``body`` and keep its envelope and events; answers 200."""
         envelope = parse_envelope(body)
         self.envelopes.append(envelope)
         self.events.extend(envelope.events())
         return Response(200)
 
     def close(self) -> None:
-        pass
+        """Nothing to release."""
 
 
 @contextmanager
@@ -80,18 +82,21 @@ def capture_events(**options: Any) -> Iterator[CapturedEvents]:
     from .logging import LoggingHandler
 
     events = CapturedEvents()
+    level = options.pop("logging_level", logging.ERROR)  # the handler's, not a Client option
     options.setdefault("rate_limit", 0)
     options.setdefault("dedupe_window", 0)
     client = Client(transport=MemoryTransport(events), **options)
     events.client = client
-    handler = LoggingHandler(options.pop("logging_level", logging.ERROR), client=client)
+    handler = LoggingHandler(level, client=client) if level is not None else None
     root = logging.getLogger()
     previous = set_client(client)
-    root.addHandler(handler)
+    if handler is not None:
+        root.addHandler(handler)
     try:
         yield events
     finally:
-        root.removeHandler(handler)
+        if handler is not None:
+            root.removeHandler(handler)
         set_client(previous)
         client.close(timeout=5.0)
 
@@ -115,10 +120,17 @@ else:
 class ReceivedRequest:
     """One request the fake collector received."""
 
-    def __init__(self, path: str, headers: dict[str, str], body: bytes) -> None:
+    def __init__(
+        self,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        client_address: tuple[str, int] = ("", 0),
+    ) -> None:
         self.path = path
         self.headers = headers
         self.body = body
+        self.client_address = client_address  # the same for requests on one kept-alive connection
         self.envelope: Optional[Envelope] = None
         self.error: Optional[str] = None
 
@@ -154,6 +166,7 @@ class FakeCollector:
     # --- lifecycle ---
 
     def start(self) -> FakeCollector:
+        """Listen on a free port of 127.0.0.1 and serve on a daemon thread; returns self."""
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -163,17 +176,24 @@ class FakeCollector:
                 pass  # keep test output clean
 
             def do_POST(self) -> None:
-                collector._handle(self)
+                try:
+                    collector._handle(self)
+                except ConnectionError:  # the client gave up (timeout, close): its business
+                    self.close_connection = True
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="selfreport-fake-collector", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # stop() waits for one poll
+            name="selfreport-fake-collector",
+            daemon=True,
         )
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Release blackholed and delayed requests, stop serving and close the socket."""
         self._stopped.set()
         if self._server is not None:
             self._server.shutdown()
@@ -188,22 +208,26 @@ class FakeCollector:
 
     @property
     def port(self) -> int:
+        """The port it listens on (after :meth:`start`)."""
         assert self._server is not None, "start() the collector first"
         return int(self._server.server_address[1])
 
     @property
     def dsn(self) -> str:
+        """A DSN pointing at this collector."""
         return f"http://{self.public_key}@127.0.0.1:{self.port}/{self.project_id}"
 
     # --- what arrived ---
 
     @property
     def envelopes(self) -> list[Envelope]:
+        """Every valid envelope received so far, oldest first."""
         with self._cond:
             return [r.envelope for r in self.requests if r.envelope is not None]
 
     @property
     def events(self) -> list[Event]:
+        """Every event received so far, oldest first."""
         return [event for envelope in self.envelopes for event in envelope.events()]
 
     def wait_for(self, count: int, timeout: float = 5.0) -> bool:
@@ -223,14 +247,16 @@ class FakeCollector:
         length = int(http.headers.get("Content-Length") or 0)
         body = http.rfile.read(length)
         headers = dict(http.headers.items())
-        request = ReceivedRequest(http.path, headers, body)
+        request = ReceivedRequest(http.path, headers, body, http.client_address[:2])
         try:
             encoding = headers.get("Content-Encoding", "").lower()
             if encoding == "gzip":
                 body = gzip.decompress(body)
             elif encoding == "deflate":
                 body = zlib.decompress(body)
-            request.envelope = parse_envelope(body)
+            envelope = parse_envelope(body)
+            envelope.events()  # event payloads must be JSON too, or .events would raise later
+            request.envelope = envelope
         except Exception as exc:
             request.error = repr(exc)
         with self._cond:

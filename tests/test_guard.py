@@ -1,0 +1,358 @@
+"""The reporting-path flag: contextvar and thread-local semantics, and propagation to new work."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from selfreport import guarded, is_reporting, reporting_path
+from selfreport._guard import (
+    ReportingPath,
+    enter_thread_for_life,
+    install_propagation,
+    mark_exception,
+    originated_in_reporting_path,
+    thread_is_reporting,
+    uninstall_propagation,
+)
+
+
+@pytest.fixture
+def propagation() -> Iterator[None]:
+    install_propagation()
+    yield
+    uninstall_propagation()
+
+
+def in_thread(func: Any) -> Any:
+    """Run ``func`` on a fresh thread and return what it returned."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(func()))
+    thread.start()
+    thread.join(5)
+    return result[0]
+
+
+def escaping(exc: BaseException) -> BaseException:
+    try:
+        with reporting_path():
+            raise exc
+    except BaseException as caught:
+        return caught
+
+
+# --- the flag itself ---------------------------------------------------------------------------
+
+
+def test_flag_is_set_inside_and_reset_after() -> None:
+    assert not is_reporting()
+    with reporting_path() as path:
+        assert isinstance(path, ReportingPath)
+        assert is_reporting()
+        with reporting_path():
+            assert is_reporting()
+        assert is_reporting()  # the inner exit leaves the outer in force
+    assert not is_reporting()
+
+
+def test_flag_is_reset_when_the_body_raises() -> None:
+    with pytest.raises(ValueError, match="inner"), reporting_path():
+        raise ValueError("inner")
+    assert not is_reporting()
+
+
+def test_thread_local_depth_survives_a_fresh_context() -> None:
+    # Code run synchronously in a new Context (C callbacks, Context().run) is still in the path.
+    with reporting_path():
+        assert contextvars.Context().run(is_reporting)
+    assert not contextvars.Context().run(is_reporting)
+
+
+def test_flag_does_not_leak_into_other_threads_without_propagation() -> None:
+    with reporting_path():
+        assert in_thread(is_reporting) is False
+
+
+def test_enter_thread_for_life() -> None:
+    def worker() -> tuple[bool, bool]:
+        before = is_reporting()
+        enter_thread_for_life()
+        return before, is_reporting()
+
+    assert in_thread(worker) == (False, True)
+    assert not is_reporting()
+
+
+# --- exceptions escaping the path --------------------------------------------------------------
+
+
+def test_exceptions_escaping_are_marked() -> None:
+    exc = escaping(ValueError("escaped"))
+    assert originated_in_reporting_path(exc)
+    assert not originated_in_reporting_path(ValueError("elsewhere"))
+    assert not originated_in_reporting_path(None)
+
+
+def test_exceptions_chained_from_a_marked_one_count_as_marked() -> None:
+    inner = escaping(OSError("in the path"))
+    with pytest.raises(RuntimeError) as explicit:
+        raise RuntimeError("outside") from inner
+    assert originated_in_reporting_path(explicit.value)
+
+    def handle_it() -> None:
+        try:
+            raise inner
+        except OSError:
+            raise KeyError("while handling it")  # noqa: B904
+
+    with pytest.raises(KeyError) as implicit:
+        handle_it()
+    assert originated_in_reporting_path(implicit.value)
+
+
+def test_chain_walk_is_bounded() -> None:
+    exc: BaseException = escaping(ValueError("deep"))
+    for n in range(20):
+        outer = ValueError(n)
+        outer.__cause__ = exc
+        exc = outer
+    assert not originated_in_reporting_path(exc)  # 16 links at most: no unbounded walk
+
+
+def test_mark_exception_directly() -> None:
+    exc = KeyError("x")
+    mark_exception(exc)
+    assert originated_in_reporting_path(exc)
+
+
+# --- guarded -----------------------------------------------------------------------------------
+
+
+def test_guarded_sync_function() -> None:
+    @guarded
+    def work(a: int, b: int = 2) -> tuple[int, bool]:
+        """Docstring kept."""
+        return a + b, is_reporting()
+
+    assert work(1, b=3) == (4, True)
+    assert not is_reporting()
+    assert work.__name__ == "work"
+    assert work.__doc__ == "Docstring kept."
+
+
+def test_guarded_marks_what_escapes() -> None:
+    @guarded
+    def fail() -> None:
+        raise ValueError("from a guarded function")
+
+    with pytest.raises(ValueError, match="guarded") as info:
+        fail()
+    assert originated_in_reporting_path(info.value)
+    assert not is_reporting()
+
+
+def test_guarded_method() -> None:
+    class Exporter:
+        @guarded
+        def export(self) -> bool:
+            return is_reporting()
+
+    assert Exporter().export()
+
+
+@pytest.mark.asyncio
+async def test_guarded_async_function() -> None:
+    @guarded
+    async def work() -> bool:
+        await asyncio.sleep(0)
+        return is_reporting()
+
+    @guarded
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("async guarded")
+
+    assert asyncio.iscoroutinefunction(work)
+    assert await work()
+    assert not is_reporting()
+    with pytest.raises(KeyError) as info:
+        await fail()
+    assert originated_in_reporting_path(info.value)
+
+
+# --- async semantics -----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_with_in_a_coroutine_does_not_leak_to_other_tasks() -> None:
+    entered, checked = asyncio.Event(), asyncio.Event()
+    seen: dict[str, bool] = {}
+
+    async def in_path() -> None:
+        with reporting_path():
+            entered.set()
+            await checked.wait()  # another task runs on this thread meanwhile
+            seen["in_path_after_await"] = is_reporting()
+        seen["in_path_after_exit"] = is_reporting()
+
+    async def bystander() -> None:
+        await entered.wait()
+        seen["bystander"] = is_reporting()
+        checked.set()
+
+    await asyncio.gather(in_path(), bystander())
+    assert seen == {"in_path_after_await": True, "in_path_after_exit": False, "bystander": False}
+    assert not is_reporting()
+
+
+@pytest.mark.asyncio
+async def test_async_with_marks_and_resets() -> None:
+    async with reporting_path():
+        await asyncio.sleep(0)
+        assert is_reporting()
+    assert not is_reporting()
+    with pytest.raises(ValueError) as info:
+        async with reporting_path():
+            raise ValueError("async escaped")
+    assert originated_in_reporting_path(info.value)
+
+
+@pytest.mark.asyncio
+async def test_tasks_inherit_the_flag_through_their_context() -> None:
+    async def check() -> bool:
+        return is_reporting()
+
+    with reporting_path():
+        inside = asyncio.ensure_future(check())
+    outside = asyncio.ensure_future(check())
+    assert await inside
+    assert not await outside
+
+
+# --- propagation into new work ---------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("propagation")
+def test_threads_started_inside_are_in_the_path() -> None:
+    results: list[bool] = []
+    with reporting_path():
+        inside = threading.Thread(target=lambda: results.append(is_reporting()))
+        inside.start()
+    inside.join(5)
+    outside = threading.Thread(target=lambda: results.append(is_reporting()))
+    outside.start()
+    outside.join(5)
+    assert results == [True, False]
+    assert thread_is_reporting(inside)
+    assert not thread_is_reporting(outside)
+    assert not thread_is_reporting(None)
+
+
+@pytest.mark.usefixtures("propagation")
+def test_exceptions_of_such_threads_are_marked() -> None:
+    seen: list[BaseException] = []
+    saved = threading.excepthook
+    threading.excepthook = lambda args: seen.append(args.exc_value)  # type: ignore[assignment,return-value]
+    try:
+
+        def fail() -> None:
+            raise ValueError("in a propagated thread")
+
+        with reporting_path():
+            thread = threading.Thread(target=fail)
+            thread.start()
+        thread.join(5)
+    finally:
+        threading.excepthook = saved
+    assert len(seen) == 1
+    assert originated_in_reporting_path(seen[0])
+
+
+@pytest.mark.usefixtures("propagation")
+def test_executor_work_submitted_inside_is_in_the_path() -> None:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        with reporting_path():
+            inside = pool.submit(is_reporting)
+        assert inside.result(5)
+        # The pool thread started by that submit is not in the path for life.
+        assert pool.submit(is_reporting).result(5) is False
+
+
+@pytest.mark.usefixtures("propagation")
+def test_executor_exceptions_escaping_are_marked() -> None:
+    def fail() -> None:
+        raise KeyError("in the pool")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        with reporting_path():
+            future = pool.submit(fail)
+        exc = future.exception(5)
+    assert exc is not None
+    assert originated_in_reporting_path(exc)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("propagation")
+async def test_run_in_executor_inside_is_in_the_path() -> None:
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        with reporting_path():
+            inside = loop.run_in_executor(pool, is_reporting)
+        outside = loop.run_in_executor(pool, is_reporting)
+        assert await inside
+        assert not await outside
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("propagation")
+async def test_tasks_created_inside_tag_their_exceptions() -> None:
+    async def fail() -> None:
+        raise ValueError("task failed")
+
+    loop = asyncio.get_running_loop()
+    with reporting_path():
+        inside = loop.create_task(fail())
+    outside = loop.create_task(fail())
+    await asyncio.wait([inside, outside])
+    assert originated_in_reporting_path(inside.exception())
+    assert not originated_in_reporting_path(outside.exception())
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("propagation")
+async def test_task_created_by_keyword_is_in_the_path() -> None:
+    async def check() -> bool:
+        return is_reporting()
+
+    with reporting_path():
+        task = asyncio.get_running_loop().create_task(coro=check())
+    assert await task
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="create_task(context=) is new in 3.11")
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("propagation")
+async def test_task_with_its_own_context_is_still_in_the_path() -> None:
+    async def check() -> bool:
+        return is_reporting()
+
+    with reporting_path():
+        task = asyncio.get_running_loop().create_task(check(), context=contextvars.Context())
+    assert await task
+
+
+@pytest.mark.usefixtures("propagation")
+def test_install_is_idempotent_and_uninstall_restores() -> None:
+    start = threading.Thread.__dict__["start"]
+    install_propagation()
+    assert threading.Thread.__dict__["start"] is start
+    uninstall_propagation()
+    assert threading.Thread.__dict__["start"] is not start
+    install_propagation()  # the fixture uninstalls again
