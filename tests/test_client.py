@@ -994,7 +994,7 @@ def test_global_hooks_report_through_the_global_client(collector: FakeCollector)
         sys.excepthook, threading.excepthook = saved
     (event,) = collector.events
     assert event["exception"]["values"][0]["mechanism"] == {"type": "excepthook", "handled": False}
-    assert event["level"] == "fatal"
+    assert event["level"] == "error"  # Sentry convention: handled=False marks it
     assert len(printed) == 3
 
 

@@ -237,7 +237,8 @@ def test_capture_from_exception_levels() -> None:
     exc = raised(ValueError("x"))
     handled = capture_from_exception(exc, "generic", handled=True)
     unhandled = capture_from_exception(exc, "excepthook", handled=False)
-    assert (handled.level, unhandled.level) == ("error", "fatal")
+    # Sentry's convention: uncaught is level "error" with mechanism.handled False.
+    assert (handled.level, unhandled.level) == ("error", "error")
     assert unhandled.mechanism == "excepthook"
     assert not unhandled.handled
     assert handled.vars is None
@@ -492,3 +493,19 @@ def test_filename_of_a_top_level_module_is_its_basename() -> None:
     assert frame["filename"] == "toolbox.py"
     assert frame["abs_path"] == "/opt/scripts/toolbox.py"
     assert frame["module"] == "toolbox"
+
+
+def test_exception_message_is_rendered_at_capture_time() -> None:
+    class Mutable(Exception):
+        def __init__(self) -> None:
+            super().__init__()
+            self.state = "at call time"
+
+        def __str__(self) -> str:
+            return self.state
+
+    exc = raised(Mutable())
+    capture = capture_from_exception(exc, "generic", handled=True)
+    exc.state = "changed later"
+    event = build_event(capture)
+    assert event["exception"]["values"][-1]["value"] == "at call time"

@@ -398,3 +398,11 @@ def test_interrupt_racing_a_close_is_harmless(
     transport._conn.sock.close()  # the worker closed it between our look and our shutdown
     transport.interrupt()
     transport.close()
+
+
+def test_envelope_header_never_carries_the_secret_key() -> None:
+    dsn = parse_dsn("https://public:very-secret@example.com/7")
+    body = serialize_envelope({"event_id": "a" * 32}, dsn, SENT_AT)
+    header = parse_envelope(body).headers
+    assert header["dsn"] == "https://public@example.com/7"
+    assert b"very-secret" not in body

@@ -74,6 +74,7 @@ STAT_KEYS = (
 
 _CAPTURED_MARK = "__selfreport_captured__"
 _NO_DSN_MESSAGE = "no DSN given and SELFREPORT_DSN is not set: events are not sent anywhere"
+_process_diagnostics = Diagnostics()
 
 
 def _check_number(
@@ -190,7 +191,7 @@ class Client:
             self._statsd.start()
         _live_clients.add(self)
         if not self.enabled:
-            self.diagnostics.once("no_dsn", _NO_DSN_MESSAGE)
+            _process_diagnostics.once("no_dsn", _NO_DSN_MESSAGE)  # once per process, not init
         if debug:
             self._enable_debug_logging()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 from urllib.parse import quote, unquote, urlsplit
 
@@ -55,6 +55,10 @@ class Dsn:
         if self.secret_key:
             parts.append(f"sentry_secret={self.secret_key}")
         return ", ".join(parts)
+
+    def public(self) -> Dsn:
+        """This DSN without its (legacy) secret key."""
+        return replace(self, secret_key=None) if self.secret_key else self
 
     def __str__(self) -> str:
         secret = f":{quote(self.secret_key, safe='')}" if self.secret_key else ""

@@ -99,6 +99,7 @@ class Capture:
         "context",
         "event_id",
         "exc_info",
+        "exc_values",
         "extra",
         "formatted",
         "handled",
@@ -122,6 +123,7 @@ class Capture:
         self.params: Optional[list[object]] = None
         self.formatted: Optional[str] = None
         self.exc_info: Optional[ExcInfo] = None
+        self.exc_values: Optional[list[str]] = None  # str() of the chain, rendered at call time
         self.mechanism = "generic"
         self.handled = True
         self.extra: Optional[dict[str, object]] = None
@@ -175,6 +177,28 @@ def _exc_info_of(exc: BaseException) -> ExcInfo:
     return (type(exc), exc, exc.__traceback__)
 
 
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from or during, newest first, as Python prints them."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen and len(chain) < MAX_CHAINED:
+        seen.add(id(current))
+        chain.append(current)
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif current.__suppress_context__:
+            current = None
+        else:
+            current = current.__context__
+    return chain
+
+
+def _set_exception(capture: Capture, exc: BaseException) -> None:
+    # Exception messages are rendered now, like log arguments: the object may change later.
+    capture.exc_values = [safe_str(item) for item in _exception_chain(exc)]
+
+
 def capture_from_record(record: logging.LogRecord, include_locals: bool = False) -> Capture:
     """Snapshot a log record; call inside the reporting path (argument ``__str__`` may log)."""
     capture = Capture(level_name(record.levelno))
@@ -195,6 +219,7 @@ def capture_from_record(record: logging.LogRecord, include_locals: bool = False)
             capture.params = [_json_safe(a) for a in args]
     if record.exc_info and record.exc_info[1] is not None:
         capture.exc_info = record.exc_info
+        _set_exception(capture, record.exc_info[1])
         if include_locals:
             capture.vars = _snapshot_vars(record.exc_info[2])
     capture.thread = record.threadName
@@ -207,8 +232,9 @@ def capture_from_record(record: logging.LogRecord, include_locals: bool = False)
 def capture_from_exception(
     exc: BaseException, mechanism: str, handled: bool, include_locals: bool = False
 ) -> Capture:
-    capture = Capture("fatal" if not handled else "error")
+    capture = Capture("error")  # Sentry's convention; ``handled: false`` marks it uncaught
     capture.exc_info = _exc_info_of(exc)
+    _set_exception(capture, exc)
     capture.mechanism = mechanism
     capture.handled = handled
     if include_locals:
@@ -295,26 +321,18 @@ def _stacktrace(tb: Optional[TracebackType], variables: Optional[list[Any]]) -> 
 
 
 def _exception_values(exc: BaseException, capture: Capture) -> list[dict[str, Any]]:
-    chain: list[BaseException] = []
-    seen: set[int] = set()
-    current: Optional[BaseException] = exc
-    while current is not None and id(current) not in seen and len(chain) < MAX_CHAINED:
-        seen.add(id(current))
-        chain.append(current)
-        if current.__cause__ is not None:
-            current = current.__cause__
-        elif current.__suppress_context__:
-            current = None
-        else:
-            current = current.__context__
+    chain = _exception_chain(exc)
+    rendered = capture.exc_values
+    if rendered is None or len(rendered) != len(chain):
+        rendered = [safe_str(item) for item in chain]
     values = []
-    for position, item in enumerate(reversed(chain)):  # Sentry wants the oldest first
-        is_outer = position == len(chain) - 1
+    for position, (item, text) in enumerate(zip(reversed(chain), reversed(rendered))):
+        is_outer = position == len(chain) - 1  # Sentry wants the oldest first
         exc_type = type(item)
         module = exc_type.__module__
         value: dict[str, Any] = {
             "type": exc_type.__qualname__,
-            "value": safe_str(item),
+            "value": text,
             "stacktrace": _stacktrace(item.__traceback__, capture.vars if is_outer else None),
         }
         if isinstance(module, str) and module != "builtins":

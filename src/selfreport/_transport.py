@@ -95,7 +95,7 @@ def serialize_envelope(event: Mapping[str, Any], dsn: Optional[Dsn], sent_at: st
         "sdk": SDK_INFO,
     }
     if dsn is not None:
-        header["dsn"] = str(dsn)
+        header["dsn"] = str(dsn.public())  # never the secret key: envelopes get spooled
     payload = _dumps(event)
     item = {"type": "event", "length": len(payload), "content_type": "application/json"}
     return b"\n".join((_dumps(header), _dumps(item), payload)) + b"\n"
