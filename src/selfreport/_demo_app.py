@@ -16,8 +16,9 @@ log = logging.getLogger("shop")
 
 def _real_errors() -> int:
     log.error("payment failed for order %s", 1234)
+    prices: dict[str, float] = {"sku-1": 9.5}
     try:
-        {}["missing-sku"]
+        prices["missing-sku"]
     except KeyError:
         log.exception("could not price the basket")
     selfreport.capture_message("cache rebuilt with warnings", level="warning")
