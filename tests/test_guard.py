@@ -349,10 +349,45 @@ async def test_task_with_its_own_context_is_still_in_the_path() -> None:
 
 
 @pytest.mark.usefixtures("propagation")
-def test_install_is_idempotent_and_uninstall_restores() -> None:
+def test_installs_share_one_patch_layer() -> None:
     start = threading.Thread.__dict__["start"]
-    install_propagation()
+    install_propagation()  # a second user: the same patch, not a second layer
     assert threading.Thread.__dict__["start"] is start
+    uninstall_propagation()  # the fixture's own install still holds it
+    assert threading.Thread.__dict__["start"] is start
+
+
+def test_thread_started_in_path_keeps_a_bound_run_for_other_patches() -> None:
+    # sentry-sdk's threading integration calls run.__func__(thread): keep run a bound method.
+    seen: list[bool] = []
+
+    class Worker(threading.Thread):
+        def run(self) -> None:
+            seen.append(is_reporting())
+
+    install_propagation()
+    try:
+        thread = Worker()
+        with reporting_path():
+            thread.start()
+        thread.join()
+        assert seen == [True]
+        run = thread.run
+        assert run.__self__ is thread  # type: ignore[attr-defined]
+        seen.clear()
+        run.__func__(thread)  # type: ignore[attr-defined]
+        assert seen == [True]
+    finally:
+        uninstall_propagation()
+
+
+def test_propagation_is_shared_by_counted_installs() -> None:
+    original = threading.Thread.__dict__["start"]
+    install_propagation()
+    install_propagation()
     uninstall_propagation()
-    assert threading.Thread.__dict__["start"] is not start
-    install_propagation()  # the fixture uninstalls again
+    assert threading.Thread.__dict__["start"] is not original  # one user left
+    uninstall_propagation()
+    assert threading.Thread.__dict__["start"] is original
+    uninstall_propagation()  # an extra uninstall is harmless
+    assert threading.Thread.__dict__["start"] is original

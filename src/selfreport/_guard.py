@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import threading
+import types
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -185,7 +186,14 @@ async def _await_in_path(coro: Coroutine[Any, Any, Any]) -> Any:
 def _thread_start(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
     if is_reporting() and isinstance(instance, threading.Thread):
         setattr(instance, _MARK, True)
-        instance.run = _run_in_path(instance.run)  # type: ignore[method-assign]
+        run = instance.run
+        # Stay a bound method: other patches of Thread.start (sentry-sdk's threading
+        # integration) unwrap run.__func__ and call it with the thread as first argument.
+        func = getattr(run, "__func__", None)
+        if func is not None and getattr(run, "__self__", None) is instance:
+            instance.run = types.MethodType(_run_in_path(func), instance)  # type: ignore[method-assign]
+        else:
+            instance.run = _run_in_path(run)  # type: ignore[method-assign]
     return wrapped(*args, **kwargs)
 
 
@@ -242,14 +250,31 @@ _propagation = Patches(
 )
 
 
+_propagation_users = 0
+_propagation_lock = threading.Lock()
+
+
 def install_propagation() -> None:
-    """Patch logging dispatch, thread start, executor submit and task creation (idempotent)."""
-    _propagation.install()
+    """Patch logging dispatch, thread start, executor submit and task creation.
+
+    Counted: every install needs its uninstall, so selfreport's hooks and the sentry-sdk
+    integration can share the patches and neither removes them from under the other.
+    """
+    global _propagation_users
+    with _propagation_lock:
+        _propagation_users += 1
+        _propagation.install()
 
 
 def uninstall_propagation() -> None:
-    """Undo :func:`install_propagation`."""
-    _propagation.uninstall()
+    """Undo one :func:`install_propagation`; the patches go when the last user is gone."""
+    global _propagation_users
+    with _propagation_lock:
+        if _propagation_users == 0:
+            return
+        _propagation_users -= 1
+        if _propagation_users == 0:
+            _propagation.uninstall()
 
 
 def thread_is_reporting(thread: Optional[threading.Thread]) -> bool:

@@ -254,6 +254,10 @@ class FakeCollector:
                 body = gzip.decompress(body)
             elif encoding == "deflate":
                 body = zlib.decompress(body)
+            elif encoding == "br":  # sentry-sdk's choice when the brotli module is installed
+                import brotli
+
+                body = brotli.decompress(body)
             envelope = parse_envelope(body)
             envelope.events()  # event payloads must be JSON too, or .events would raise later
             request.envelope = envelope
