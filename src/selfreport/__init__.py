@@ -75,7 +75,12 @@ def init(
         rate_burst: events that may be sent at once before ``rate_limit`` applies.
         dedupe_window: seconds during which repeats of one fingerprint are folded; 0 disables.
         **options: further :class:`Client` options (``scrub``, ``include_locals``,
-            ``server_name``, ``http_timeout``, ``max_retries``, ``compress``, ...).
+            ``server_name``, ``http_timeout``, ``max_retries``, ``compress``, ...), among them
+            ``scrub=True`` or a :class:`Scrubber`; ``spool_dir``, ``spool_max_bytes`` and
+            ``spool_max_age`` to keep envelopes on disk while the collector is unreachable or
+            answers 5xx/429; ``destinations``, more :class:`Destination` objects or DSNs to
+            send every event to as well; ``statsd``, ``"host:port"`` or a dict of
+            ``StatsdConfig`` fields, to export counters over StatsD/DogStatsD.
 
     Raises:
         ConfigError: a malformed DSN or option, naming the offending part.

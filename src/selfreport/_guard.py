@@ -186,14 +186,15 @@ async def _await_in_path(coro: Coroutine[Any, Any, Any]) -> Any:
 def _thread_start(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
     if is_reporting() and isinstance(instance, threading.Thread):
         setattr(instance, _MARK, True)
-        run = instance.run
+        run: Callable[..., Any] = instance.run
         # Stay a bound method: other patches of Thread.start (sentry-sdk's threading
         # integration) unwrap run.__func__ and call it with the thread as first argument.
+        # (setattr: mypy refuses assigning to a method.)
         func = getattr(run, "__func__", None)
         if func is not None and getattr(run, "__self__", None) is instance:
-            instance.run = types.MethodType(_run_in_path(func), instance)  # type: ignore[method-assign]
+            setattr(instance, "run", types.MethodType(_run_in_path(func), instance))  # noqa: B010
         else:
-            instance.run = _run_in_path(run)  # type: ignore[method-assign]
+            setattr(instance, "run", _run_in_path(run))  # noqa: B010
     return wrapped(*args, **kwargs)
 
 

@@ -127,7 +127,8 @@ _EMAIL = re.compile(
     r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]{1,64}"
     r"@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b"
 )
-_DIGIT_RUN = re.compile(r"(?<!\w)\d{1,19}(?:[ -]\d{1,19}){0,9}(?!\w)")
+# Groups are separated by exactly one character, so there is one way to split a run.
+_DIGIT_RUN = re.compile(r"(?<!\w)\d{1,19}(?:[ -]\d{1,19})*(?!\w)")
 _IBAN = re.compile(r"(?i)(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?!\w)")
 _SSN = re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")
 _IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|[01]?\d\d?)\.){3}(?:25[0-5]|2[0-4]\d|[01]?\d\d?)\b")
@@ -333,10 +334,12 @@ class Scrubber:
         skip: names of default rules to turn off.
         validate_checksums: require a valid Luhn / mod-97 checksum before removing a card
             number or IBAN (fewer false positives); False removes anything shaped like one.
-        strict: also filter whole free-text fields (messages, exception values, breadcrumb
-            messages) that mention a password-like keyword, as Relay's ``@common`` does when
-            applied to every field. Off by default: such a message keeps its text, with the
-            values after ``password=``, ``token:``, ``secret is`` ... masked.
+        strict: remove at least what Relay's ``@common`` rules remove when applied to every
+            field: also filter whole free-text fields (messages, exception values, breadcrumb
+            messages, ``server_name``) that mention a password-like keyword, and remove card
+            numbers and IBANs without checking their checksums. Off by default: such a message
+            keeps its text, with the values after ``password=``, ``token:``, ``secret is`` ...
+            masked.
         max_depth: containers nested deeper are replaced by ``"[Truncated]"``.
         max_nodes: containers beyond this many per event are replaced by ``"[Truncated]"``.
         max_string: strings are cut to this many characters before scanning.
@@ -365,8 +368,8 @@ class Scrubber:
             raise ConfigError("replacement", "must be a string")
         self.replacement = replacement
         self.typed_masks = bool(typed_masks)
-        self.validate_checksums = bool(validate_checksums)
         self.strict = bool(strict)
+        self.validate_checksums = bool(validate_checksums) and not self.strict
         for name, value, low in (
             ("max_depth", max_depth, 1),
             ("max_nodes", max_nodes, 1),
@@ -484,18 +487,19 @@ class Scrubber:
             text = _KNOWN_TOKENS.sub(lambda m: self._mask("token"), text)
         if "email" in on and "@" in text:
             text = _EMAIL.sub(lambda m: self._mask("email"), text)
-        if _HAS_DIGIT.search(text):
-            if "creditcard" in on:
-                text = _DIGIT_RUN.sub(self._cards, text)
-            if "iban" in on:
-                text = _IBAN.sub(self._ibans, text)
-            if "ssn" in on:
-                text = _SSN.sub(lambda m: self._mask("us-ssn"), text)
-        if "ip" in on:
+        if "ip" in on:  # before card numbers, which would take the digits of "10.0.0.1 4111..."
             if ":" in text:
                 text = _IPV6.sub(self._ipv6, text)
             if "." in text:
                 text = _IPV4.sub(lambda m: self._mask("ip"), text)
+        if _HAS_DIGIT.search(text):
+            # Exact shapes first, before card numbers take their digits.
+            if "ssn" in on:
+                text = _SSN.sub(lambda m: self._mask("us-ssn"), text)
+            if "iban" in on:
+                text = _IBAN.sub(self._ibans, text)
+            if "creditcard" in on:
+                text = _DIGIT_RUN.sub(self._cards, text)
         if "userpath" in on and ("/" in text or "\\" in text):
             text = _USER_PATH.sub(self._user_path, text)
         # Last, so that a value some pattern above already masked keeps its typed mask.
@@ -584,6 +588,9 @@ class Scrubber:
 
     def _cards(self, match: re.Match[str]) -> str:
         run = match.group(0)
+        if not self.validate_checksums:  # any 13 digits in a row could be (part of) a card
+            count = sum(c.isdigit() for c in run)
+            return self._mask("creditcard") if count >= 13 else run
         groups = re.split(r"([ -])", run)
         parts = groups[0::2]
         seps = [*groups[1::2], ""]
@@ -618,15 +625,21 @@ class Scrubber:
             k += 1
         return "".join(out)
 
-    def _card_number(self, digits: str) -> bool:
-        if not self.validate_checksums:
-            return True
+    @staticmethod
+    def _card_number(digits: str) -> bool:
         return digits[0] in "23456" and luhn_valid(digits)
 
     def _ibans(self, match: re.Match[str]) -> str:
         text = match.group(0)
         groups = text.split(" ")
-        for count in range(len(groups), 0, -1):
+        # Written as one word, or in groups of four with a shorter last one: never more.
+        length = 1
+        if len(groups[0]) == 4:
+            while length < len(groups) and len(groups[length]) <= 4:
+                length += 1
+                if len(groups[length - 1]) < 4:
+                    break
+        for count in range(length, 0, -1):
             candidate = "".join(groups[:count])
             if len(candidate) < 15:
                 break
@@ -638,7 +651,7 @@ class Scrubber:
     def _iban(self, candidate: str) -> bool:
         if self.validate_checksums:
             return iban_valid(candidate)
-        return candidate[:2] in _IBAN_COUNTRIES and candidate[2:4].isdigit()
+        return candidate[:2].upper() in _IBAN_COUNTRIES and candidate[2:4].isdigit()
 
     def _ipv6(self, match: re.Match[str]) -> str:
         text = match.group(0)
@@ -704,10 +717,12 @@ class Scrubber:
     def _number(self, value: int) -> Any:
         if not -(2**63) <= value < 2**64:
             return _big_int(value)  # JSON numbers this big are not portable
-        if "creditcard" in self._on and 10**12 <= abs(value) < 10**19:
-            digits = str(abs(value))
-            if self._card_number(digits):
-                return self._mask("creditcard")
+        if (
+            "creditcard" in self._on
+            and 10**12 <= abs(value) < 10**19
+            and (not self.validate_checksums or self._card_number(str(abs(value))))
+        ):
+            return self._mask("creditcard")
         return value
 
     def _container(self, value: Any, walk: _Walk, depth: int, body: Handler) -> Any:
@@ -751,12 +766,7 @@ class Scrubber:
     def _data_sequence(self, value: Iterable[Any], walk: _Walk, depth: int) -> list[Any]:
         out: list[Any] = []
         for item in list(value):
-            if (
-                isinstance(item, (list, tuple))
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and not isinstance(item[1], (list, tuple))
-            ):
+            if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
                 # A [key, value] pair, as in headers, tags, cookies and query strings.
                 name = item[0]
                 if "keys" in self._on and self.is_sensitive_key(name):

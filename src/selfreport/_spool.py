@@ -14,7 +14,7 @@ import time
 import zlib
 from typing import Callable, Optional, Union
 
-from ._diag import Diagnostics, logger
+from ._diag import Diagnostics
 from ._guard import enter_thread_for_life, reporting_path
 from .exceptions import ConfigError
 
@@ -166,7 +166,7 @@ class Spool:
                 os.makedirs(folder, mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise ConfigError("spool_dir", f"cannot create {folder!r}: {exc}") from None
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not os.access(path, os.W_OK | os.X_OK):  # pragma: no cover - root may write anywhere
             raise ConfigError("spool_dir", f"{path!r} is not writable")
         self.diagnostics = diagnostics or Diagnostics()
         self._on_drop = on_drop
@@ -196,8 +196,6 @@ class Spool:
             self._counts[key] += amount
 
     def _dropped(self, reason: str, amount: int) -> None:
-        if amount <= 0:
-            return
         self._count("dropped_" + reason, amount)
         if self._on_drop is not None:
             try:
@@ -281,9 +279,7 @@ class Spool:
                 total -= self._index.pop(name)
                 try:
                     os.unlink(os.path.join(self.directory, name))
-                except FileNotFoundError:
-                    continue  # someone else sent or dropped it meanwhile
-                except OSError:
+                except OSError:  # sent or dropped by someone else meanwhile
                     continue
                 dropped += 1
         if dropped:
@@ -300,7 +296,7 @@ class Spool:
                     if _NAME.match(entry.name) and entry.name not in self._unmovable:
                         try:
                             index[entry.name] = entry.stat().st_size
-                        except OSError:
+                        except OSError:  # pragma: no cover - removed while listing
                             continue
         except OSError as exc:
             self._warn("spool_scan", f"could not list the spool {self.directory!r}: {exc!r}")
@@ -351,7 +347,7 @@ class Spool:
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except OSError as exc:
+        except OSError as exc:  # pragma: no cover - an I/O error on a file we could open
             os.close(fd)
             self._quarantine(name, f"cannot read it: {exc}")
             return None
@@ -381,7 +377,7 @@ class Spool:
         target = os.path.join(self.quarantine_dir, name)
         try:
             os.replace(source, target)
-        except FileNotFoundError:
+        except FileNotFoundError:  # pragma: no cover - removed by another process meanwhile
             return
         except OSError as exc:
             with self._lock:
@@ -391,9 +387,8 @@ class Spool:
             self._count("quarantined")
             message = f"quarantined spool file {source} ({reason}) into {self.quarantine_dir}"
             self._trim_quarantine()
-        with reporting_path():
-            logger.warning("selfreport: %s", message)
-            self.diagnostics.warn("spool_quarantine", message)
+        # One line per file (on stderr and the selfreport logger); each file only once.
+        self._warn("spool_quarantine:" + name, message)
 
     def _trim_quarantine(self) -> None:
         try:
@@ -411,7 +406,7 @@ class Spool:
                     try:
                         if now - entry.stat().st_mtime > _STALE_TMP:
                             os.unlink(entry.path)
-                    except OSError:
+                    except OSError:  # pragma: no cover - finished or removed meanwhile
                         continue
         except OSError:  # pragma: no cover - the folder was just created
             pass
@@ -558,14 +553,14 @@ class Replayer:
         return False
 
     def _next_wait_locked(self) -> float:
-        if not self._down:
-            return 0.0
-        delay = self._delay * (0.5 + random.random() / 2)
-        self._delay = min(self.max_backoff, self._delay * 2)
         try:
-            hinted = float(self._retry_after())
+            hinted = float(self._retry_after())  # a 429's Retry-After, even when not down
         except Exception:  # pragma: no cover - the hint comes from UpstreamLimits
             hinted = 0.0
+        if not self._down:
+            return hinted
+        delay = self._delay * (0.5 + random.random() / 2)
+        self._delay = min(self.max_backoff, self._delay * 2)
         return max(delay, hinted)
 
     def _drain(self) -> bool:

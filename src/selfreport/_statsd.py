@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import re
+import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ _PROTOCOLS = ("dogstatsd", "statsd")
 _GAUGES = {"queue_size": "queue.depth", "spool_size": "spool.depth"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _MAX_TIMINGS = 10_000
+_RESOLVE_EVERY = 300.0  # seconds between DNS lookups of the StatsD host
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class StatsdConfig:
 
 def _load_client_class() -> Any:
     try:
-        from datadog.dogstatsd.base import DogStatsd
+        with reporting_path():  # datadog logs as it loads: never a report of ours
+            from datadog.dogstatsd.base import DogStatsd
     except ImportError:
         raise ConfigError(
             "statsd", "needs the datadog package: pip install 'selfreport[statsd]'"
@@ -120,6 +124,7 @@ class StatsdExporter:
         self.config = config
         self._client_class = _load_client_class()
         self._client: Any = None
+        self._resolved_at = -_RESOLVE_EVERY
         self._sources: list[tuple[tuple[str, ...], StatsSource]] = []
         self._last: dict[tuple[int, str], int] = {}
         self._timings: deque[tuple[float, tuple[str, ...]]] = deque(maxlen=_MAX_TIMINGS)
@@ -149,19 +154,15 @@ class StatsdExporter:
                 thread.start()
 
     def close(self, timeout: float = 1.0) -> None:
-        """Stop the thread and send the last deltas."""
+        """Stop the thread after it sent the last deltas, waiting ``timeout`` seconds at most
+        (resolving the host name can hang; it does so on that thread, not the caller's)."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, timeout))
-        with reporting_path():
-            self.flush()
-            client, self._client = self._client, None
-            if client is not None:
-                try:
-                    client.close_socket()
-                except Exception:  # pragma: no cover - closing a UDP socket does not fail
-                    pass
+        if thread is None or not thread.is_alive():
+            with reporting_path():  # datadog logs if closing fails
+                self._close_client()  # never started, or done: the socket is ours to close
 
     def after_fork_in_child(self) -> None:
         """The child starts with its own socket and thread, and counts from zero."""
@@ -175,14 +176,23 @@ class StatsdExporter:
         enter_thread_for_life()
         while not self._stop.wait(self.config.interval):
             self.flush()
+        self.flush()  # the last deltas, at close
+        self._close_client()
 
     # --- sending -----------------------------------------------------------------------------
 
-    def _make_client(self) -> Any:
+    def _resolve(self) -> str:
+        """The host's address, looked up here once in a while: the datadog client would look
+        it up again for every metric while the name does not resolve, and lookups can hang."""
+        infos = socket.getaddrinfo(self.config.host, self.config.port, 0, socket.SOCK_DGRAM)
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as datadog does
+        return str(infos[0][4][0])
+
+    def _make_client(self, address: str) -> Any:
         config = self.config
         plain = config.protocol == "statsd"
         wanted: dict[str, Any] = {
-            "host": config.host,
+            "host": address,
             "port": config.port,
             "namespace": config.prefix or None,
             "constant_tags": [] if plain else list(config.tags),
@@ -249,11 +259,12 @@ class StatsdExporter:
     def flush(self) -> int:
         """Send what changed since the last flush; the number of metrics sent. Never raises."""
         try:
+            if self._client is None or time.monotonic() - self._resolved_at > _RESOLVE_EVERY:
+                address = self._resolve()  # raises before the deltas are taken: none are lost
+                self._close_client()
+                self._client = self._make_client(address)
+                self._resolved_at = time.monotonic()
             points = self._points()
-            if not points:
-                return 0
-            if self._client is None:
-                self._client = self._make_client()
             client = self._client
             for kind, name, value, tags in points:
                 metric, metric_tags = self._metric(name, tags)
@@ -267,5 +278,13 @@ class StatsdExporter:
         except Exception:
             # A resolver or socket problem: counted; the next flush tries again.
             self.errors += 1
-            self._client = None
+            self._close_client()
             return 0
+
+    def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close_socket()
+            except Exception:  # pragma: no cover - closing a UDP socket does not fail
+                pass
