@@ -165,6 +165,7 @@ class Client:
         self.diagnostics = Diagnostics()
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._stats_lock = threading.Lock()
+        self._reentrant_told: set[str] = set()
         self._last_record: Optional[weakref.ref[logging.LogRecord]] = None
         self._closed = threading.Event()
         self._close_deadline: Optional[float] = None
@@ -293,6 +294,9 @@ class Client:
 
     def _drop_reentrant(self, what: str) -> None:
         self._count("dropped_reentrant")
+        if what in self._reentrant_told:  # the hot path of a drop: no message built
+            return
+        self._reentrant_told.add(what)
         self.diagnostics.once(
             "reentrant:" + what,
             f"dropped {'an' if what[0] in 'aeiou' else 'a'} {what} that originated inside the "

@@ -6,11 +6,11 @@ import linecache
 import logging
 import os
 import platform
+import random
 import socket
 import sys
 import sysconfig
 import time
-import uuid
 from datetime import datetime, timezone
 from types import FrameType, TracebackType
 from typing import Any, Optional
@@ -115,7 +115,9 @@ class Capture:
     )
 
     def __init__(self, level: str) -> None:
-        self.event_id = uuid.uuid4().hex
+        # Not uuid4(): os.urandom releases the GIL, and a busy worker then keeps the caller
+        # waiting for a whole switch interval. Event ids need to be unique, not secret.
+        self.event_id = f"{random.getrandbits(128):032x}"
         self.timestamp = time.time()
         self.level = level
         self.logger: Optional[str] = None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 
 import wrapt
 
-from ._patching import Patches
+from ._patching import Patches, Replace
 
 __all__ = [
     "ReportingPath",
@@ -225,13 +225,19 @@ def _loop_create_task(wrapped: Callable[..., Any], instance: Any, args: Any, kwa
     return wrapped(*args, **kwargs)
 
 
-def _logger_handle(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-    depth = getattr(_local, "log_depth", 0)
-    _local.log_depth = depth + 1
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        _local.log_depth = depth
+def _counting_logger_handle(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    # A plain function, not a wrapt wrapper: this runs for every record of every logger.
+    @functools.wraps(original)
+    def handle(self: Any, record: Any) -> Any:
+        local = _local
+        depth = getattr(local, "log_depth", 0)
+        local.log_depth = depth + 1
+        try:
+            return original(self, record)
+        finally:
+            local.log_depth = depth
+
+    return handle
 
 
 def in_nested_log_record() -> bool:
@@ -244,7 +250,7 @@ def in_nested_log_record() -> bool:
 
 
 _propagation = Patches(
-    (logging.Logger, "handle", _logger_handle),
+    (logging.Logger, "handle", Replace(_counting_logger_handle)),
     (threading.Thread, "start", _thread_start),
     (concurrent.futures.ThreadPoolExecutor, "submit", _executor_submit),
     (asyncio.BaseEventLoop, "create_task", _loop_create_task),

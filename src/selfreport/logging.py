@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Optional, Union
 
+from . import _state
 from ._guard import in_nested_log_record, is_reporting
 
 if TYPE_CHECKING:
@@ -29,16 +30,9 @@ class LoggingHandler(logging.Handler):
         super().__init__(level)
         self.client = client
 
-    def _client(self) -> Optional[Client]:
-        if self.client is not None:
-            return self.client
-        from ._state import current_client
-
-        return current_client()
-
     # handle(), not emit(): the drop decision comes before Handler.handle takes its lock.
     def handle(self, record: logging.LogRecord) -> bool:
-        client = self._client()
+        client = self.client or _state._client
         if client is None:
             return False
         if is_reporting() or in_nested_log_record():

@@ -147,16 +147,22 @@ def _wait_child(pid: int, timeout: float) -> int:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_reports_through_its_own_worker(collector: FakeCollector) -> None:
     selfreport.init(collector.dsn)
-    log.error("from the parent")
+    # Only selfreport's handler: a fork can catch other handlers' stream locks held by
+    # threads left over from earlier tests (a CPython hazard this test is not about).
+    isolated = logging.getLogger("isolated.child")
+    isolated.propagate = False
+    isolated.addHandler(selfreport.LoggingHandler())
+    isolated.error("from the parent")
     assert collector.wait_for(1)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
-            log.error("from the child")
+            isolated.error("from the child")
             code = 0 if selfreport.flush(5.0) and selfreport.stats()["sent"] == 1 else 3
         finally:
             os._exit(code)
+    isolated.handlers.clear()
     assert _wait_child(pid, 15.0) == 0
     assert collector.wait_for(2)
     messages = sorted(e["logentry"]["message"] for e in collector.events)
