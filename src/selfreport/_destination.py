@@ -208,12 +208,17 @@ class Destination:
         name: for stats and metrics; default ``host:port/project``.
         scrub: ``True`` for the default :class:`~selfreport.Scrubber`, or any callable taking
             and returning the event. Off by default. A scrubber that raises drops the event.
-        rate_limit, rate_burst: this destination's token bucket (events per second, burst).
+        rate_limit: this destination's token bucket: events per second (0 disables it).
+        rate_burst: events that may go at once before ``rate_limit`` applies.
         max_queue: events waiting for this destination's thread at most.
-        http_timeout, max_retries, retry_backoff, compress: as for the client.
+        http_timeout: seconds per HTTP operation, as for the client.
+        max_retries: retries of a failed send before it is spooled or dropped.
+        retry_backoff: first delay between retries, doubled each time.
+        compress: gzip envelopes over 1 KiB.
         spool_dir: keep envelopes on disk while the upstream is unreachable or answers
             5xx/429, and replay them in order once it answers again (also after a restart).
-        spool_max_bytes, spool_max_age: bounds of the spool; the oldest go first.
+        spool_max_bytes: size bound of the spool; the oldest envelopes go first.
+        spool_max_age: age bound of the spool in seconds.
         transport: a custom transport (tests); default HTTP to the DSN.
 
     Raises:
