@@ -19,6 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the demonstration of recursion-safe reporting")
     demo.add_argument("--once", action="store_true", help="exit after printing the summary")
+    serve = sub.add_parser("serve", help="run the collector (needs selfreport[collector])")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
+    serve.add_argument("--data", metavar="DIR", help="database directory (default: ~/.local/...)")
+    project = sub.add_parser("project", help="manage the collector's projects and keys")
+    actions = project.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a project and print its DSN")
+    create.add_argument("name")
+    listing = actions.add_parser("list", help="list projects with their DSNs")
+    for action in (create, listing):
+        action.add_argument("--data", metavar="DIR", help="database directory")
+        action.add_argument(
+            "--url", default="http://127.0.0.1:8000", help="the collector's URL, for the DSN"
+        )
     return parser
 
 
@@ -29,5 +43,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .demo import run_demo
 
         return int(run_demo(once=args.once))
+    if args.command in ("serve", "project"):
+        from .collector import require_extra
+
+        require_extra()
+        from .collector import server
+
+        if args.command == "serve":
+            return server.serve(host=args.host, port=args.port, data_dir=args.data)
+        return server.project_command(args.action, args.data, getattr(args, "name", ""), args.url)
     parser.print_help(sys.stderr)
     return 2

@@ -1,0 +1,247 @@
+"""The collector's Starlette app: ingestion, health, metrics, JSON API and web pages."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Union
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from selfreport._client import Client
+from selfreport._dsn import Dsn, parse_dsn
+from selfreport.integrations.asgi import SelfreportMiddleware
+
+from . import web
+from .health import HealthChecks, default_checks, upstream_reachable
+from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
+from .metrics import CONTENT_TYPE, CollectorMetrics
+from .storage import Project, Storage
+
+__all__ = ["Collector", "CollectorApp", "create_app"]
+
+
+@dataclass
+class Collector:
+    """Everything the app's endpoints share; ``app.state.collector``.
+
+    ``on_stored`` is where forwarding plugs in: each hook is called with a
+    :class:`~selfreport.collector.ingest.StoredEnvelope` after its events were committed (in the
+    request's task, so inside the reporting path for the collector's own reports). Hooks must
+    not block: queue the work. ``health`` takes more checks (``health.add(name, check)``).
+    """
+
+    storage: Storage
+    metrics: CollectorMetrics
+    health: HealthChecks
+    keys: KeyCache
+    reporter: Optional[Client] = None
+    processors: list[Processor] = field(default_factory=list)
+    on_stored: list[OnStored] = field(default_factory=list)
+    internal_project: Optional[Project] = None
+
+    def reporter_stats(self) -> dict[str, int]:
+        """The self-reporter's ``stats()`` (the given client's, else the global one's)."""
+        if self.reporter is not None:
+            return self.reporter.stats()
+        from selfreport import stats
+
+        return stats()
+
+
+def create_app(
+    storage: Storage,
+    *,
+    reporter: Optional[Client] = None,
+    processors: Sequence[Processor] = (),
+    max_body: int = DEFAULT_MAX_BODY,
+    upstream: Union[str, Dsn, None] = None,
+    min_free_bytes: int = 100 * 2**20,
+    close_storage: bool = False,
+) -> CollectorApp:
+    """Build the collector app on ``storage`` (whose writer thread it starts).
+
+    Args:
+        storage: the database.
+        reporter: the collector's self-reporter (a client sending to the internal project);
+            default: whatever global client :func:`selfreport.init` made. Requests carrying its
+            reports are ingested inside the reporting path.
+        processors: ``processor(event, project) -> event | None`` run on every event before it
+            is stored (enrichment, filtering); one that raises fails the request with a 500,
+            which is reported (once) to the internal project.
+        max_body: the largest request body accepted, compressed or decompressed (bytes).
+        upstream: when forwarding to an upstream DSN, ``/health`` checks it is reachable.
+        min_free_bytes: ``/health`` fails below this much free disk space.
+        close_storage: close ``storage`` when the app shuts down.
+    """
+    storage.start()
+    internal = next((p for p in storage.projects() if p.internal), None)
+    metrics_ = CollectorMetrics(storage)
+    extra_checks = []
+    if upstream is not None:
+        dsn = upstream if isinstance(upstream, Dsn) else parse_dsn(upstream)
+        extra_checks.append(("upstream_reachable", upstream_reachable(dsn)))
+    keys = KeyCache(storage)
+    keys.load()
+    collector = Collector(
+        storage=storage,
+        metrics=metrics_,
+        health=default_checks(storage, min_free_bytes=min_free_bytes, extra=extra_checks),
+        keys=keys,
+        reporter=reporter,
+        processors=list(processors),
+        internal_project=internal,
+    )
+    metrics_.reporter_stats = collector.reporter_stats
+
+    def ingest(kind: str) -> IngestEndpoint:
+        return IngestEndpoint(
+            storage,
+            metrics_,
+            kind=kind,
+            max_body=max_body,
+            processors=collector.processors,
+            on_stored=collector.on_stored,
+            keys=keys,
+        )
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        *web.routes(),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if close_storage:
+                storage.close()
+
+    site = Starlette(
+        routes=routes,
+        middleware=[Middleware(SelfreportMiddleware, client=reporter)],
+        exception_handlers={Exception: _internal_error},
+        lifespan=lifespan,
+    )
+    site.router.redirect_slashes = False
+    site.state.collector = collector
+    return CollectorApp(site, ingest("envelope"), ingest("store"), reporter)
+
+
+# /api/{project_id}/envelope/ and /api/{project_id}/store/, trailing slash optional
+_INGEST_PATH = re.compile(r"^/api/([^/]+)/(envelope|store)/?$")
+
+
+class CollectorApp:
+    """The collector's ASGI app. Ingestion, the hot path, goes straight to its endpoint (in the
+    self-reporting middleware, behind a last-resort 500); everything else goes to Starlette."""
+
+    def __init__(
+        self,
+        site: Starlette,
+        envelope: IngestEndpoint,
+        store: IngestEndpoint,
+        reporter: Optional[Client],
+    ) -> None:
+        self.site = site
+        self.state = site.state
+        self._ingest = {
+            "envelope": SelfreportMiddleware(envelope, client=reporter),
+            "store": SelfreportMiddleware(store, client=reporter),
+        }
+        # What Starlette's router would put in the scope: reports of failures name the route.
+        self._routes = {
+            "envelope": _IngestRoute("/api/{project_id}/envelope/", envelope),
+            "store": _IngestRoute("/api/{project_id}/store/", store),
+        }
+
+    @property
+    def collector(self) -> Collector:
+        collector: Collector = self.state.collector
+        return collector
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            match = _INGEST_PATH.match(scope["path"])
+            if match is not None:
+                kind = match.group(2)
+                route = self._routes[kind]
+                scope["path_params"] = {"project_id": match.group(1)}
+                scope["route"], scope["endpoint"] = route, route.endpoint
+                await _answer_500_on_error(self._ingest[kind], scope, receive, send)
+                return
+        await self.site(scope, receive, send)
+
+
+class _IngestRoute(NamedTuple):
+    path: str
+    endpoint: IngestEndpoint
+
+
+async def _answer_500_on_error(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Like Starlette's ServerErrorMiddleware: a 500 if nothing was sent yet, then re-raise
+    (the server logs it; the middleware inside has reported it)."""
+    started = False
+
+    async def tracking_send(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, tracking_send)
+    except Exception:
+        if not started:
+            body = json.dumps({"detail": _INTERNAL_ERROR}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        raise
+
+
+def collector_of(request: Request) -> Collector:
+    collector: Collector = request.app.state.collector
+    return collector
+
+
+async def health(request: Request) -> Response:
+    ok, checks = await collector_of(request).health.run()
+    return JSONResponse(
+        {"status": "ok" if ok else "fail", "checks": checks},
+        status_code=200 if ok else 503,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def metrics(request: Request) -> Response:
+    body = collector_of(request).metrics.render()
+    return Response(body, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+
+_INTERNAL_ERROR = "internal error (the collector reports its own errors to its internal project)"
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    if request.url.path.startswith("/api/") or "json" in request.headers.get("accept", ""):
+        return JSONResponse({"detail": _INTERNAL_ERROR}, status_code=500)
+    page = f"<!doctype html><title>500</title><h1>Internal error</h1><p>{_INTERNAL_ERROR}</p>"
+    return HTMLResponse(page, status_code=500)

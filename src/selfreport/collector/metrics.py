@@ -1,0 +1,197 @@
+"""Prometheus metrics of one collector app, and the recent ingest rate for the status page."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Callable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .storage import Storage
+
+__all__ = ["CONTENT_TYPE", "CollectorMetrics", "RateWindow"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+StatsSource = Callable[[], dict[str, int]]
+
+
+class RateWindow:
+    """Events and processing time per second over the last ``seconds`` seconds."""
+
+    def __init__(self, seconds: int = 60, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counts = [0] * seconds
+        self._times = [0.0] * seconds
+        self._stamps = [-1] * seconds
+
+    def add(self, events: int, processing_seconds: float) -> None:
+        now = int(self._clock())
+        slot = now % self.seconds
+        with self._lock:
+            if self._stamps[slot] != now:
+                self._stamps[slot] = now
+                self._counts[slot] = 0
+                self._times[slot] = 0.0
+            self._counts[slot] += events
+            self._times[slot] += processing_seconds
+
+    def _totals(self) -> tuple[int, float, int]:
+        now = int(self._clock())
+        with self._lock:
+            live = [i for i, stamp in enumerate(self._stamps) if now - self.seconds < stamp <= now]
+            events = sum(self._counts[i] for i in live)
+            seconds = sum(self._times[i] for i in live)
+        return events, seconds, now
+
+    def rate(self) -> float:
+        """Events per second, averaged over the window."""
+        events, _, _ = self._totals()
+        return events / self.seconds
+
+    def average_processing(self) -> Optional[float]:
+        """Seconds an event took through processing, on average over the window."""
+        events, seconds, _ = self._totals()
+        return seconds / events if events else None
+
+
+class CollectorMetrics:
+    """The collector's counters in a registry of its own (several apps may share a process)."""
+
+    def __init__(
+        self, storage: Optional[Storage] = None, reporter_stats: Optional[StatsSource] = None
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.storage = storage
+        self.reporter_stats = reporter_stats
+        self.started = time.time()
+        self.window = RateWindow()
+        self.events_received = Counter(
+            "selfreport_collector_events_received",
+            "Events received in authenticated requests.",
+            registry=self.registry,
+        )
+        self.events_stored = Counter(
+            "selfreport_collector_events_stored",
+            "Events committed to storage.",
+            registry=self.registry,
+        )
+        self.events_duplicate = Counter(
+            "selfreport_collector_events_duplicate",
+            "Events not stored again because their event_id was already stored.",
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "selfreport_collector_rejected",
+            "Requests or events refused, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.processing = Histogram(
+            "selfreport_collector_processing_seconds",
+            "Time from a request's body being read to its events being committed.",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_LiveValues(self))
+
+    def received(self, events: int) -> None:
+        self.events_received.inc(events)
+
+    def stored(self, stored: int, duplicates: int, seconds: float) -> None:
+        self.events_stored.inc(stored)
+        if duplicates:
+            self.events_duplicate.inc(duplicates)
+        self.processing.observe(seconds)
+        self.window.add(stored + duplicates, seconds)
+
+    def rejected(self, reason: str, count: int = 1) -> None:
+        self.rejections.labels(reason).inc(count)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything."""
+        return generate_latest(self.registry)
+
+    def totals(self) -> dict[str, int]:
+        """Events received, stored and duplicate since start."""
+        out = {}
+        for name, counter in (
+            ("received", self.events_received),
+            ("stored", self.events_stored),
+            ("duplicates", self.events_duplicate),
+        ):
+            samples = [s for m in counter.collect() for s in m.samples]
+            out[name] = int(next(s.value for s in samples if s.name.endswith("_total")))
+        return out
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for metric in self.rejections.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["reason"]] = int(sample.value)
+        return out
+
+    def average_processing(self) -> Optional[float]:
+        """Average processing time since start (seconds), or None before the first event."""
+        count = total = 0.0
+        for metric in self.processing.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_count"):
+                    count = sample.value
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+        return total / count if count else None
+
+
+class _LiveValues(Collector):
+    """Values read when scraped: the write queue, the database, the self-reporter's stats."""
+
+    def __init__(self, metrics: CollectorMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        storage = self.metrics.storage
+        if storage is not None:
+            yield GaugeMetricFamily(
+                "selfreport_collector_write_queue",
+                "Writes waiting for the storage writer thread.",
+                value=storage.queue_size,
+            )
+            yield GaugeMetricFamily(
+                "selfreport_collector_writer_up",
+                "1 while the storage writer thread runs.",
+                value=1.0 if storage.writer_alive else 0.0,
+            )
+            yield GaugeMetricFamily(
+                "selfreport_collector_database_bytes",
+                "Size of the SQLite database, WAL included.",
+                value=storage.size_bytes(),
+            )
+        source = self.metrics.reporter_stats
+        if source is None:
+            return
+        stats = source()
+        counters = CounterMetricFamily(
+            "selfreport_reporter_events",
+            "The collector's own self-reporter: events by outcome (selfreport.stats()).",
+            labels=["outcome"],
+        )
+        for key, value in stats.items():
+            if key != "queue_size":
+                counters.add_metric([key], float(value))
+        yield counters
+        yield GaugeMetricFamily(
+            "selfreport_reporter_queue_size",
+            "Events waiting in the self-reporter's queue.",
+            value=stats.get("queue_size", 0),
+        )

@@ -1,0 +1,898 @@
+"""SQLite storage: projects and keys, events grouped into issues, one writer thread, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from selfreport._guard import reporting_path
+
+from .events import PreparedEvent
+
+__all__ = [
+    "INTERNAL_PROJECT",
+    "Event",
+    "Issue",
+    "Project",
+    "Storage",
+    "StorageError",
+    "StorageFull",
+]
+
+logger = logging.getLogger("selfreport.collector")
+
+DEFAULT_PROJECT = "default"
+INTERNAL_PROJECT = "selfreport-internal"
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS projects (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    internal INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    public_key TEXT PRIMARY KEY,
+    project_id INTEGER NOT NULL REFERENCES projects (id),
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS issues (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL REFERENCES projects (id),
+    fingerprint TEXT NOT NULL,
+    title TEXT NOT NULL,
+    culprit TEXT NOT NULL,
+    level TEXT NOT NULL,
+    environment TEXT,
+    release TEXT,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    times_seen INTEGER NOT NULL,
+    last_event_id TEXT NOT NULL,
+    UNIQUE (project_id, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS issues_by_last_seen ON issues (last_seen);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL REFERENCES projects (id),
+    issue_id INTEGER NOT NULL REFERENCES issues (id),
+    event_id TEXT NOT NULL,
+    received REAL NOT NULL,
+    timestamp REAL NOT NULL,
+    level TEXT NOT NULL,
+    environment TEXT,
+    release TEXT,
+    payload TEXT NOT NULL,
+    UNIQUE (project_id, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_by_issue ON events (issue_id, id);
+CREATE INDEX IF NOT EXISTS events_by_project ON events (project_id, id);
+CREATE INDEX IF NOT EXISTS events_by_received ON events (received);
+CREATE INDEX IF NOT EXISTS events_by_environment ON events (environment);
+"""
+
+_ISSUE_COLUMNS = (
+    "i.id, i.project_id, p.name, i.title, i.culprit, i.level, i.environment, i.release,"
+    " i.first_seen, i.last_seen, i.times_seen, i.last_event_id"
+)
+_SORTS = {"last_seen": "i.last_seen DESC", "first_seen": "i.first_seen DESC", "count": None}
+
+
+class StorageError(RuntimeError):
+    """The storage cannot do what was asked (closed, writer stopped, database unusable)."""
+
+
+class StorageFull(StorageError):
+    """The write queue is at its limit: the caller should retry later (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    name: str
+    internal: bool
+    public_key: str
+    created: float
+
+    def dsn(self, base_url: str) -> str:
+        """The DSN for sending to this project at ``base_url`` (``http://host:port``)."""
+        scheme, _, rest = base_url.rstrip("/").partition("://")
+        return f"{scheme}://{self.public_key}@{rest}/{self.id}"
+
+
+@dataclass(frozen=True)
+class Issue:
+    id: int
+    project_id: int
+    project: str
+    title: str
+    culprit: str
+    level: str
+    environment: Optional[str]
+    release: Optional[str]
+    first_seen: float
+    last_seen: float
+    times_seen: int
+    last_event_id: str
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    project_id: int
+    issue_id: int
+    event_id: str
+    received: float
+    timestamp: float
+    level: str
+    environment: Optional[str]
+    release: Optional[str]
+    payload: str
+
+
+class _WriteFailed(Exception):
+    """A write of an optimistic batch raised: redo the batch one savepoint per write."""
+
+
+class _ThreadDone:
+    """Completes a concurrent.futures.Future (for callers on any thread)."""
+
+    def __init__(self, future: Future[Any]) -> None:
+        self.future = future
+
+    def resolve(self, ok: bool, value: Any) -> None:
+        if ok:
+            self.future.set_result(value)
+        else:
+            self.future.set_exception(value)
+
+
+class _LoopDone:
+    """Completes an asyncio future on its loop; the writer wakes each loop once per batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.loop = loop
+        self.future = future
+
+    def resolve(self, ok: bool, value: Any) -> None:
+        if self.future.done():  # the waiting request was cancelled
+            return
+        if ok:
+            self.future.set_result(value)
+        else:
+            self.future.set_exception(value)
+
+
+@dataclass
+class _Write:
+    """One unit of work for the writer thread: committed whole, or not at all."""
+
+    apply: Callable[[sqlite3.Connection, _Batch], Any]
+    done: Union[_ThreadDone, _LoopDone]
+
+
+def _complete(writes: list[_Write], outcomes: list[tuple[bool, Any]]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_LoopDone, bool, Any]]] = {}
+    for write, (ok, value) in zip(writes, outcomes):
+        done = write.done
+        if isinstance(done, _LoopDone):
+            by_loop.setdefault(done.loop, []).append((done, ok, value))
+        else:
+            done.resolve(ok, value)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_all, items)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _resolve_all(items: list[tuple[_LoopDone, bool, Any]]) -> None:
+    for done, ok, value in items:
+        done.resolve(ok, value)
+
+
+class _Batch:
+    """Issue counters of one transaction, written once per issue at its end (a storm of one
+    error costs one UPDATE per batch, not one per event)."""
+
+    def __init__(self, issue_ids: dict[tuple[int, str], int]) -> None:
+        self.issue_ids = issue_ids
+        self.updates: dict[int, list[Any]] = {}
+
+    def count(self, issue_id: int, event: PreparedEvent) -> None:
+        times = 1 + event.repeats
+        row = self.updates.get(issue_id)
+        if row is None:
+            self.updates[issue_id] = [
+                event.title,
+                event.culprit,
+                event.level,
+                event.environment,
+                event.release,
+                event.received,
+                event.received,
+                times,
+                event.event_id,
+            ]
+            return
+        row[0:5] = [
+            event.title,
+            event.culprit,
+            event.level,
+            event.environment or row[3],
+            event.release or row[4],
+        ]
+        row[5] = min(row[5], event.received)
+        row[6] = max(row[6], event.received)
+        row[7] += times
+        row[8] = event.event_id
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        if self.updates:
+            conn.executemany(
+                "UPDATE issues SET title = ?, culprit = ?, level = ?,"
+                " environment = coalesce(?, environment), release = coalesce(?, release),"
+                " first_seen = min(first_seen, ?), last_seen = max(last_seen, ?),"
+                " times_seen = times_seen + ?, last_event_id = ? WHERE id = ?",
+                [(*row, issue_id) for issue_id, row in self.updates.items()],
+            )
+            self.updates.clear()
+
+    def forget(self) -> None:
+        self.updates.clear()
+        self.issue_ids.clear()
+
+
+def _store_events(
+    project_id: int, events: list[PreparedEvent]
+) -> Callable[[sqlite3.Connection, _Batch], list[bool]]:
+    def apply(conn: sqlite3.Connection, batch: _Batch) -> list[bool]:
+        return [_insert_event(conn, batch, project_id, event) for event in events]
+
+    return apply
+
+
+class Storage:
+    """The collector's database (SQLite in WAL mode).
+
+    Every write goes through one writer thread, which applies queued writes in batches, each
+    write in its own savepoint inside one transaction, and resolves each write's future only
+    after the transaction committed: an acknowledged event is on disk. Reads use a pool of
+    read-only connections and never wait for the writer.
+
+    Args:
+        path: the database file; its directory is created if missing.
+        max_events_per_project: retention by count; the oldest events go first.
+        max_age_days: retention by age (of reception); 0 keeps events forever.
+        max_queue: writes waiting for the writer at most; more raise :class:`StorageFull`.
+        synchronous: SQLite's ``synchronous`` pragma; ``FULL`` survives power loss too.
+        retention_interval: seconds between retention passes.
+        linger: seconds the writer waits for more writes to join a batch.
+        checkpoint_interval: seconds between background WAL checkpoints.
+        retention_chunk: events deleted at most per retention step (between two batches).
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike[str]],
+        *,
+        max_events_per_project: int = 10_000,
+        max_age_days: float = 30.0,
+        max_queue: int = 10_000,
+        max_batch: int = 256,
+        synchronous: str = "FULL",
+        retention_interval: float = 60.0,
+        linger: float = 0.002,
+        checkpoint_interval: float = 1.0,
+        retention_chunk: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+        if max_events_per_project < 1:
+            raise ValueError("max_events_per_project must be at least 1")
+        self.path = Path(path)
+        self.max_events_per_project = max_events_per_project
+        self.max_age_days = max_age_days
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.synchronous = synchronous.upper()
+        self.retention_interval = retention_interval
+        self.linger = linger
+        self.checkpoint_interval = checkpoint_interval
+        self.retention_chunk = retention_chunk
+        self._clock = clock
+        self._queue: queue.SimpleQueue[Optional[_Write]] = queue.SimpleQueue()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._readers: list[sqlite3.Connection] = []
+        self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._readers_lock = threading.Lock()
+        self._writer: Optional[threading.Thread] = None
+        self._checkpointer: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+        self._finish_checkpoint = False
+        self._retention_backlog = False
+        # (project, fingerprint) -> issue id; the writer's alone, cleared after rollbacks
+        # and retention passes (which delete issues).
+        self._issue_ids: dict[tuple[int, str], int] = {}
+        self._closed = False
+        self.created = False
+        self.last_retention = 0.0
+        self._create()
+
+    # --- connections -------------------------------------------------------------------
+
+    def _connect(self, readonly: bool = False) -> sqlite3.Connection:
+        if readonly:
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            if not readonly:
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()
+        try:
+            conn = self._connect()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"{self.path}: cannot open the database: {exc}") from exc
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+            with _transaction(conn):
+                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+                found = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                if found is None:
+                    conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                elif found[0] != SCHEMA_VERSION:
+                    raise StorageError(
+                        f"{self.path}: database schema {found[0]} is not supported "
+                        f"(this version of selfreport reads schema {SCHEMA_VERSION})"
+                    )
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"{self.path}: cannot open the database: {exc}") from exc
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        if self._closed:
+            raise StorageError("storage is closed")
+        try:
+            conn = self._idle_readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect(readonly=True)
+            with self._readers_lock:
+                self._readers.append(conn)
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:  # pragma: no cover - reads run in autocommit mode
+                conn.rollback()
+            self._idle_readers.put(conn)
+
+    # --- projects and keys (synchronous: CLI and start-up) -------------------------------
+
+    def create_project(self, name: str, internal: bool = False) -> Project:
+        """Create a project with a fresh key; raises ValueError if the name is taken or bad."""
+        name = name.strip()
+        if not name or len(name) > 100 or any(ord(c) < 32 for c in name):
+            raise ValueError("a project name must be 1 to 100 printable characters")
+        key = secrets.token_hex(16)
+        now = self._clock()
+        conn = self._connect()
+        try:
+            with _transaction(conn):
+                try:
+                    cursor = conn.execute(
+                        "INSERT INTO projects (name, internal, created) VALUES (?, ?, ?)",
+                        (name, int(internal), now),
+                    )
+                except sqlite3.IntegrityError:
+                    raise ValueError(f"a project named {name!r} already exists") from None
+                project_id = int(cursor.lastrowid or 0)
+                conn.execute("INSERT INTO keys VALUES (?, ?, ?)", (key, project_id, now))
+        finally:
+            conn.close()
+        return Project(project_id, name, internal, key, now)
+
+    def ensure_defaults(self) -> tuple[Project, Project]:
+        """The default project and the internal (self-monitoring) one, created if missing."""
+        found = {p.name: p for p in self.projects()}
+        default = found.get(DEFAULT_PROJECT) or self.create_project(DEFAULT_PROJECT)
+        internal = found.get(INTERNAL_PROJECT) or self.create_project(INTERNAL_PROJECT, True)
+        return default, internal
+
+    def projects(self) -> list[Project]:
+        """Every project with its first key, by id."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT p.id, p.name, p.internal, MIN(k.public_key), p.created"
+                " FROM projects p LEFT JOIN keys k ON k.project_id = p.id"
+                " GROUP BY p.id ORDER BY p.id"
+            ).fetchall()
+        return [Project(r[0], r[1], bool(r[2]), r[3] or "", r[4]) for r in rows]
+
+    def keys(self) -> dict[str, int]:
+        """Every public key and the project it belongs to."""
+        with self._reader() as conn:
+            return dict(conn.execute("SELECT public_key, project_id FROM keys").fetchall())
+
+    def project_of_key(self, public_key: str) -> Optional[int]:
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT project_id FROM keys WHERE public_key = ?", (public_key,)
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def project(self, project_id: int) -> Optional[Project]:
+        return next((p for p in self.projects() if p.id == project_id), None)
+
+    # --- the writer ----------------------------------------------------------------------
+
+    def start(self) -> Storage:
+        """Start the writer thread (idempotent)."""
+        if self._closed:
+            raise StorageError("storage is closed")
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_loop, name="selfreport-collector-writer", daemon=True
+            )
+            self._writer.start()
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="selfreport-collector-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
+        return self
+
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database in the background. Left to SQLite, a commit that
+        crosses the WAL size limit does it itself, and every request waiting on that commit
+        waits for the copy and its fsync too."""
+        conn = self._connect()
+        try:
+            while not self._stopping.wait(self.checkpoint_interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # busy or I/O: the next round tries again
+                    logger.debug("background checkpoint failed: %r", exc)
+                else:
+                    # Under steady writes this pass never catches up with the end of the WAL,
+                    # and SQLite only starts the WAL afresh once all of it was copied: the
+                    # writer copies the little that came since, between two batches.
+                    self._finish_checkpoint = True
+        finally:
+            conn.close()
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
+
+    @property
+    def queue_size(self) -> int:
+        return self._pending
+
+    def _submit(self, write: _Write) -> None:
+        if self._closed:
+            raise StorageError("storage is closed")
+        if not self.writer_alive:
+            raise StorageError("the storage writer thread is not running")
+        with self._pending_lock:
+            if self._pending >= self.max_queue:
+                raise StorageFull(f"the write queue is full ({self.max_queue} writes waiting)")
+            self._pending += 1
+        self._queue.put(write)
+
+    def store(self, project_id: int, events: Sequence[PreparedEvent]) -> Future[list[bool]]:
+        """Queue ``events`` for ``project_id``, stored all together or none; the future gives,
+        per event, True if stored and False if it was a duplicate (same event_id)."""
+        future: Future[list[bool]] = Future()
+        self._submit(_Write(_store_events(project_id, list(events)), _ThreadDone(future)))
+        return future
+
+    async def store_async(self, project_id: int, events: Sequence[PreparedEvent]) -> list[bool]:
+        """:meth:`store` for a coroutine: resolved on its event loop, once per batch."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[bool]] = loop.create_future()
+        self._submit(_Write(_store_events(project_id, list(events)), _LoopDone(loop, future)))
+        return await future
+
+    def probe(self) -> Future[float]:
+        """A tiny write through the writer: proves the writer runs and the disk takes writes."""
+
+        def write(conn: sqlite3.Connection, batch: _Batch) -> float:
+            now = self._clock()
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (repr(now),))
+            return now
+
+        future: Future[float] = Future()
+        self._submit(_Write(write, _ThreadDone(future)))
+        return future
+
+    def _write_loop(self) -> None:
+        conn = self._connect()
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread does it
+        try:
+            while True:
+                idle = 0.0 if self._retention_backlog else self.retention_interval
+                try:
+                    first = self._queue.get(timeout=max(0.01, idle))
+                except queue.Empty:
+                    self._retain_safely(conn)
+                    continue
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                # Linger a moment (asleep, not woken by each new write) for more writes: one
+                # commit (one fsync) and one wake-up of the waiting event loop per batch, and
+                # fewer handovers of the GIL between this thread and the event loop.
+                if self.linger > 0 and self._queue.qsize() < self.max_batch:
+                    time.sleep(self.linger)
+                while len(batch) < self.max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._apply_batch(conn, batch)
+                if self._finish_checkpoint:
+                    self._finish_checkpoint = False
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if (
+                    self._retention_backlog
+                    or self._clock() - self.last_retention >= self.retention_interval
+                ):
+                    self._retain_safely(conn)
+                if stop:
+                    return
+        finally:
+            with contextlib.suppress(sqlite3.Error):  # leave a small WAL behind
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            conn.close()
+            self._fail_pending(StorageError("storage is closed"))
+
+    def _apply_batch(self, conn: sqlite3.Connection, writes: list[_Write]) -> None:
+        """All writes in one transaction; if one fails, again one savepoint per write, so
+        the others still commit and only the failing one reports its error."""
+        try:
+            try:
+                outcomes = self._transaction(conn, writes, isolated=False)
+            except _WriteFailed:
+                outcomes = self._transaction(conn, writes, isolated=True)
+        except Exception as exc:
+            # Logged for operators from inside the reporting path: the requests waiting on
+            # these writes fail and get reported there, once, with their own context.
+            with reporting_path():
+                logger.error("could not commit %d writes: %r", len(writes), exc)
+            error = StorageError(f"the database refused the write: {exc}")
+            error.__cause__ = exc
+            outcomes = [(False, error)] * len(writes)
+        with self._pending_lock:
+            self._pending -= len(writes)
+        _complete(writes, outcomes)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, writes: list[_Write], isolated: bool
+    ) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        batch = _Batch(self._issue_ids)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for write in writes:
+                if not isolated:
+                    try:
+                        outcomes.append((True, write.apply(conn, batch)))
+                    except Exception as exc:
+                        raise _WriteFailed() from exc
+                    continue
+                conn.execute("SAVEPOINT write")
+                try:
+                    result = write.apply(conn, batch)
+                    batch.flush(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO write")
+                    batch.forget()
+                    outcomes.append((False, exc))
+                else:
+                    outcomes.append((True, result))
+                conn.execute("RELEASE write")
+            batch.flush(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._issue_ids.clear()  # ids of issues inserted in the rolled-back transaction
+            raise
+        return outcomes
+
+    def _fail_pending(self, error: Exception) -> None:
+        failed = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                with self._pending_lock:
+                    self._pending -= 1
+                failed.append(item)
+        _complete(failed, [(False, error)] * len(failed))
+
+    # --- retention -----------------------------------------------------------------------
+
+    def _retain_safely(self, conn: sqlite3.Connection) -> None:
+        """One bounded retention step, between two batches: deleting a minute's worth of
+        events at once would hold every waiting request for seconds."""
+        self._issue_ids.clear()
+        try:
+            deleted = self.apply_retention(conn, limit=self.retention_chunk)
+        except sqlite3.Error as exc:
+            with reporting_path():
+                logger.error("retention pass failed: %r", exc)
+            deleted = 0
+        self._retention_backlog = deleted >= self.retention_chunk
+        if not self._retention_backlog:
+            self.last_retention = self._clock()
+
+    def apply_retention(
+        self, conn: Optional[sqlite3.Connection] = None, limit: Optional[int] = None
+    ) -> int:
+        """Delete events beyond the per-project count and older than the age limit, oldest
+        first, at most ``limit`` of them (None: all); when that catches up, delete the issues
+        left without events. Returns how many events were deleted."""
+        own = conn is None
+        conn = conn or self._connect()
+        budget = -1 if limit is None else limit  # LIMIT -1: no limit
+        try:
+            with _transaction(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                deleted = 0
+                if self.max_age_days > 0:
+                    cutoff = self._clock() - self.max_age_days * 86400.0
+                    deleted += conn.execute(
+                        "DELETE FROM events WHERE id IN (SELECT id FROM events"
+                        " WHERE received < ? ORDER BY received LIMIT ?)",
+                        (cutoff, budget),
+                    ).rowcount
+                for (project_id,) in conn.execute("SELECT id FROM projects").fetchall():
+                    left = -1 if limit is None else limit - deleted
+                    if left == 0:
+                        break
+                    row = conn.execute(
+                        "SELECT id FROM events WHERE project_id = ? ORDER BY id DESC"
+                        " LIMIT 1 OFFSET ?",
+                        (project_id, self.max_events_per_project),
+                    ).fetchone()
+                    if row is not None:
+                        deleted += conn.execute(
+                            "DELETE FROM events WHERE id IN (SELECT id FROM events"
+                            " WHERE project_id = ? AND id <= ? ORDER BY id LIMIT ?)",
+                            (project_id, row[0], left),
+                        ).rowcount
+                if limit is None or deleted < limit:
+                    conn.execute(
+                        "DELETE FROM issues WHERE NOT EXISTS"
+                        " (SELECT 1 FROM events e WHERE e.issue_id = issues.id)"
+                    )
+                conn.execute("COMMIT")
+            return deleted
+        finally:
+            if own:
+                conn.close()
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def issues(
+        self,
+        *,
+        project_id: Optional[int] = None,
+        query: str = "",
+        level: str = "",
+        environment: str = "",
+        sort: str = "last_seen",
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Issue]:
+        """Issues matching the filters; ``query`` searches title and culprit."""
+        where: list[str] = []
+        params: list[Any] = []
+        if project_id is not None:
+            where.append("i.project_id = ?")
+            params.append(project_id)
+        if query:
+            pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            pattern += "%"
+            where.append("(i.title LIKE ? ESCAPE '\\' OR i.culprit LIKE ? ESCAPE '\\')")
+            params += [pattern, pattern]
+        if level:
+            where.append("i.level = ?")
+            params.append(level)
+        if environment:
+            where.append(
+                "EXISTS (SELECT 1 FROM events e WHERE e.issue_id = i.id AND e.environment = ?)"
+            )
+            params.append(environment)
+        order = _SORTS.get(sort) or "i.times_seen DESC, i.last_seen DESC"
+        sql = f"SELECT {_ISSUE_COLUMNS} FROM issues i JOIN projects p ON p.id = i.project_id"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY {order} LIMIT ? OFFSET ?"
+        params += [max(0, limit), max(0, offset)]
+        with self._reader() as conn:
+            return [Issue(*row) for row in conn.execute(sql, params).fetchall()]
+
+    def issue(self, issue_id: int) -> Optional[Issue]:
+        with self._reader() as conn:
+            row = conn.execute(
+                f"SELECT {_ISSUE_COLUMNS} FROM issues i JOIN projects p ON p.id = i.project_id"
+                " WHERE i.id = ?",
+                (issue_id,),
+            ).fetchone()
+        return None if row is None else Issue(*row)
+
+    def events(self, issue_id: int, limit: int = 50) -> list[Event]:
+        """The newest events of an issue, newest first."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT id, project_id, issue_id, event_id, received, timestamp, level,"
+                " environment, release, payload FROM events WHERE issue_id = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (issue_id, limit),
+            ).fetchall()
+        return [Event(*row) for row in rows]
+
+    def event(self, project_id: int, event_id: str) -> Optional[Event]:
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT id, project_id, issue_id, event_id, received, timestamp, level,"
+                " environment, release, payload FROM events"
+                " WHERE project_id = ? AND event_id = ?",
+                (project_id, event_id),
+            ).fetchone()
+        return None if row is None else Event(*row)
+
+    def environments(self) -> list[str]:
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT environment FROM events WHERE environment IS NOT NULL"
+                " ORDER BY environment"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def event_count(self, project_id: Optional[int] = None) -> int:
+        with self._reader() as conn:
+            if project_id is None:
+                row = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT COUNT(*) FROM events WHERE project_id = ?", (project_id,)
+                ).fetchone()
+        return int(row[0])
+
+    def size_bytes(self) -> int:
+        """The database's size on disk, WAL included."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(str(self.path) + suffix)
+        return total
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued writes (within ``timeout``), stop the writer, close connections."""
+        if self._closed:
+            return
+        writer = self._writer
+        self._stopping.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout)
+        if writer is not None:
+            self._queue.put(None)
+            writer.join(timeout)
+        self._closed = True
+        self._fail_pending(StorageError("storage is closed"))
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """Roll back whatever the body left open when it raises."""
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _insert_event(
+    conn: sqlite3.Connection, batch: _Batch, project_id: int, event: PreparedEvent
+) -> bool:
+    """Store one event and count it in its issue; False when its event_id was stored before."""
+    key = (project_id, event.fingerprint)
+    issue_id = batch.issue_ids.get(key)
+    if issue_id is None:
+        row = conn.execute(
+            "SELECT id FROM issues WHERE project_id = ? AND fingerprint = ?", key
+        ).fetchone()
+        if row is not None:
+            issue_id = int(row[0])
+        else:
+            cursor = conn.execute(
+                "INSERT INTO issues (project_id, fingerprint, title, culprit, level, environment,"
+                " release, first_seen, last_seen, times_seen, last_event_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                (
+                    project_id,
+                    event.fingerprint,
+                    event.title,
+                    event.culprit,
+                    event.level,
+                    event.environment,
+                    event.release,
+                    event.received,
+                    event.received,
+                    event.event_id,
+                ),
+            )
+            issue_id = int(cursor.lastrowid or 0)
+        batch.issue_ids[key] = issue_id
+    inserted = conn.execute(
+        "INSERT OR IGNORE INTO events (project_id, issue_id, event_id, received, timestamp, level,"
+        " environment, release, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            project_id,
+            issue_id,
+            event.event_id,
+            event.received,
+            event.timestamp,
+            event.level,
+            event.environment,
+            event.release,
+            event.payload,
+        ),
+    ).rowcount
+    if not inserted:
+        return False
+    batch.count(issue_id, event)
+    return True

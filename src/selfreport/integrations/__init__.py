@@ -1,0 +1,102 @@
+"""Integrations: web-framework middleware and other SDKs, each importing its library lazily."""
+
+# - selfreport.integrations.asgi: SelfreportMiddleware for ASGI apps (Starlette, FastAPI, ...).
+# - selfreport.integrations.wsgi: SelfreportWSGIMiddleware for WSGI apps (Flask, Django, ...).
+# Both run requests carrying this process's own reports (selfreport.is_own_report) inside
+# selfreport.reporting_path(), and report other requests' unhandled exceptions once, with the
+# method, URL, route and headers (credentials filtered), before re-raising them.
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Optional
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from selfreport._client import Client
+
+__all__ = ["FILTERED", "filter_headers", "filter_url", "is_sensitive", "report_request_exception"]
+
+FILTERED = "[Filtered]"
+
+# Header and query-parameter names containing any of these carry credentials or sessions.
+_SENSITIVE_PARTS = (
+    "auth",
+    "cookie",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "session",
+    "csrf",
+    "xsrf",
+    "api-key",
+    "api_key",
+    "apikey",
+    "sentry_key",
+    "signature",
+    "credential",
+)
+
+
+def is_sensitive(name: str) -> bool:
+    """Whether a header or parameter called ``name`` may carry a credential."""
+    lowered = name.lower()
+    return any(part in lowered for part in _SENSITIVE_PARTS)
+
+
+def filter_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Headers as a dict with the values of credential-bearing ones replaced by ``[Filtered]``."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        out[name] = FILTERED if is_sensitive(name) else value
+    return out
+
+
+def filter_url(url: str) -> str:
+    """``url`` without a password and with credential-bearing query values filtered."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.partition(":")[0]
+            netloc = f"{user}:{FILTERED}@{hostport}" if ":" in userinfo else netloc
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = urlencode([(k, FILTERED if is_sensitive(k) else v) for k, v in pairs], safe="[]")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return FILTERED
+
+
+def report_request_exception(
+    exc: BaseException,
+    request: Mapping[str, Any],
+    *,
+    mechanism: str,
+    client: Optional[Client] = None,
+) -> Optional[str]:
+    """Report ``exc`` as unhandled, with ``request`` (method, url, headers, route) in the event's
+    ``extra``; the event id, or None when dropped. Never raises."""
+    from selfreport._event import capture_from_exception, fingerprint_of
+    from selfreport._guard import is_reporting
+    from selfreport._state import current_client
+
+    reporter = client if client is not None else current_client()
+    if reporter is None or not isinstance(exc, Exception):
+        return None
+    try:
+        admit = getattr(reporter, "_admit", None)
+        if admit is None or is_reporting():  # capture_exception does the guard's bookkeeping
+            return reporter.capture_exception(exc, mechanism=mechanism, handled=False)
+        include_locals = bool(getattr(reporter, "include_locals", False))
+
+        def snapshot() -> Any:
+            capture = capture_from_exception(exc, mechanism, False, include_locals)
+            capture.extra = {"request": dict(request)}
+            return capture
+
+        event_id: Optional[str] = admit(exc, lambda: fingerprint_of(None, None, exc), snapshot)
+        return event_id
+    except Exception:  # pragma: no cover - reporting never raises into the request
+        return None

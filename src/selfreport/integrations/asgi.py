@@ -1,0 +1,98 @@
+"""ASGI middleware: own reports are processed in the reporting path; crashes are reported once."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, MutableMapping
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from selfreport._guard import reporting_path
+
+from . import filter_headers, filter_url, report_request_exception
+
+if TYPE_CHECKING:
+    from selfreport._client import Client
+
+__all__ = ["SelfreportMiddleware", "request_info"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class SelfreportMiddleware:
+    """Wrap an ASGI app (Starlette: ``Middleware(SelfreportMiddleware)``)::
+
+        app = SelfreportMiddleware(app)
+
+    - A request that carries a report sent by this process's selfreport client
+      (:func:`selfreport.is_own_report`) is processed inside :func:`selfreport.reporting_path`:
+      whatever fails while ingesting it is never reported again, so a service that receives its
+      own reports cannot feed on itself.
+    - Any other request that raises is reported once, as unhandled, with its method, URL,
+      route and headers (credentials filtered), and the exception is re-raised.
+
+    ``client``: the selfreport client to consult and report to; default: the global one.
+    """
+
+    def __init__(self, app: ASGIApp, *, client: Optional[Client] = None) -> None:
+        self.app = app
+        self.client = client
+
+    def _is_own(self, headers: dict[str, str]) -> bool:
+        if self.client is not None:
+            return self.client.is_own_report(headers)
+        from selfreport import is_own_report
+
+        return is_own_report(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())
+        }
+        if self._is_own(headers):
+            async with reporting_path():
+                try:
+                    await self.app(scope, receive, send)
+                except Exception as exc:
+                    # Dropped, and counted in stats()["dropped_reentrant"]: never sent.
+                    report_request_exception(exc, {}, mechanism="asgi", client=self.client)
+                    raise
+            return
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:
+            report_request_exception(
+                exc, request_info(scope, headers), mechanism="asgi", client=self.client
+            )
+            raise
+
+
+def request_info(scope: Scope, headers: dict[str, str]) -> dict[str, Any]:
+    """Method, URL, route and filtered headers of an ASGI request, for an event."""
+    scheme = scope.get("scheme") or "http"
+    host = headers.get("host")
+    if not host:
+        server = scope.get("server")
+        host = f"{server[0]}:{server[1]}" if server else "localhost"
+    path = scope.get("root_path", "") + scope.get("path", "")
+    query = scope.get("query_string", b"").decode("latin-1")
+    url = f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+    info: dict[str, Any] = {
+        "method": scope.get("method", "GET" if scope.get("type") == "http" else "WEBSOCKET"),
+        "url": filter_url(url),
+        "headers": filter_headers(headers.items()),
+    }
+    route = scope.get("route")
+    route_path = getattr(route, "path", None)
+    if isinstance(route_path, str):
+        info["route"] = route_path
+    endpoint = scope.get("endpoint")
+    name = getattr(endpoint, "__qualname__", None) or getattr(type(endpoint), "__qualname__", None)
+    if endpoint is not None and isinstance(name, str):
+        info["endpoint"] = f"{getattr(endpoint, '__module__', '?')}.{name}"
+    return info

@@ -1,0 +1,144 @@
+"""WSGI middleware: own reports are processed in the reporting path; crashes are reported once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Optional
+from urllib.parse import quote
+
+from selfreport._guard import reporting_path
+
+from . import filter_headers, filter_url, report_request_exception
+
+if TYPE_CHECKING:
+    from selfreport._client import Client
+
+__all__ = ["SelfreportWSGIMiddleware", "request_info"]
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class SelfreportWSGIMiddleware:
+    """Wrap a WSGI app (Flask: ``app.wsgi_app = SelfreportWSGIMiddleware(app.wsgi_app)``).
+
+    Requests carrying this process's own reports (:func:`selfreport.is_own_report`) run inside
+    :func:`selfreport.reporting_path`, response iteration included; any other request whose
+    handling or response iteration raises is reported once with its method, URL and headers
+    (credentials filtered), and the exception is re-raised.
+
+    ``client``: the selfreport client to consult and report to; default: the global one.
+    """
+
+    def __init__(self, app: WSGIApp, *, client: Optional[Client] = None) -> None:
+        self.app = app
+        self.client = client
+
+    def _is_own(self, headers: dict[str, str]) -> bool:
+        if self.client is not None:
+            return self.client.is_own_report(headers)
+        from selfreport import is_own_report
+
+        return is_own_report(headers)
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        headers = _headers(environ)
+        if self._is_own(headers):
+            with reporting_path():
+                try:
+                    body = self.app(environ, start_response)
+                except Exception as exc:
+                    report_request_exception(exc, {}, mechanism="wsgi", client=self.client)
+                    raise
+            return _Body(body, None)
+        try:
+            body = self.app(environ, start_response)
+        except Exception as exc:
+            self._report(exc, environ, headers)
+            raise
+        return _Body(body, lambda exc: self._report(exc, environ, headers))
+
+    def _report(self, exc: BaseException, environ: Environ, headers: dict[str, str]) -> None:
+        report_request_exception(
+            exc, request_info(environ, headers), mechanism="wsgi", client=self.client
+        )
+
+
+class _Body:
+    """The app's response iterable: iterated (and closed) in the reporting path for own
+    reports, with errors reported through ``on_error`` for other requests."""
+
+    def __init__(
+        self, body: Iterable[bytes], on_error: Optional[Callable[[BaseException], None]]
+    ) -> None:
+        self._body = body
+        self._iterator: Optional[Iterator[bytes]] = None
+        self._on_error = on_error
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._on_error is None:
+            with reporting_path():
+                return self._next()
+        try:
+            return self._next()
+        except StopIteration:
+            raise
+        except Exception as exc:
+            self._on_error(exc)
+            raise
+
+    def _next(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = iter(self._body)
+        return next(self._iterator)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is None:
+            return
+        if self._on_error is None:
+            with reporting_path():
+                close()
+            return
+        try:
+            close()
+        except Exception as exc:
+            self._on_error(exc)
+            raise
+
+
+def _headers(environ: Environ) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            out[key[5:].replace("_", "-").lower()] = str(value)
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            out[key.replace("_", "-").lower()] = str(value)
+    return out
+
+
+def request_info(environ: Environ, headers: dict[str, str]) -> dict[str, Any]:
+    """Method, URL and filtered headers of a WSGI request, for an event."""
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = headers.get("host") or f"{environ.get('SERVER_NAME', 'localhost')}:" + str(
+        environ.get("SERVER_PORT", "80")
+    )
+    path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/;=,@:")
+    query = environ.get("QUERY_STRING", "")
+    url = f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+    info: dict[str, Any] = {
+        "method": environ.get("REQUEST_METHOD", "GET"),
+        "url": filter_url(url),
+        "headers": filter_headers(headers.items()),
+    }
+    # Flask keeps its request (with the matched rule) in the environ; others may set the key.
+    werkzeug_request = environ.get("werkzeug.request")
+    rule = getattr(getattr(werkzeug_request, "url_rule", None), "rule", None)
+    route = environ.get("selfreport.route", rule)
+    if isinstance(route, str):
+        info["route"] = route
+    return info

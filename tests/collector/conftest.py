@@ -1,0 +1,171 @@
+"""Fixtures for the collector's tests: a real database, a real server on 127.0.0.1, HTTP calls."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+from selfreport.collector.server import CollectorServer
+from selfreport.collector.storage import Storage
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+def call(
+    port: int,
+    method: str,
+    path: str,
+    body: Optional[bytes] = None,
+    headers: Optional[dict[str, str]] = None,
+) -> Reply:
+    """One real HTTP request to 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        conn.close()
+
+
+def make_event(**fields: Any) -> dict[str, Any]:
+    """A small Sentry event with an exception and one in-app frame."""
+    event: dict[str, Any] = {
+        "event_id": uuid.uuid4().hex,
+        "timestamp": "2026-01-02T03:04:05.000000Z",
+        "platform": "python",
+        "level": "error",
+        "exception": {
+            "values": [
+                {
+                    "type": "ValueError",
+                    "value": "bad input",
+                    "stacktrace": {
+                        "frames": [
+                            {
+                                "filename": "app/views.py",
+                                "function": "handle",
+                                "module": "app.views",
+                                "lineno": 12,
+                                "in_app": True,
+                                "pre_context": ["def handle(x):"],
+                                "context_line": "    raise ValueError('bad input')",
+                                "post_context": [""],
+                            }
+                        ]
+                    },
+                }
+            ]
+        },
+    }
+    event.update(fields)
+    return event
+
+
+def envelope(*events: dict[str, Any], extra_items: tuple[bytes, ...] = ()) -> bytes:
+    """A Sentry envelope carrying ``events`` (and raw extra item lines)."""
+    header = {"event_id": events[0]["event_id"]} if events else {}
+    lines = [json.dumps(header).encode()]
+    for event in events:
+        payload = json.dumps(event).encode()
+        lines.append(json.dumps({"type": "event", "length": len(payload)}).encode())
+        lines.append(payload)
+    lines.extend(extra_items)
+    return b"\n".join(lines) + b"\n"
+
+
+class Target:
+    """Where to send: a running server and one of its projects."""
+
+    def __init__(self, server: CollectorServer) -> None:
+        self.server = server
+        self.port = server.port
+        self.project = server.default_project
+
+    def auth(self, key: Optional[str] = None) -> dict[str, str]:
+        key = key or self.project.public_key
+        return {"X-Sentry-Auth": f"Sentry sentry_version=7, sentry_key={key}, sentry_client=t/1"}
+
+    def send(
+        self,
+        body: bytes,
+        *,
+        kind: str = "envelope",
+        headers: Optional[dict[str, str]] = None,
+        project_id: Optional[object] = None,
+        query: str = "",
+    ) -> Reply:
+        pid = self.project.id if project_id is None else project_id
+        all_headers = {**self.auth(), **(headers or {})}
+        return call(self.port, "POST", f"/api/{pid}/{kind}/{query}", body, all_headers)
+
+    def get(self, path: str) -> Reply:
+        return call(self.port, "GET", path)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    store = Storage(tmp_path / "db" / "selfreport.db")
+    store.ensure_defaults()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., CollectorServer]]:
+    """Start collectors (no self-reporting unless asked); all are stopped afterwards."""
+    servers: list[CollectorServer] = []
+
+    def factory(**options: Any) -> CollectorServer:
+        options.setdefault("self_report", False)
+        data = tmp_path / f"data{len(servers)}"
+        server = CollectorServer(data, **options).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def target(make_server: Callable[..., CollectorServer]) -> Target:
+    return Target(make_server())
+
+
+@pytest.fixture(name="make_event")
+def make_event_fixture() -> Callable[..., dict[str, Any]]:
+    return make_event
+
+
+@pytest.fixture(name="envelope_of")
+def envelope_fixture() -> Callable[..., bytes]:
+    return envelope
+
+
+@pytest.fixture(name="call")
+def call_fixture() -> Callable[..., Reply]:
+    """``call(port, method, path, body=None, headers=None) -> Reply`` over real HTTP."""
+    return call

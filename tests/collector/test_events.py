@@ -1,0 +1,237 @@
+"""Normalizing events and grouping them: titles, culprits, levels, timestamps, fingerprints."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selfreport.collector.events import (
+    EventError,
+    event_fingerprint,
+    json_type,
+    normalize_event_id,
+    parse_event_json,
+    prepare_event,
+)
+
+Event = dict[str, Any]
+
+
+def frame(module: str, function: str, lineno: int, in_app: bool = True) -> dict[str, Any]:
+    return {"module": module, "function": function, "lineno": lineno, "in_app": in_app}
+
+
+def exc_event(kind: str, value: str, frames: list[dict[str, Any]]) -> Event:
+    return {
+        "exception": {"values": [{"type": kind, "value": value, "stacktrace": {"frames": frames}}]}
+    }
+
+
+def test_exception_grouping_ignores_values_and_line_numbers() -> None:
+    a = exc_event("KeyError", "'a'", [frame("app.x", "f", 10), frame("lib", "g", 5, False)])
+    b = exc_event("KeyError", "'b'", [frame("app.x", "f", 99), frame("lib", "h", 7, False)])
+    c = exc_event("KeyError", "'a'", [frame("app.y", "f", 10)])
+    d = exc_event("TypeError", "'a'", [frame("app.x", "f", 10)])
+    assert event_fingerprint(a) == event_fingerprint(b)  # same type and in-app frames
+    assert event_fingerprint(a) != event_fingerprint(c)
+    assert event_fingerprint(a) != event_fingerprint(d)
+
+
+def test_without_frames_the_value_tells_exceptions_apart() -> None:
+    assert event_fingerprint(exc_event("E", "one", [])) != event_fingerprint(
+        exc_event("E", "two", [])
+    )
+
+
+def test_without_in_app_frames_all_frames_count() -> None:
+    a = exc_event("E", "v", [frame("lib", "f", 1, False)])
+    b = exc_event("E", "v", [frame("lib", "g", 1, False)])
+    assert event_fingerprint(a) != event_fingerprint(b)
+
+
+def test_messages_group_by_template_not_by_formatted_text() -> None:
+    a = {"logentry": {"message": "user %s failed", "formatted": "user 1 failed"}}
+    b = {"logentry": {"message": "user %s failed", "formatted": "user 2 failed"}}
+    c = {"message": "user %s failed"}
+    assert event_fingerprint(a) == event_fingerprint(b) == event_fingerprint(c)
+    assert event_fingerprint(a) != event_fingerprint({"message": "something else"})
+
+
+def test_custom_fingerprints_and_the_default_placeholder() -> None:
+    base = exc_event("E", "v", [frame("app", "f", 1)])
+    custom = {**base, "fingerprint": ["payments", "timeout"]}
+    assert event_fingerprint(custom) == event_fingerprint({"fingerprint": ["payments", "timeout"]})
+    extended = {**base, "fingerprint": ["{{ default }}", "eu"]}
+    other_base = exc_event("F", "v", [frame("app", "f", 1)])
+    assert event_fingerprint(extended) != event_fingerprint(
+        {**other_base, "fingerprint": ["{{ default }}", "eu"]}
+    )
+    bad = {**base, "fingerprint": [1, 2]}  # not strings: ignored
+    assert event_fingerprint(bad) == event_fingerprint(base)
+
+
+def test_title_and_culprit() -> None:
+    event = exc_event(
+        "ValueError",
+        "bad\n  input",
+        [frame("app.a", "outer", 1), frame("lib.b", "inner", 2, False)],
+    )
+    prepared = prepare_event(event)
+    assert prepared.title == "ValueError: bad input"  # whitespace folded for one line
+    assert prepared.culprit == "app.a in outer"  # the innermost in-app frame
+    assert prepare_event(exc_event("E", "", [])).title == "E"
+    message = prepare_event(
+        {"logentry": {"message": "first line\nsecond", "formatted": ""}, "logger": "app.db"}
+    )
+    assert message.title == "first line"
+    assert message.culprit == "app.db"
+    assert prepare_event({"transaction": "/orders"}).culprit == "/orders"
+    assert prepare_event({}).title == "<no message>"
+    long = prepare_event({"message": "x" * 500})
+    assert len(long.title) == 200
+    assert long.title.endswith("\u2026")
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        ("fatal", "fatal"),
+        ("CRITICAL", "fatal"),
+        ("warn", "warning"),
+        ("info", "info"),
+        ("nonsense", "error"),
+        (5, "error"),
+        (None, "error"),
+    ],
+)
+def test_levels(level: object, expected: str) -> None:
+    assert prepare_event({"level": level}).level == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1700000000.5, 1700000000.5),
+        ("2026-01-02T03:04:05Z", 1767323045.0),
+        ("2026-01-02T03:04:05.250000+00:00", 1767323045.25),
+        ("2026-01-02T03:04:05", 1767323045.0),  # naive: UTC
+        ("1700000000", 1700000000.0),
+        ("yesterday", 42.0),
+        (-5, 42.0),
+        (True, 42.0),
+        ({"a": 1}, 42.0),
+    ],
+)
+def test_timestamps(value: object, expected: float) -> None:
+    assert prepare_event({"timestamp": value}, received=42.0).timestamp == expected
+
+
+def test_event_ids() -> None:
+    assert normalize_event_id("ABCDEF00" * 4) == "abcdef00" * 4
+    assert (
+        normalize_event_id("{12345678-1234-1234-1234-123456789abc}")
+        == "12345678123412341234123456789abc"
+    )
+    for bad in ("", "xyz", "a" * 31, "a" * 33):
+        with pytest.raises(EventError, match="32 hex digits"):
+            normalize_event_id(bad)
+    with pytest.raises(EventError, match="got int"):
+        normalize_event_id(5)
+    event: Event = {"event_id": "ABCDEF00" * 4}
+    prepared = prepare_event(event, original=json.dumps(event))
+    assert json.loads(prepared.payload)["event_id"] == "abcdef00" * 4  # re-serialized, not original
+    assert len(prepare_event({}).event_id) == 32
+    assert prepare_event({}, default_event_id="c" * 32).event_id == "c" * 32
+
+
+def test_the_original_text_is_stored_when_nothing_changed() -> None:
+    text = '{"event_id": "' + "a" * 32 + '",   "message": "kept as sent"}'
+    assert prepare_event(json.loads(text), original=text).payload == text
+
+
+def test_fields_are_cut_and_repeats_read() -> None:
+    prepared = prepare_event(
+        {
+            "environment": "e" * 100,
+            "release": ["not", "a", "string"],
+            "extra": {"selfreport_repeats": 7},
+        }
+    )
+    assert prepared.environment is not None
+    assert len(prepared.environment) == 64
+    assert prepared.release == '["not", "a", "string"]'
+    assert prepared.repeats == 7
+    assert prepare_event({"extra": {"selfreport_repeats": True}}).repeats == 0
+    assert prepare_event({"environment": ""}).environment is None
+
+
+def test_refusals_say_what_is_wrong() -> None:
+    with pytest.raises(EventError, match="must be a JSON object, got an array"):
+        prepare_event([1])
+    with pytest.raises(EventError, match="number JSON cannot carry"):
+        prepare_event({"extra": {"x": float("nan")}})
+    with pytest.raises(EventError, match="NaN is not a JSON number"):
+        parse_event_json('{"a": NaN}')
+    assert [json_type(v) for v in ([], "", True, None, 1, 1.5, {})] == [
+        "an array",
+        "a string",
+        "a boolean",
+        "null",
+        "a number",
+        "a number",
+        "dict",
+    ]
+
+
+json_values: Callable[..., Any] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+sentry_keys = st.sampled_from(
+    [
+        "event_id",
+        "level",
+        "timestamp",
+        "exception",
+        "logentry",
+        "message",
+        "fingerprint",
+        "extra",
+        "environment",
+        "release",
+        "logger",
+        "culprit",
+        "transaction",
+        "tags",
+    ]
+)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(sentry_keys | st.text(max_size=8), json_values, max_size=8))
+def test_any_json_object_is_accepted_or_refused_clearly(event: Event) -> None:
+    if "event_id" in event and not isinstance(event["event_id"], type(None)):
+        try:
+            normalize_event_id(event["event_id"])
+        except EventError:  # the only field that refuses an event
+            with pytest.raises(EventError, match="event_id"):
+                prepare_event(event, received=1.0)
+            return
+    prepared = prepare_event(event, received=1.0)
+    assert prepared.level in ("fatal", "error", "warning", "info", "debug")
+    assert isinstance(prepared.title, str)
+    assert prepared.title
+    assert len(prepared.fingerprint) == 40
+    assert json.loads(prepared.payload)["event_id"] == prepared.event_id

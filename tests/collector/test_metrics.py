@@ -1,0 +1,46 @@
+"""The collector's metrics: a registry per app, the recent rate window, live values."""
+
+from __future__ import annotations
+
+from selfreport.collector.metrics import CollectorMetrics, RateWindow
+from selfreport.collector.storage import Storage
+
+
+def test_rate_window_counts_the_last_minute_only() -> None:
+    now = [1000.0]
+    window = RateWindow(seconds=60, clock=lambda: now[0])
+    assert window.rate() == 0.0
+    assert window.average_processing() is None
+    window.add(30, 0.3)
+    now[0] += 1
+    window.add(30, 0.9)
+    assert window.rate() == 1.0  # 60 events over 60 s
+    assert window.average_processing() == 0.02
+    now[0] += 59.5  # the first second left the window
+    assert window.rate() == 0.5
+    now[0] += 60  # a slot is reused: its old counts are dropped first
+    window.add(6, 0.06)
+    assert window.rate() == 0.1
+    assert window.average_processing() == 0.01
+
+
+def test_each_app_has_its_own_registry(storage: Storage) -> None:
+    first, second = CollectorMetrics(storage), CollectorMetrics()
+    first.received(3)
+    first.stored(2, 1, 0.004)
+    first.rejected("malformed")
+    first.rejected("malformed", 2)
+    assert first.rejected_by_reason() == {"malformed": 3}
+    assert first.average_processing() == 0.004
+    assert second.average_processing() is None
+    assert b"selfreport_collector_events_received_total 3.0" in first.render()
+    assert b"selfreport_collector_events_received_total 0.0" in second.render()
+    assert b"selfreport_collector_write_queue" not in second.render()  # no storage to read
+
+
+def test_the_reporters_stats_are_exposed(storage: Storage) -> None:
+    metrics = CollectorMetrics(storage, reporter_stats=lambda: {"sent": 4, "queue_size": 2})
+    text = metrics.render().decode()
+    assert 'selfreport_reporter_events_total{outcome="sent"} 4.0' in text
+    assert "selfreport_reporter_queue_size 2.0" in text
+    assert "selfreport_collector_database_bytes" in text

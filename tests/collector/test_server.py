@@ -1,0 +1,202 @@
+"""Running the collector: the server object, `serve`, project commands, the package's imports."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import selfreport
+import selfreport.collector
+from selfreport.cli import main
+from selfreport.collector.server import (
+    DATABASE_NAME,
+    CollectorServer,
+    default_data_dir,
+    project_command,
+    serve,
+)
+
+
+def test_a_server_in_a_thread(tmp_path: Path) -> None:
+    with CollectorServer(tmp_path, self_report=False) as server:
+        assert server.first_start
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        assert server.dsn().endswith(f"@127.0.0.1:{server.port}/1")
+        shop = server.project("shop")
+        assert server.dsn(shop).endswith(f"/{shop.id}")
+        assert server.collector.keys._keys[shop.public_key] == shop.id
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+            pass
+    server.stop()  # idempotent
+    assert (tmp_path / DATABASE_NAME).exists()
+    again = CollectorServer(tmp_path, self_report=False, port=0)
+    try:
+        assert not again.first_start
+    finally:
+        again.stop()
+
+
+def test_self_reporting_is_set_up_and_torn_down(tmp_path: Path) -> None:
+    with CollectorServer(tmp_path, reporter_options={"release": "custom"}) as server:
+        client = selfreport.Client  # noqa: F841 - the global client is what init() made
+        from selfreport._state import current_client
+
+        reporter = current_client()
+        assert reporter is not None
+        assert reporter.dsn is not None
+        assert reporter.dsn.project_id == str(server.internal_project.id)
+        assert reporter.release == "custom"
+        assert reporter.environment == "selfreport-collector"
+    assert current_client() is None
+
+
+def test_wildcard_hosts_get_a_loopback_dsn(tmp_path: Path) -> None:
+    server = CollectorServer(tmp_path, host="0.0.0.0", self_report=False)
+    try:
+        assert server.url.startswith("http://127.0.0.1:")
+    finally:
+        server.stop()
+    v6 = CollectorServer(tmp_path, host="::1", self_report=False)
+    try:
+        assert v6.url.startswith("http://[::1]:")
+    finally:
+        v6.stop()
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        with pytest.raises(OSError):
+            CollectorServer(tmp_path / "a", port=port, self_report=False)
+        err = io.StringIO()
+        sys_stderr, sys.stderr = sys.stderr, err
+        try:
+            assert serve(port=port, data_dir=tmp_path / "b", out=io.StringIO()) == 1
+        finally:
+            sys.stderr = sys_stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in err.getvalue()
+    finally:
+        busy.close()
+
+
+def test_a_server_that_cannot_start_says_so(tmp_path: Path) -> None:
+    server = CollectorServer(tmp_path, self_report=False)
+    server._server.config.lifespan = "on"
+
+    async def failing_startup(*args: Any, **kwargs: Any) -> None:
+        server._server.should_exit = True
+
+    server._server.startup = failing_startup  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="did not start"):
+        server.start(timeout=5)
+
+
+@pytest.fixture
+def quiet_sigterm() -> Iterator[None]:
+    """uvicorn re-raises the SIGTERM it caught; let it land on a harmless handler."""
+    previous = signal.signal(signal.SIGTERM, lambda *args: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_serve_prints_the_dsn_and_stops_on_sigterm(tmp_path: Path, quiet_sigterm: None) -> None:
+    out = io.StringIO()
+    url: list[str] = []
+
+    def stop_when_up() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for line in out.getvalue().splitlines():
+                if "web page" in line:
+                    url.append(line.rsplit(" ", 1)[1])
+            if url:
+                port = int(url[0].rsplit(":", 1)[1].strip("/"))
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_up, daemon=True).start()
+    assert serve(port=0, data_dir=tmp_path, out=out) == 0
+    text = out.getvalue()
+    assert f"Created the collector database in {tmp_path}" in text
+    assert "DSN of the default project: http://" in text
+    assert "its own errors go to project 2, 'selfreport-internal'" in text
+    assert url
+
+
+def test_project_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = io.StringIO()
+    assert project_command("create", tmp_path, "billing", "http://collector:9000", out) == 0
+    assert "Created project 3 'billing'" in out.getvalue()
+    assert "@collector:9000/3" in out.getvalue()
+    assert project_command("create", tmp_path, "billing", "http://c", io.StringIO()) == 1
+    assert "already exists" in capsys.readouterr().err
+    listing = io.StringIO()
+    assert project_command("list", tmp_path, "", "http://c:1", listing) == 0
+    lines = listing.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["default", "selfreport-internal", "billing"]
+    assert "(the collector's own errors)" in lines[1]
+
+
+def test_the_cli_runs_project_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["project", "create", "api", "--data", str(tmp_path)]) == 0
+    assert main(["project", "list", "--data", str(tmp_path), "--url", "http://h:1"]) == 0
+    out = capsys.readouterr().out
+    assert "Created project 3 'api'" in out
+    assert "@h:1/3" in out
+
+
+def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SELFREPORT_DATA", str(tmp_path / "explicit"))
+    assert default_data_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("SELFREPORT_DATA")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_data_dir() == tmp_path / "xdg" / "selfreport"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_data_dir() == Path.home() / ".local" / "share" / "selfreport"
+
+
+def test_the_package_imports_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert selfreport.collector.CollectorServer is CollectorServer
+    assert selfreport.collector.Storage.__name__ == "Storage"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        selfreport.collector.nothing  # noqa: B018
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if the extra were not installed
+    with pytest.raises(ImportError, match=r"pip install 'selfreport\[collector\]'"):
+        selfreport.collector.require_extra()
+    with pytest.raises(ImportError, match="needs jinja2"):
+        selfreport.collector.create_app  # noqa: B018
+
+
+def test_importing_selfreport_and_its_integrations_imports_no_web_stack() -> None:
+    import subprocess
+
+    code = (
+        "import sys, selfreport, selfreport.integrations; "
+        "print(sorted(m for m in ('starlette', 'uvicorn', 'jinja2', 'prometheus_client') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"

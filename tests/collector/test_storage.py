@@ -1,0 +1,405 @@
+"""The SQLite storage on real files: projects, grouping, atomic batches, dedupe, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from selfreport.collector.events import PreparedEvent, prepare_event
+from selfreport.collector.storage import (
+    INTERNAL_PROJECT,
+    Storage,
+    StorageError,
+    StorageFull,
+    _Batch,
+    _ThreadDone,
+    _Write,
+)
+
+Event = dict[str, Any]
+
+
+NOW = time.time()
+
+
+def prepared(make_event: Callable[..., Event], received: float = 1000.0, **fields: Any):
+    """An event received ``received`` seconds after a recent moment (retention keeps it)."""
+    return prepare_event(make_event(**fields), received=NOW + received)
+
+
+def test_a_new_database_is_in_wal_mode_with_two_projects(tmp_path: Path) -> None:
+    with Storage(tmp_path / "new" / "db.sqlite") as storage:
+        assert storage.created
+        default, internal = storage.ensure_defaults()
+        assert (default.name, default.internal) == ("default", False)
+        assert (internal.name, internal.internal) == (INTERNAL_PROJECT, True)
+        assert storage.ensure_defaults() == (default, internal)  # idempotent
+        assert len(default.public_key) == 32
+        assert storage.project_of_key(internal.public_key) == internal.id
+        assert storage.project_of_key("nope") is None
+        assert storage.project(default.id) == default
+    conn = sqlite3.connect(tmp_path / "new" / "db.sqlite")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+    with Storage(tmp_path / "new" / "db.sqlite") as again:
+        assert not again.created
+
+
+def test_project_names_are_checked(storage: Storage) -> None:
+    with pytest.raises(ValueError, match="already exists"):
+        storage.create_project("default")
+    for bad in ("", "   ", "x" * 101, "tab\there"):
+        with pytest.raises(ValueError, match="1 to 100 printable"):
+            storage.create_project(bad)
+    web = storage.create_project("  web  ")
+    assert web.name == "web"
+    assert web.dsn("http://host:9000/") == f"http://{web.public_key}@host:9000/{web.id}"
+    assert storage.keys()[web.public_key] == web.id
+
+
+def test_refuses_an_unknown_schema_and_a_broken_file(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    Storage(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageError, match="schema 99 is not supported"):
+        Storage(path)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match="cannot open the database"):
+        Storage(junk)
+
+
+def test_bad_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        Storage(tmp_path / "a.db", synchronous="SOMETIMES")
+    with pytest.raises(ValueError, match="max_events_per_project"):
+        Storage(tmp_path / "b.db", max_events_per_project=0)
+
+
+def test_events_group_into_issues_with_counts(storage: Storage, make_event: Any) -> None:
+    storage.start()
+    first = prepared(make_event, 1000.0, environment="prod", release="1.0")
+    second = prepared(make_event, 2000.0, environment="staging", level="warning")
+    other = prepared(make_event, 1500.0, exception=None, message="disk almost full")
+    assert storage.store(1, [first, second]).result(5) == [True, True]
+    assert storage.store(1, [other]).result(5) == [True]
+    issues = storage.issues(project_id=1)
+    by_title = {i.title: i for i in issues}
+    grouped = by_title["ValueError: bad input"]
+    assert grouped.times_seen == 2
+    assert (grouped.first_seen, grouped.last_seen) == (NOW + 1000.0, NOW + 2000.0)
+    assert grouped.level == "warning"  # the latest event's
+    assert (grouped.environment, grouped.release) == ("staging", "1.0")
+    assert grouped.culprit == "app.views in handle"
+    assert grouped.last_event_id == second.event_id
+    assert by_title["disk almost full"].times_seen == 1
+    assert [e.event_id for e in storage.events(grouped.id)] == [second.event_id, first.event_id]
+    assert storage.event_count() == 3
+    assert storage.event_count(2) == 0
+    assert storage.environments() == ["prod", "staging"]
+
+
+def test_repeats_folded_by_the_sdk_count_in_the_issue(storage: Storage, make_event: Any) -> None:
+    storage.start()
+    event = prepared(make_event, extra={"selfreport_repeats": 41})
+    storage.store(1, [event]).result(5)
+    assert storage.issues()[0].times_seen == 42
+
+
+def test_duplicates_are_not_counted(storage: Storage, make_event: Any) -> None:
+    storage.start()
+    event = prepared(make_event)
+    assert storage.store(1, [event]).result(5) == [True]
+    assert storage.store(1, [event, event]).result(5) == [False, False]
+    assert storage.store(2, [event]).result(5) == [True]  # event ids are per project
+    assert [i.times_seen for i in storage.issues(project_id=1)] == [1]
+
+
+def test_a_failing_write_leaves_the_others_of_its_batch_intact(
+    storage: Storage, make_event: Any
+) -> None:
+    """An event is stored whole or not at all, and one bad write spoils nothing else."""
+    storage.start()
+    good = prepared(make_event)
+    doomed = prepared(make_event)
+    gate = threading.Event()
+
+    def blocker(conn: sqlite3.Connection, batch: _Batch) -> None:
+        gate.wait(5)
+
+    def poison(conn: sqlite3.Connection, batch: _Batch) -> None:
+        # Writes an event, then fails: the savepoint must take the event back out.
+        from selfreport.collector.storage import _insert_event
+
+        _insert_event(conn, batch, 1, doomed)
+        raise RuntimeError("poison")
+
+    from concurrent.futures import Future
+
+    held: Future[Any] = Future()
+    bad: Future[Any] = Future()
+    storage._submit(_Write(blocker, _ThreadDone(held)))  # holds the writer so a batch forms
+    storage._submit(_Write(poison, _ThreadDone(bad)))
+    ok = storage.store(1, [good])
+    gate.set()
+    assert ok.result(5) == [True]
+    with pytest.raises(RuntimeError, match="poison"):
+        bad.result(5)
+    assert storage.event(1, good.event_id) is not None
+    assert storage.event(1, doomed.event_id) is None
+    assert storage.issues()[0].times_seen == 1
+    # The issue-id cache forgot the rolled-back state: later writes still group correctly.
+    again = prepared(make_event)
+    assert storage.store(1, [again]).result(5) == [True]
+    assert storage.issues()[0].times_seen == 2
+
+
+def test_a_failing_commit_fails_every_write_of_the_batch(
+    storage: Storage, make_event: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage.start()
+
+    def break_commit(conn: sqlite3.Connection, batch: _Batch) -> None:
+        # A deferred foreign key violation only shows at COMMIT, like a full disk would.
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute("INSERT INTO keys VALUES ('orphan', 12345, 0.0)")
+
+    from concurrent.futures import Future
+
+    future: Future[Any] = Future()
+    storage._submit(_Write(break_commit, _ThreadDone(future)))
+    with pytest.raises(StorageError, match="the database refused the write"):
+        future.result(5)
+    assert "could not commit 1 writes" in caplog.text
+    assert storage.store(1, [prepared(make_event)]).result(5) == [True]  # still works
+
+
+def test_queue_limit_and_closed_storage(tmp_path: Path, make_event: Any) -> None:
+    storage = Storage(tmp_path / "q.db", max_queue=0)
+    storage.ensure_defaults()
+    with pytest.raises(StorageError, match="writer thread is not running"):
+        storage.store(1, [])
+    storage.start()
+    assert storage.writer_alive
+    with pytest.raises(StorageFull, match="write queue is full"):
+        storage.store(1, [prepared(make_event)])
+    storage.close()
+    storage.close()  # idempotent
+    assert not storage.writer_alive
+    with pytest.raises(StorageError, match="closed"):
+        storage.store(1, [])
+    with pytest.raises(StorageError, match="closed"):
+        storage.start()
+    with pytest.raises(StorageError, match="closed"):
+        storage.issues()
+
+
+def test_close_answers_what_is_still_queued(tmp_path: Path, make_event: Any) -> None:
+    storage = Storage(tmp_path / "c.db")
+    storage.ensure_defaults()
+    storage.start()
+    gate = threading.Event()
+    from concurrent.futures import Future
+
+    held: Future[Any] = Future()
+    storage._submit(_Write(lambda conn, batch: gate.wait(5), _ThreadDone(held)))
+    storage.max_batch = 1  # the next write waits in the queue behind the held one
+    queued = storage.store(1, [prepared(make_event)])
+    closer = threading.Thread(target=storage.close, kwargs={"timeout": 0.2})
+    closer.start()
+    closer.join()
+    gate.set()
+    with pytest.raises(StorageError, match="closed"):
+        queued.result(5)
+
+
+@pytest.mark.asyncio
+async def test_store_async_resolves_on_the_loop(storage: Storage, make_event: Any) -> None:
+    storage.start()
+    events = [prepared(make_event) for _ in range(20)]
+    results = await asyncio.gather(*(storage.store_async(1, [e]) for e in events))
+    assert results == [[True]] * 20
+    assert storage.issues()[0].times_seen == 20
+    storage.max_queue = 0
+    with pytest.raises(StorageFull):
+        await storage.store_async(1, events[:1])
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_waiter_does_not_break_the_writer(
+    storage: Storage, make_event: Any
+) -> None:
+    storage.start()
+    task = asyncio.ensure_future(storage.store_async(1, [prepared(make_event)]))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await storage.store_async(1, [prepared(make_event)]) == [True]
+
+
+def test_probe_writes_through_the_writer(storage: Storage) -> None:
+    storage.start()
+    assert storage.probe().result(5) > 0
+    assert storage.queue_size == 0
+    assert storage.size_bytes() > 0
+
+
+def test_retention_by_count(tmp_path: Path, make_event: Any) -> None:
+    storage = Storage(tmp_path / "r.db", max_events_per_project=3, retention_interval=3600)
+    storage.ensure_defaults()
+    try:
+        storage.start()
+        for index in range(5):
+            storage.store(1, [prepared(make_event, 1000.0 + index)]).result(5)
+        storage.store(2, [prepared(make_event, 1000.0)]).result(5)
+        assert storage.apply_retention() == 2
+        assert storage.event_count(1) == 3
+        assert storage.event_count(2) == 1
+        kept = storage.events(storage.issues(project_id=1)[0].id)
+        assert [e.received - NOW for e in kept] == [1004.0, 1003.0, 1002.0]
+    finally:
+        storage.close()
+
+
+def test_retention_by_age_removes_empty_issues(tmp_path: Path, make_event: Any) -> None:
+    now = [100 * 86400.0]
+    storage = Storage(
+        tmp_path / "a.db", max_age_days=30, clock=lambda: now[0], retention_interval=3600
+    )
+    storage.ensure_defaults()
+    storage.last_retention = now[0]  # no automatic pass: this test runs it
+    try:
+        storage.start()
+        old = prepare_event(
+            make_event(exception=None, message="old news"), received=now[0] - 40 * 86400
+        )
+        new = prepare_event(make_event(), received=now[0] - 86400)
+        storage.store(1, [old, new]).result(5)
+        assert storage.apply_retention() == 1
+        assert [i.title for i in storage.issues()] == ["ValueError: bad input"]
+        assert storage.apply_retention() == 0
+    finally:
+        storage.close()
+
+
+def test_the_writer_runs_retention_when_idle(tmp_path: Path, make_event: Any) -> None:
+    storage = Storage(tmp_path / "i.db", max_events_per_project=1, retention_interval=0.05)
+    storage.ensure_defaults()
+    try:
+        storage.start()
+        storage.store(1, [prepared(make_event), prepared(make_event)]).result(5)
+        for _ in range(200):
+            if storage.event_count(1) == 1:
+                break
+            threading.Event().wait(0.02)
+        assert storage.event_count(1) == 1
+    finally:
+        storage.close()
+
+
+def test_a_failing_retention_pass_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = Storage(tmp_path / "f.db")
+    storage.ensure_defaults()
+    conn = sqlite3.connect(tmp_path / "f.db", isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        storage_conn = storage._connect()
+        storage_conn.execute("PRAGMA busy_timeout = 10")
+        storage._retain_safely(storage_conn)
+        storage_conn.close()
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+        storage.close()
+    assert "retention pass failed" in caplog.text
+
+
+def test_issue_filters_and_search(storage: Storage, make_event: Any) -> None:
+    storage.start()
+    events: list[PreparedEvent] = [
+        prepared(make_event, 1.0, environment="prod"),
+        prepared(make_event, 2.0, exception=None, message="50% off_sale", level="info"),
+        prepared(make_event, 3.0, exception=None, message="quota exceeded", level="warning"),
+    ]
+    storage.store(1, events[:2]).result(5)
+    storage.store(2, events[2:]).result(5)
+
+    def titles(**filters: Any) -> list[str]:
+        return [i.title for i in storage.issues(**filters)]
+
+    assert titles() == ["quota exceeded", "50% off_sale", "ValueError: bad input"]
+    assert titles(sort="first_seen") == titles()
+    assert titles(project_id=2) == ["quota exceeded"]
+    assert titles(level="info") == ["50% off_sale"]
+    assert titles(environment="prod") == ["ValueError: bad input"]
+    assert titles(query="50%") == ["50% off_sale"]
+    assert titles(query="%") == ["50% off_sale"]  # LIKE wildcards are matched literally
+    assert titles(query="_") == ["50% off_sale"]
+    assert titles(query="app.views") == ["ValueError: bad input"]  # culprit
+    assert titles(limit=1, offset=1) == ["50% off_sale"]
+    assert titles(sort="count")[0] in {"quota exceeded", "50% off_sale", "ValueError: bad input"}
+    issue = storage.issues(project_id=2)[0]
+    assert storage.issue(issue.id) == issue
+    assert storage.issue(9999) is None
+    assert storage.event(2, events[2].event_id) is not None
+    assert storage.event(1, uuid.uuid4().hex) is None
+
+
+def test_the_wal_is_checkpointed_in_the_background_and_restarted(
+    tmp_path: Path, make_event: Any
+) -> None:
+    """Under steady writes the WAL must not grow without end (it did once: +4 MB a minute)."""
+    storage = Storage(tmp_path / "w.db", checkpoint_interval=0.02)
+    storage.ensure_defaults()
+    wal = tmp_path / "w.db-wal"
+    try:
+        storage.start()
+        sizes = []
+        for _ in range(30):
+            storage.store(1, [prepared(make_event) for _ in range(50)]).result(5)
+            time.sleep(0.03)
+            sizes.append(wal.stat().st_size)
+        # The WAL is reused from its start once fully copied: it stops growing.
+        assert max(sizes) < 3 * sizes[len(sizes) // 3], sizes
+    finally:
+        storage.close()
+    assert wal.stat().st_size == 0  # closing truncates it
+
+
+def test_retention_works_in_bounded_steps(tmp_path: Path, make_event: Any) -> None:
+    storage = Storage(tmp_path / "s.db", max_events_per_project=2, retention_chunk=2)
+    storage.ensure_defaults()
+    storage.last_retention = time.time() + 3600  # only the explicit steps below
+    try:
+        storage.start()
+        storage.store(1, [prepared(make_event, float(n)) for n in range(7)]).result(5)
+        assert storage.apply_retention(limit=2) == 2
+        assert storage.apply_retention(limit=2) == 2
+        assert storage.apply_retention(limit=2) == 1
+        assert storage.event_count(1) == 2
+        # The writer does the same on its own, a step between batches until caught up.
+        storage.store(1, [prepared(make_event, 10.0 + n) for n in range(5)]).result(5)
+        storage.last_retention = 0.0
+        storage.store(1, [prepared(make_event, 20.0)]).result(5)
+        for _ in range(100):
+            if storage.event_count(1) == 2:
+                break
+            time.sleep(0.02)
+        assert storage.event_count(1) == 2
+    finally:
+        storage.close()
