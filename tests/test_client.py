@@ -121,7 +121,15 @@ def test_stats_keys(make_client: ClientFactory) -> None:
 # --- no DSN ----------------------------------------------------------------------------------
 
 
-def test_no_dsn_is_a_no_op_that_says_so_once(capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_dsn_is_a_no_op_that_says_so_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import selfreport._client
+    from selfreport._diag import Diagnostics
+
+    # Once per process: start from a process that has not said it yet.
+    monkeypatch.setattr(selfreport._client, "_process_diagnostics", Diagnostics())
+    Client().close()  # a second client without a DSN does not say it again
     client = Client()
     try:
         assert not client.enabled
@@ -808,7 +816,7 @@ def test_module_api_without_a_client() -> None:
     assert selfreport.capture_exception(ValueError()) is None
     assert selfreport.flush(0)
     assert selfreport.stats() == dict.fromkeys(STAT_KEYS, 0)
-    assert not selfreport.is_own_report({ORIGIN_HEADER: "1:public"})
+    assert not selfreport.is_own_report({ORIGIN_HEADER: "424242:never-registered"})
     selfreport.close()
 
 

@@ -600,7 +600,8 @@ def test_a_custom_transport_is_shared_with_the_replay(destinations: Any, tmp_pat
     assert [b.split(b"\n")[2] for b in transport.bodies] == [
         json.dumps(event(n), separators=(",", ":")).encode() for n in (1, 2)
     ]
-    assert upstream.stats()["replayed"] == 2
+    # Counted just after the transport returns: wait for it rather than race it.
+    assert wait_until(lambda: upstream.stats()["replayed"] == 2)
 
 
 def test_close_while_waiting_to_retry(collector: FakeCollector, destinations: Any) -> None:

@@ -114,3 +114,51 @@ def test_reinstall_after_the_other_patch_removed_both() -> None:
     assert calls == ["ours"]
     patches.uninstall()
     assert Target.__dict__["greet"] is ORIGINAL_GREET
+
+
+def test_install_reapplies_a_patch_someone_removed_behind_our_back() -> None:
+    calls: list[str] = []
+    patches = Patches((Target, "greet", counting_wrapper(calls, "ours")))
+    patches.install()
+    Target.greet = ORIGINAL_GREET  # type: ignore[method-assign]  # e.g. another library's undo
+    assert Target().greet("a") == "hello a"
+    assert calls == []
+    patches.install()
+    assert Target().greet("b") == "hello b"
+    assert calls == ["ours"]
+
+
+def test_install_keeps_our_patch_under_a_functools_wraps_patch() -> None:
+    import functools
+
+    calls: list[str] = []
+    patches = Patches((Target, "greet", counting_wrapper(calls, "ours")))
+    patches.install()
+    ours = Target.__dict__["greet"]
+
+    @functools.wraps(ours)
+    def theirs(self: Target, name: str) -> str:
+        calls.append("theirs")
+        return ours(self, name)  # type: ignore[no-any-return]
+
+    Target.greet = theirs  # type: ignore[method-assign]
+    patches.install()  # ours is still reachable under theirs: not wrapped a second time
+    assert Target().greet("c") == "hello c"
+    assert calls == ["theirs", "ours"]
+
+
+def test_replace_installs_a_plain_function() -> None:
+    from selfreport._patching import Replace
+
+    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        def greet(self: Target, name: str) -> str:
+            return "replaced " + original(self, name)
+
+        return greet
+
+    patches = Patches((Target, "greet", Replace(factory)))
+    patches.install()
+    assert not isinstance(Target.__dict__["greet"], wrapt.FunctionWrapper)
+    assert Target().greet("d") == "replaced hello d"
+    patches.uninstall()
+    assert Target.__dict__["greet"] is ORIGINAL_GREET

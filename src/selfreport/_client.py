@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import math
 import os
 import random
 import sys
@@ -13,9 +12,9 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+from ._delivery import Delivery, otel_integration
 from ._destination import Destination, Uplink
 from ._diag import Diagnostics
 from ._dsn import Dsn, parse_dsn
@@ -29,6 +28,7 @@ from ._event import (
     safe_str,
 )
 from ._guard import ReportingPath, is_reporting, originated_in_reporting_path
+from ._options import Scrub, check_number, resolve_scrub
 from ._ratelimit import Deduper, TokenBucket, UpstreamLimits
 from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
 from ._transport import (
@@ -49,7 +49,6 @@ __all__ = ["STAT_KEYS", "Client", "Event", "Hint"]
 Event = dict[str, Any]
 Hint = dict[str, Any]
 BeforeSend = Callable[[Event, Hint], Optional[Event]]
-Scrub = Callable[[Event], Event]
 
 STAT_KEYS = (
     "captured",  # accepted into the queue
@@ -75,17 +74,6 @@ STAT_KEYS = (
 _CAPTURED_MARK = "__selfreport_captured__"
 _NO_DSN_MESSAGE = "no DSN given and SELFREPORT_DSN is not set: events are not sent anywhere"
 _process_diagnostics = Diagnostics()
-
-
-def _check_number(
-    name: str, value: object, low: float, high: float = math.inf, integer: bool = False
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(name, f"expected a number, got {type(value).__name__}")
-    if integer and not isinstance(value, int):
-        raise ConfigError(name, f"expected a whole number, got {value!r}")
-    if not (low <= value <= high) or value != value:
-        raise ConfigError(name, f"must be between {low} and {high}, got {value!r}")
 
 
 def _is_sdk_logger(name: str) -> bool:
@@ -126,15 +114,15 @@ class Client:
         transport: Optional[Transport] = None,
         debug: bool = False,
     ) -> None:
-        _check_number("sample_rate", sample_rate, 0.0, 1.0)
-        _check_number("max_queue", max_queue, 1, 10_000_000, integer=True)
-        _check_number("shutdown_timeout", shutdown_timeout, 0.0, 3600.0)
-        _check_number("rate_limit", rate_limit, 0.0)
-        _check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
-        _check_number("dedupe_window", dedupe_window, 0.0)
-        _check_number("http_timeout", http_timeout, 0.001, 600.0)
-        _check_number("max_retries", max_retries, 0, 100, integer=True)
-        _check_number("retry_backoff", retry_backoff, 0.0, 600.0)
+        check_number("sample_rate", sample_rate, 0.0, 1.0)
+        check_number("max_queue", max_queue, 1, 10_000_000, integer=True)
+        check_number("shutdown_timeout", shutdown_timeout, 0.0, 3600.0)
+        check_number("rate_limit", rate_limit, 0.0)
+        check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
+        check_number("dedupe_window", dedupe_window, 0.0)
+        check_number("http_timeout", http_timeout, 0.001, 600.0)
+        check_number("max_retries", max_retries, 0, 100, integer=True)
+        check_number("retry_backoff", retry_backoff, 0.0, 600.0)
         if before_send is not None and not callable(before_send):
             raise ConfigError("before_send", "must be callable or None")
         for name, text in (("environment", environment), ("release", release)):
@@ -158,7 +146,7 @@ class Client:
         self.max_retries = max_retries
         self.retry_backoff = float(retry_backoff)
         self.debug = debug
-        self._scrub = self._resolve_scrub(scrub)
+        self._scrub = resolve_scrub(scrub)
         self._bucket = TokenBucket(rate_limit, rate_burst)
         self._deduper = Deduper(dedupe_window)
         self._limits = UpstreamLimits()
@@ -182,6 +170,20 @@ class Client:
             self._uplink = self._make_uplink(
                 spool_dir, spool_max_bytes, spool_max_age, compress, own_transport
             )
+        self._delivery: Optional[Delivery] = None
+        if transport is not None:
+            self._delivery = Delivery(
+                transport,
+                limits=self._limits,
+                count=self._count,
+                diagnostics=self.diagnostics,
+                closed=self._closed,
+                http_timeout=self.http_timeout,
+                max_retries=self.max_retries,
+                retry_backoff=self.retry_backoff,
+                observe=self._observe_latency,
+            )
+            self._delivery.uplink = self._uplink
         self.enabled = transport is not None or bool(self.destinations)
         self._worker: Worker[Capture] = Worker(self._process, max_queue)
         if self._statsd is not None:
@@ -197,18 +199,6 @@ class Client:
             self._enable_debug_logging()
 
     # --- configuration helpers -----------------------------------------------------------
-
-    @staticmethod
-    def _resolve_scrub(scrub: Union[bool, Scrub, None]) -> Optional[Scrub]:
-        if scrub is None or scrub is False:
-            return None
-        if scrub is True:
-            from ._scrub import Scrubber
-
-            return Scrubber()
-        if callable(scrub):
-            return scrub
-        raise ConfigError("scrub", "must be True, False, None or a callable taking the event")
 
     def _make_statsd(
         self, statsd: Union[str, StatsdConfig, Mapping[str, Any], None]
@@ -434,7 +424,7 @@ class Client:
     def _prepare(self, capture: Capture) -> Optional[Event]:
         with ReportingPath():
             event = build_event(capture, self.environment, self.release, self.server_name)
-            otel = _otel_integration()
+            otel = otel_integration()
             if otel is not None:  # the caller's span is current here: we run in its Context
                 otel.add_trace_context(event)
             if self.before_send is not None:
@@ -481,72 +471,8 @@ class Client:
         self._deliver(body)
 
     def _deliver(self, body: bytes) -> None:
-        transport = self.transport
-        assert transport is not None
-        uplink = self._uplink
-        if uplink is not None and uplink.should_spool():
-            uplink.keep(body, upstream_failed=False)  # down or rate limited: do not even try
-            return
-        attempt = 0
-        while True:
-            deadline = self._close_deadline
-            timeout = self.http_timeout
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:
-                    if uplink is not None:
-                        uplink.keep(body, upstream_failed=True)
-                    else:
-                        self._count("send_failed")
-                    return
-            started = time.monotonic()
-            try:
-                otel = _otel_integration()
-                if otel is None:
-                    response = transport.send(body, timeout)
-                else:  # instrumented HTTP clients must not trace or log our own sends
-                    with otel.suppress_instrumentation():
-                        response = transport.send(body, timeout)
-            except Exception as error:  # OSError, timeouts, and anything a custom transport raises
-                problem = f"could not reach the collector: {error!r}"
-                status = 0
-            else:
-                self._observe_latency(time.monotonic() - started)
-                status = response.status
-                # Sentry sends X-Sentry-Rate-Limits on accepted requests too.
-                self._limits.update(status, response.headers)
-                if 200 <= status < 300:
-                    self._count("sent")
-                    return
-                if status == 429:
-                    if uplink is not None:
-                        uplink.keep(body, upstream_failed=False)  # replayed after Retry-After
-                        return
-                    self._count("dropped_rate_limited")
-                    self.diagnostics.warn("upstream_429", "the collector is rate limiting us (429)")
-                    return
-                if status < 500:
-                    self._count("send_failed")
-                    self.diagnostics.warn(
-                        f"http_{status}", f"the collector refused an event with HTTP {status}"
-                    )
-                    return
-                problem = f"the collector answered HTTP {status}"
-            if uplink is not None:
-                # To disk at once; the replay thread retries with backoff (stale keep-alive
-                # connections are already retried by the transport).
-                uplink.keep(body, upstream_failed=True)
-                return
-            if attempt >= self.max_retries or self._closed.is_set():
-                self._count("send_failed")
-                self.diagnostics.warn("send_failed", f"gave up sending an event: {problem}")
-                return
-            attempt += 1
-            self._count("retried")
-            delay = self.retry_backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            if self._closed.wait(delay):
-                self._count("send_failed")
-                return
+        assert self._delivery is not None
+        self._delivery.deliver(body)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -569,6 +495,8 @@ class Client:
             return
         limit = self.shutdown_timeout if timeout is None else max(0.0, float(timeout))
         self._close_deadline = time.monotonic() + limit
+        if self._delivery is not None:
+            self._delivery.close_deadline = self._close_deadline
         try:
             self._send_repeat_summaries()
             self._closed.set()
@@ -643,18 +571,6 @@ class Client:
     def is_own_report(self, headers: Mapping[str, str]) -> bool:
         """Whether a request with ``headers`` carries a report sent for this client's project."""
         return is_marked_origin(headers, self._origin)
-
-
-def _otel_integration() -> Optional[ModuleType]:
-    """selfreport.integrations.opentelemetry once the application has imported OpenTelemetry
-    (never imported on our account), else None."""
-    if "opentelemetry.context" not in sys.modules:
-        return None
-    try:
-        from .integrations import opentelemetry
-    except Exception:  # an OpenTelemetry too old or broken to use: report without it
-        return None
-    return opentelemetry
 
 
 def _describe_fingerprint(fingerprint: object) -> tuple[Optional[str], str]:

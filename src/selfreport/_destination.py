@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import threading
 import time
 import weakref
@@ -12,19 +10,20 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional, Union
 
+from ._delivery import Delivery
 from ._diag import Diagnostics
 from ._dsn import Dsn, parse_dsn
 from ._guard import ReportingPath
+from ._options import Scrub, check_number, resolve_scrub
 from ._ratelimit import TokenBucket, UpstreamLimits
 from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, Outcome, Replayer, Spool
 from ._transport import HttpTransport, Transport, serialize_envelope
 from ._worker import Worker
 from .exceptions import ConfigError
 
-__all__ = ["DESTINATION_STAT_KEYS", "Destination", "Uplink", "plain_copy", "resolve_scrub"]
+__all__ = ["DESTINATION_STAT_KEYS", "Destination", "Uplink", "plain_copy"]
 
 Event = dict[str, Any]
-Scrub = Callable[[Event], Event]
 Count = Callable[[str, int], None]
 Latency = Callable[[float, tuple[str, ...]], None]
 
@@ -44,30 +43,6 @@ DESTINATION_STAT_KEYS = (
     "queue_size",
     "spool_size",
 )
-
-
-def resolve_scrub(scrub: Union[bool, Scrub, None], option: str = "scrub") -> Optional[Scrub]:
-    """``True`` -> the default :class:`~selfreport._scrub.Scrubber`; a callable as is."""
-    if scrub is None or scrub is False:
-        return None
-    if scrub is True:
-        from ._scrub import Scrubber
-
-        return Scrubber()
-    if callable(scrub):
-        return scrub
-    raise ConfigError(option, "must be True, False, None or a callable taking the event")
-
-
-def _check_number(
-    name: str, value: object, low: float, high: float = math.inf, integer: bool = False
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(name, f"expected a number, got {type(value).__name__}")
-    if integer and not isinstance(value, int):
-        raise ConfigError(name, f"expected a whole number, got {value!r}")
-    if not (low <= value <= high) or value != value:
-        raise ConfigError(name, f"must be between {low} and {high}, got {value!r}")
 
 
 def plain_copy(value: Any, depth: int = 0) -> Any:
@@ -246,14 +221,14 @@ class Destination:
         transport: Optional[Transport] = None,
         diagnostics: Optional[Diagnostics] = None,
     ) -> None:
-        _check_number("rate_limit", rate_limit, 0.0)
-        _check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
-        _check_number("max_queue", max_queue, 1, 10_000_000, integer=True)
-        _check_number("http_timeout", http_timeout, 0.001, 600.0)
-        _check_number("max_retries", max_retries, 0, 100, integer=True)
-        _check_number("retry_backoff", retry_backoff, 0.0, 600.0)
-        _check_number("replay_backoff", replay_backoff, 0.001, 3600.0)
-        _check_number("replay_max_backoff", replay_max_backoff, 0.001, 86400.0)
+        check_number("rate_limit", rate_limit, 0.0)
+        check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
+        check_number("max_queue", max_queue, 1, 10_000_000, integer=True)
+        check_number("http_timeout", http_timeout, 0.001, 600.0)
+        check_number("max_retries", max_retries, 0, 100, integer=True)
+        check_number("retry_backoff", retry_backoff, 0.0, 600.0)
+        check_number("replay_backoff", replay_backoff, 0.001, 3600.0)
+        check_number("replay_max_backoff", replay_max_backoff, 0.001, 86400.0)
         if isinstance(dsn, str):
             dsn = parse_dsn(dsn)
         if dsn is None and transport is None:
@@ -275,7 +250,6 @@ class Destination:
         self._stats = dict.fromkeys(DESTINATION_STAT_KEYS, 0)
         self._stats_lock = threading.Lock()
         self._closed = threading.Event()
-        self._close_deadline: Optional[float] = None
         self.latency: Optional[Latency] = None  # set by a metrics exporter
         own_transport = transport is None
         if transport is None:
@@ -303,6 +277,19 @@ class Destination:
                 latency=self._observe,
                 name=f"selfreport-replay-{name}",
             )
+        self._delivery = Delivery(
+            transport,
+            limits=self._limits,
+            count=self._count,
+            diagnostics=self.diagnostics,
+            closed=self._closed,
+            http_timeout=self.http_timeout,
+            max_retries=self.max_retries,
+            retry_backoff=self.retry_backoff,
+            observe=self._observe,
+            name=name,
+        )
+        self._delivery.uplink = self._uplink
         self._worker: Worker[Mapping[str, Any]] = Worker(
             self._process, max_queue, name=f"selfreport-destination-{name}"
         )
@@ -400,71 +387,7 @@ class Destination:
             self._deliver(body)
 
     def _deliver(self, body: bytes) -> None:
-        uplink = self._uplink
-        if uplink is not None and uplink.should_spool():
-            uplink.keep(body, upstream_failed=False)
-            return
-        attempt = 0
-        # With a spool, a failure goes to disk at once and the replay thread retries with
-        # backoff (a stale keep-alive connection is already retried by the transport).
-        retries = 0 if uplink is not None else self.max_retries
-        while True:
-            deadline = self._close_deadline
-            timeout = self.http_timeout
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:  # pragma: no cover - close() began between two attempts
-                    self._give_up(body, "close() timed out")
-                    return
-            started = time.monotonic()
-            try:
-                response = self.transport.send(body, timeout)
-            except Exception as error:
-                problem = f"could not reach the upstream: {error!r}"
-                status = 0
-            else:
-                self._observe(time.monotonic() - started)
-                status = response.status
-                if 200 <= status < 300:
-                    self._count("sent")
-                    return
-                self._limits.update(status, response.headers)
-                if status == 429:
-                    if uplink is not None:
-                        uplink.keep(body, upstream_failed=False)
-                    else:
-                        self._count("dropped_rate_limited")
-                    return
-                if status < 500:
-                    self._count("send_failed")
-                    self.diagnostics.warn(
-                        f"destination_http_{status}:{self.name}",
-                        f"{self.name}: the upstream refused an event with HTTP {status}",
-                    )
-                    return
-                problem = f"the upstream answered HTTP {status}"
-                if uplink is not None:
-                    uplink.keep(body, upstream_failed=True)
-                    return
-            if attempt >= retries or self._closed.is_set():
-                self._give_up(body, problem)
-                return
-            attempt += 1
-            self._count("retried")
-            if uplink is None:
-                delay = self.retry_backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-                if self._closed.wait(delay):
-                    self._give_up(body, "closed while waiting to retry")
-                    return
-
-    def _give_up(self, body: bytes, problem: str) -> None:
-        if self._uplink is not None:
-            self._uplink.keep(body, upstream_failed=True)
-            return
-        self._count("send_failed")
-        self.diagnostics.warn(
-            f"destination_failed:{self.name}", f"{self.name}: gave up sending an event: {problem}"
-        )
+        self._delivery.deliver(body)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -481,7 +404,7 @@ class Destination:
             return
         limit = max(0.0, float(timeout))
         deadline = time.monotonic() + limit
-        self._close_deadline = deadline
+        self._delivery.close_deadline = deadline
         try:
             self._closed.set()
             # A sliver of the time is kept to unblock a send stuck on a silent upstream, so

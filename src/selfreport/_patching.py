@@ -37,16 +37,17 @@ class Patches:
         return bool(self._applied)
 
     def install(self) -> None:
-        """Apply every patch not applied yet (idempotent)."""
+        """Apply every patch not in place (idempotent; re-applies one that someone removed)."""
         with self._lock:
             for owner, name, wrapper in self._patches:
                 key = (owner, name)
-                if key in self._applied:
-                    continue
                 current = owner.__dict__[name]
+                applied = self._applied.get(key)
+                if applied is not None and _reaches(current, applied[1]):
+                    continue  # still in place (possibly under someone else's patch)
                 stuck = self._stuck.pop(key, None)
-                if stuck is not None and current is not stuck[0]:
-                    self._applied[key] = stuck
+                if stuck is not None and _reaches(current, stuck[1]):
+                    self._applied[key] = stuck  # still in their chain: reuse, never wrap twice
                     continue
                 if isinstance(wrapper, Replace):
                     ours = wrapper.factory(current)
@@ -64,3 +65,15 @@ class Patches:
                 else:
                     self._stuck[(owner, name)] = (original, ours)
             self._applied.clear()
+
+
+def _reaches(func: Any, target: Any, limit: int = 32) -> bool:
+    """Whether ``target`` is ``func`` or in the chain of ``__wrapped__`` under it (wrapt and
+    ``functools.wraps`` both keep it), i.e. our patch still runs when ``func`` is called."""
+    for _ in range(limit):
+        if func is target:
+            return True
+        func = getattr(func, "__wrapped__", None)
+        if func is None:
+            return False
+    return False

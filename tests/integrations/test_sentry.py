@@ -24,7 +24,6 @@ from sentry_sdk.integrations.threading import ThreadingIntegration
 import selfreport
 import selfreport.integrations.sentry as sentry_integration
 from selfreport import ConfigError
-from selfreport._guard import uninstall_propagation
 from selfreport._transport import ORIGIN_HEADER
 from selfreport.integrations.sentry import SelfreportIntegration
 from selfreport.testing import FakeCollector
@@ -56,7 +55,6 @@ def _sentry_integrations_set_up_once() -> Iterator[None]:
     sentry_sdk.get_client().close()
     yield
     sentry_integration._uninstall()
-    uninstall_propagation()
     for (owner, name), original in saved.items():
         setattr(owner, name, original)
     for identifier in _IDENTIFIERS:

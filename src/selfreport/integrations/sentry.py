@@ -26,7 +26,7 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with s
         name=__name__,
     ) from _missing
 
-from selfreport._client import _check_number, _otel_integration
+from selfreport._delivery import otel_integration
 from selfreport._diag import Diagnostics
 from selfreport._dsn import Dsn, parse_dsn
 from selfreport._event import fingerprint_of, safe_str
@@ -37,7 +37,9 @@ from selfreport._guard import (
     is_reporting,
     originated_in_reporting_path,
     thread_is_reporting,
+    uninstall_propagation,
 )
+from selfreport._options import check_number
 from selfreport._patching import Patches
 from selfreport._ratelimit import Deduper, TokenBucket
 from selfreport._transport import ORIGIN_HEADER, register_origin
@@ -100,9 +102,9 @@ class SelfreportIntegration(Integration):
         dedupe_window: float = 60.0,
         mark_requests: bool = True,
     ) -> None:
-        _check_number("rate_limit", rate_limit, 0.0)
-        _check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
-        _check_number("dedupe_window", dedupe_window, 0.0)
+        check_number("rate_limit", rate_limit, 0.0)
+        check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
+        check_number("dedupe_window", dedupe_window, 0.0)
         if not isinstance(mark_requests, bool):
             raise ConfigError("mark_requests", "must be True or False")
         self.mark_requests = mark_requests
@@ -482,7 +484,7 @@ def _mark_request(
 
 @contextmanager
 def _otel_suppressed() -> Iterator[None]:
-    otel = _otel_integration()
+    otel = otel_integration()
     if otel is None:
         yield
         return
@@ -591,8 +593,8 @@ def _install() -> None:
     with _install_lock:
         if _patches is None:
             _patches = Patches(*_hook_points())
+            install_propagation()  # one counted use for the life of the process
         _patches.install()
-    install_propagation()
 
 
 def _uninstall() -> None:
@@ -602,6 +604,7 @@ def _uninstall() -> None:
         if _patches is not None:
             _patches.uninstall()
             _patches = None
+            uninstall_propagation()
 
 
 def stats() -> dict[str, int]:

@@ -1,0 +1,140 @@
+"""Delivering envelopes to one upstream: retries, 429s and the spool (client and destinations)."""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Optional
+
+from ._diag import Diagnostics
+from ._ratelimit import UpstreamLimits
+from ._transport import Response, Transport
+
+if TYPE_CHECKING:
+    from ._destination import Uplink
+
+__all__ = ["Delivery", "otel_integration", "send_unobserved"]
+
+
+def otel_integration() -> Optional[ModuleType]:
+    """selfreport.integrations.opentelemetry once the application has imported OpenTelemetry
+    (never imported on our account), else None."""
+    if "opentelemetry.context" not in sys.modules:
+        return None
+    try:
+        from .integrations import opentelemetry
+    except Exception:  # an OpenTelemetry too old or broken to use: report without it
+        return None
+    return opentelemetry
+
+
+def send_unobserved(transport: Transport, body: bytes, timeout: float) -> Response:
+    """``transport.send``, with instrumented HTTP clients told not to trace or log it."""
+    otel = otel_integration()
+    if otel is None:
+        return transport.send(body, timeout)
+    with otel.suppress_instrumentation():
+        return transport.send(body, timeout)
+
+
+class Delivery:
+    """Sends serialized envelopes to one upstream, on its owner's worker thread.
+
+    5xx and connection errors are retried with jittered exponential backoff, or, with an
+    :class:`~selfreport._destination.Uplink`, go to its spool at once (its replay thread retries);
+    429 and ``X-Sentry-Rate-Limits`` are honoured; other 4xx are final. Everything is counted
+    through ``count``. ``close_deadline`` (monotonic) bounds the time spent once closing.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        limits: UpstreamLimits,
+        count: Callable[..., None],
+        diagnostics: Diagnostics,
+        closed: threading.Event,
+        http_timeout: float,
+        max_retries: int,
+        retry_backoff: float,
+        observe: Callable[[float], None] = lambda seconds: None,
+        name: str = "the collector",
+    ) -> None:
+        self.transport = transport
+        self.limits = limits
+        self.uplink: Optional[Uplink] = None
+        self.close_deadline: Optional[float] = None
+        self.http_timeout = http_timeout
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        self._count = count
+        self._diagnostics = diagnostics
+        self._closed = closed
+        self._observe = observe
+        self._name = name
+
+    def deliver(self, body: bytes) -> None:
+        uplink = self.uplink
+        if uplink is not None and uplink.should_spool():
+            uplink.keep(body, upstream_failed=False)  # down or rate limited: do not even try
+            return
+        # With a spool, a failure goes to disk at once and the replay thread retries with
+        # backoff (a stale keep-alive connection is already retried by the transport).
+        retries = 0 if uplink is not None else self.max_retries
+        attempt = 0
+        while True:
+            timeout = self.http_timeout
+            if self.close_deadline is not None:
+                timeout = min(timeout, self.close_deadline - time.monotonic())
+                if timeout <= 0:
+                    self._give_up(body, "close() ran out of time")
+                    return
+            started = time.monotonic()
+            try:
+                response = send_unobserved(self.transport, body, timeout)
+            except Exception as error:  # OSError, timeouts, anything a custom transport raises
+                problem = f"could not reach {self._name}: {error!r}"
+            else:
+                self._observe(time.monotonic() - started)
+                status = response.status
+                # Sentry sends X-Sentry-Rate-Limits on accepted requests too.
+                self.limits.update(status, response.headers)
+                if 200 <= status < 300:
+                    self._count("sent")
+                    return
+                if status == 429:
+                    if uplink is not None:
+                        uplink.keep(body, upstream_failed=False)  # replayed after Retry-After
+                    else:
+                        self._count("dropped_rate_limited")
+                        self._diagnostics.warn(
+                            f"429:{self._name}", f"{self._name} is rate limiting us (429)"
+                        )
+                    return
+                if status < 500:
+                    self._count("send_failed")
+                    self._diagnostics.warn(
+                        f"http_{status}:{self._name}",
+                        f"{self._name} refused an event with HTTP {status}",
+                    )
+                    return
+                problem = f"{self._name} answered HTTP {status}"
+            if attempt >= retries or self._closed.is_set():
+                self._give_up(body, problem)
+                return
+            attempt += 1
+            self._count("retried")
+            delay = self.retry_backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            if self._closed.wait(delay):
+                self._give_up(body, "closed while waiting to retry")
+                return
+
+    def _give_up(self, body: bytes, problem: str) -> None:
+        if self.uplink is not None:
+            self.uplink.keep(body, upstream_failed=True)
+            return
+        self._count("send_failed")
+        self._diagnostics.warn(f"send_failed:{self._name}", f"gave up sending an event: {problem}")
