@@ -212,8 +212,10 @@ class _Batch:
     def __init__(self, issue_ids: dict[tuple[int, str], int]) -> None:
         self.issue_ids = issue_ids
         self.updates: dict[int, list[Any]] = {}
+        self.inserted = 0
 
     def count(self, issue_id: int, event: PreparedEvent) -> None:
+        self.inserted += 1
         times = 1 + event.repeats
         row = self.updates.get(issue_id)
         if row is None:
@@ -283,7 +285,8 @@ class Storage:
         retention_interval: seconds between retention passes.
         linger: seconds the writer waits for more writes to join a batch.
         checkpoint_interval: seconds between background WAL checkpoints.
-        retention_chunk: events deleted at most per retention step (between two batches).
+        retention_chunk: events deleted at most per retention step when idle; also how
+            many new events start a retention round before ``retention_interval`` is up.
     """
 
     def __init__(
@@ -327,6 +330,8 @@ class Storage:
         self._stopping = threading.Event()
         self._finish_checkpoint = False
         self._retention_backlog = False
+        self._inserted_since_retention = 0
+        self._last_issue_cleanup = 0.0
         # (project, fingerprint) -> issue id; the writer's alone, cleared after rollbacks
         # and retention passes (which delete issues).
         self._issue_ids: dict[tuple[int, str], int] = {}
@@ -543,7 +548,11 @@ class Storage:
                 try:
                     first = self._queue.get(timeout=max(0.01, idle))
                 except queue.Empty:
-                    self._retain_safely(conn)
+                    if (
+                        self._retention_backlog
+                        or self._clock() - self.last_retention >= self.retention_interval
+                    ):
+                        self._retain_safely(conn)
                     continue
                 if first is None:
                     return
@@ -569,10 +578,13 @@ class Storage:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if (
-                    self._retention_backlog
+                    self._inserted_since_retention >= self.retention_chunk
                     or self._clock() - self.last_retention >= self.retention_interval
                 ):
-                    self._retain_safely(conn)
+                    # The next batches delete as they insert, a little more than they add,
+                    # until caught up: never a big pass that holds every waiting request.
+                    self._retention_backlog = True
+                    self._inserted_since_retention = 0
                 if stop:
                     return
         finally:
@@ -627,7 +639,10 @@ class Storage:
                     outcomes.append((True, result))
                 conn.execute("RELEASE write")
             batch.flush(conn)
+            if self._retention_backlog:
+                self._retention_step(conn, 100 + 2 * batch.inserted)
             conn.execute("COMMIT")
+            self._inserted_since_retention += batch.inserted
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -651,64 +666,84 @@ class Storage:
     # --- retention -----------------------------------------------------------------------
 
     def _retain_safely(self, conn: sqlite3.Connection) -> None:
-        """One bounded retention step, between two batches: deleting a minute's worth of
-        events at once would hold every waiting request for seconds."""
-        self._issue_ids.clear()
-        try:
-            deleted = self.apply_retention(conn, limit=self.retention_chunk)
-        except sqlite3.Error as exc:
-            with reporting_path():
-                logger.error("retention pass failed: %r", exc)
-            deleted = 0
-        self._retention_backlog = deleted >= self.retention_chunk
-        if not self._retention_backlog:
-            self.last_retention = self._clock()
-
-    def apply_retention(
-        self, conn: Optional[sqlite3.Connection] = None, limit: Optional[int] = None
-    ) -> int:
-        """Delete events beyond the per-project count and older than the age limit, oldest
-        first, at most ``limit`` of them (None: all); when that catches up, delete the issues
-        left without events. Returns how many events were deleted."""
-        own = conn is None
-        conn = conn or self._connect()
-        budget = -1 if limit is None else limit  # LIMIT -1: no limit
+        """A retention step in a transaction of its own (when no writes come)."""
         try:
             with _transaction(conn):
                 conn.execute("BEGIN IMMEDIATE")
-                deleted = 0
-                if self.max_age_days > 0:
-                    cutoff = self._clock() - self.max_age_days * 86400.0
-                    deleted += conn.execute(
-                        "DELETE FROM events WHERE id IN (SELECT id FROM events"
-                        " WHERE received < ? ORDER BY received LIMIT ?)",
-                        (cutoff, budget),
-                    ).rowcount
-                for (project_id,) in conn.execute("SELECT id FROM projects").fetchall():
-                    left = -1 if limit is None else limit - deleted
-                    if left == 0:
-                        break
-                    row = conn.execute(
-                        "SELECT id FROM events WHERE project_id = ? ORDER BY id DESC"
-                        " LIMIT 1 OFFSET ?",
-                        (project_id, self.max_events_per_project),
-                    ).fetchone()
-                    if row is not None:
-                        deleted += conn.execute(
-                            "DELETE FROM events WHERE id IN (SELECT id FROM events"
-                            " WHERE project_id = ? AND id <= ? ORDER BY id LIMIT ?)",
-                            (project_id, row[0], left),
-                        ).rowcount
+                self._retention_step(conn, self.retention_chunk)
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._retention_failed(exc)
+
+    def _retention_step(self, conn: sqlite3.Connection, limit: int) -> None:
+        """Delete up to ``limit`` expired events inside the current transaction. Under load
+        this rides along with each batch (no commit, no fsync of its own), so a minute's worth
+        of expired events never holds the writer, and every waiting request, for seconds."""
+        self._issue_ids.clear()  # retention may delete issues
+        conn.execute("SAVEPOINT retention")
+        try:
+            deleted = self._delete_expired(conn, limit)
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK TO retention")
+            conn.execute("RELEASE retention")
+            self._retention_failed(exc)
+            return
+        conn.execute("RELEASE retention")
+        if deleted < limit:  # caught up
+            self._retention_backlog = False
+            now = self._clock()
+            self.last_retention = now
+            if now - self._last_issue_cleanup >= self.retention_interval:
+                self._last_issue_cleanup = now
+                _delete_empty_issues(conn)
+
+    def _retention_failed(self, exc: Exception) -> None:
+        self._retention_backlog = False  # try again at the next interval, not at once
+        self.last_retention = self._clock()
+        with reporting_path():
+            logger.error("retention pass failed: %r", exc)
+
+    def apply_retention(self, limit: Optional[int] = None) -> int:
+        """Delete events beyond the per-project count and older than the age limit, oldest
+        first, at most ``limit`` of them (None: all), and the issues left without events;
+        returns how many events were deleted. (The writer thread does this by itself.)"""
+        conn = self._connect()
+        try:
+            with _transaction(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                deleted = self._delete_expired(conn, limit)
                 if limit is None or deleted < limit:
-                    conn.execute(
-                        "DELETE FROM issues WHERE NOT EXISTS"
-                        " (SELECT 1 FROM events e WHERE e.issue_id = issues.id)"
-                    )
+                    _delete_empty_issues(conn)
                 conn.execute("COMMIT")
             return deleted
         finally:
-            if own:
-                conn.close()
+            conn.close()
+
+    def _delete_expired(self, conn: sqlite3.Connection, limit: Optional[int]) -> int:
+        budget = -1 if limit is None else limit  # LIMIT -1: no limit
+        deleted = 0
+        if self.max_age_days > 0:
+            cutoff = self._clock() - self.max_age_days * 86400.0
+            deleted += conn.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM events"
+                " WHERE received < ? ORDER BY received LIMIT ?)",
+                (cutoff, budget),
+            ).rowcount
+        for (project_id,) in conn.execute("SELECT id FROM projects").fetchall():
+            left = -1 if limit is None else limit - deleted
+            if left == 0:
+                break
+            row = conn.execute(
+                "SELECT id FROM events WHERE project_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
+                (project_id, self.max_events_per_project),
+            ).fetchone()
+            if row is not None:
+                deleted += conn.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events"
+                    " WHERE project_id = ? AND id <= ? ORDER BY id LIMIT ?)",
+                    (project_id, row[0], left),
+                ).rowcount
+        return deleted
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -843,6 +878,12 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _delete_empty_issues(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "DELETE FROM issues WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.issue_id = issues.id)"
+    )
 
 
 def _insert_event(
