@@ -509,3 +509,24 @@ def test_exception_message_is_rendered_at_capture_time() -> None:
     exc.state = "changed later"
     event = build_event(capture)
     assert event["exception"]["values"][-1]["value"] == "at call time"
+
+
+def test_request_becomes_sentrys_request_interface() -> None:
+    capture = capture_from_exception(raised(ValueError("in a view")), "asgi", handled=False)
+    capture.request = {
+        "method": "POST",
+        "url": "http://shop.example/items/7?page=2",
+        "headers": {"user-agent": "tests", "authorization": "[Filtered]"},
+        "route": "/items/{item_id}",
+        "endpoint": "shop.views.item",
+    }
+    event = build_event(capture)
+    assert event["request"] == {
+        "method": "POST",
+        "url": "http://shop.example/items/7?page=2",
+        "headers": {"user-agent": "tests", "authorization": "[Filtered]"},
+    }
+    assert event["transaction"] == "/items/{item_id}"
+    assert event["tags"] == {"route": "/items/{item_id}", "endpoint": "shop.views.item"}
+    normalized = assert_valid_for_sentry(event)
+    assert normalized["request"]["method"] == "POST"

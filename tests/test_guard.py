@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import queue
 import sys
 import threading
 from collections.abc import Iterator
@@ -391,3 +392,26 @@ def test_propagation_is_shared_by_counted_installs() -> None:
     assert threading.Thread.__dict__["start"] is original
     uninstall_propagation()  # an extra uninstall is harmless
     assert threading.Thread.__dict__["start"] is original
+
+
+@pytest.mark.usefixtures("propagation")
+def test_pool_thread_started_in_the_path_runs_later_jobs_in_their_own_context() -> None:
+    # Like anyio's worker threads: started once (here, inside the path), then running each job
+    # in the context copied from whoever submitted it.
+    jobs: queue.Queue[Any] = queue.Queue()
+    results: list[bool] = []
+
+    def pool_thread() -> None:
+        results.append(is_reporting())  # the thread's own start-up is in the path
+        while (job := jobs.get()) is not None:
+            context, func = job
+            results.append(context.run(func))
+
+    with reporting_path():
+        thread = threading.Thread(target=pool_thread)
+        thread.start()
+        jobs.put((contextvars.copy_context(), is_reporting))  # submitted inside the path
+    jobs.put((contextvars.copy_context(), is_reporting))  # submitted outside it
+    jobs.put(None)
+    thread.join()
+    assert results == [True, True, False]

@@ -320,8 +320,14 @@ class Client:
         *,
         mechanism: str = "generic",
         handled: bool = True,
+        request: Optional[Mapping[str, Any]] = None,
     ) -> Optional[str]:
-        """Report ``exc`` (default: the exception being handled); the event id, or None."""
+        """Report ``exc`` (default: the exception being handled); the event id, or None.
+
+        ``request`` (``method``, ``url``, ``headers``, ``query_string``, ``data``, ``route``,
+        ``endpoint``) becomes the event's request interface; filter secrets out of it first
+        (the ASGI and WSGI middleware do).
+        """
         if is_reporting():
             self._drop_reentrant("exception")
             return None
@@ -330,11 +336,14 @@ class Client:
             if exc is None:
                 return None
         error = exc
-        return self._admit(
-            error,
-            lambda: fingerprint_of(None, None, error),
-            lambda: capture_from_exception(error, mechanism, handled, self.include_locals),
-        )
+
+        def snapshot() -> Capture:
+            capture = capture_from_exception(error, mechanism, handled, self.include_locals)
+            if request:
+                capture.request = dict(request)
+            return capture
+
+        return self._admit(error, lambda: fingerprint_of(None, None, error), snapshot)
 
     def capture_hooked(self, exc: BaseException, mechanism: str, context_meaningful: bool) -> None:
         """Report an exception handed to an exception hook (uncaught, so unhandled)."""

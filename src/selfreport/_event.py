@@ -109,6 +109,7 @@ class Capture:
         "message",
         "params",
         "repeats",
+        "request",
         "thread",
         "timestamp",
         "vars",
@@ -133,6 +134,7 @@ class Capture:
         self.repeats = 0
         self.context: Any = None  # the caller's contextvars.Context, for before_send
         self.vars: Optional[list[Optional[dict[str, str]]]] = None
+        self.request: Optional[dict[str, Any]] = None  # an HTTP request, already filtered
 
 
 def _innermost_location(tb: Optional[TracebackType]) -> tuple[str, int]:
@@ -366,6 +368,19 @@ _CONTEXTS = _static_contexts()
 _SERVER_NAME = socket.gethostname()
 
 
+_REQUEST_FIELDS = ("method", "url", "headers", "query_string", "data", "cookies", "env")
+
+
+def _add_request(event: dict[str, Any], request: dict[str, Any]) -> None:
+    """Sentry's request interface; the route names the transaction and is a tag, as in Sentry."""
+    event["request"] = {k: request[k] for k in _REQUEST_FIELDS if k in request}
+    tags = {k: safe_str(request[k], 200) for k in ("route", "endpoint") if request.get(k)}
+    if tags:
+        event["tags"] = tags
+    if request.get("route"):
+        event["transaction"] = safe_str(request["route"], 200)
+
+
 def build_event(
     capture: Capture,
     environment: Optional[str] = None,
@@ -397,6 +412,8 @@ def build_event(
         event["logentry"] = logentry
     if capture.exc_info is not None:
         event["exception"] = {"values": _exception_values(capture.exc_info[1], capture)}
+    if capture.request:
+        _add_request(event, capture.request)
     extra: dict[str, Any] = dict(capture.extra) if capture.extra else {}
     if capture.thread:
         extra["thread"] = capture.thread

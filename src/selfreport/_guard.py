@@ -173,6 +173,24 @@ def _run_in_path(func: Callable[..., Any]) -> Callable[..., Any]:
     return run_in_path
 
 
+def _thread_run_in_path(func: Callable[..., Any]) -> Callable[..., Any]:
+    # The contextvar only, in the new thread's own context: a pool thread (anyio's, say) started
+    # here runs each later job in that job's own copied context, and must not stay in the path
+    # for life the way a thread-local depth would keep it.
+    @functools.wraps(func)
+    def run_in_path(*args: Any, **kwargs: Any) -> Any:
+        token = _in_path.set(True)
+        try:
+            return func(*args, **kwargs)
+        except BaseException as exc:
+            mark_exception(exc)
+            raise
+        finally:
+            _in_path.reset(token)
+
+    return run_in_path
+
+
 async def _await_in_path(coro: Coroutine[Any, Any, Any]) -> Any:
     # Set here as well: a task given its own ``context=`` does not inherit the flag.
     _in_path.set(True)
@@ -192,9 +210,9 @@ def _thread_start(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs:
         # (setattr: mypy refuses assigning to a method.)
         func = getattr(run, "__func__", None)
         if func is not None and getattr(run, "__self__", None) is instance:
-            setattr(instance, "run", types.MethodType(_run_in_path(func), instance))  # noqa: B010
+            setattr(instance, "run", types.MethodType(_thread_run_in_path(func), instance))  # noqa: B010
         else:
-            setattr(instance, "run", _run_in_path(run))  # noqa: B010
+            setattr(instance, "run", _thread_run_in_path(run))  # noqa: B010
     return wrapped(*args, **kwargs)
 
 

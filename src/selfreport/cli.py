@@ -23,6 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
     serve.add_argument("--data", metavar="DIR", help="database directory (default: ~/.local/...)")
+    forwarding = serve.add_argument_group("forwarding upstream")
+    forwarding.add_argument("--upstream", metavar="DSN", help="forward stored events to this DSN")
+    forwarding.add_argument(
+        "--forward",
+        choices=("all", "own"),
+        default="all",
+        help="forward every project's events, or only the collector's own (default: all)",
+    )
+    forwarding.add_argument(
+        "--scrub", action="store_true", help="remove secrets and personal data before forwarding"
+    )
+    forwarding.add_argument(
+        "--spool", metavar="DIR", help="keep what cannot be forwarded on disk and replay it"
+    )
     project = sub.add_parser("project", help="manage the collector's projects and keys")
     actions = project.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a project and print its DSN")
@@ -50,7 +64,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .collector import server
 
         if args.command == "serve":
-            return server.serve(host=args.host, port=args.port, data_dir=args.data)
+            return server.serve(
+                host=args.host,
+                port=args.port,
+                data_dir=args.data,
+                upstream=args.upstream,
+                forward=args.forward,
+                scrub=args.scrub,
+                spool_dir=args.spool,
+            )
         return server.project_command(args.action, args.data, getattr(args, "name", ""), args.url)
     parser.print_help(sys.stderr)
     return 2

@@ -116,3 +116,32 @@ def test_an_existing_destination_can_be_used(upstream: FakeCollector) -> None:
         assert forwarder.destination is destination
     finally:
         forwarder.close()
+
+
+def test_server_forwards_with_its_options_and_checks_the_upstream(
+    make_server: Callable[..., CollectorServer],
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    call: Any,
+) -> None:
+    server = make_server(upstream=upstream.dsn, scrub=True)
+    assert server.forwarder is not None
+    auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
+    event = make_event(tags={"api_key": "sk_live_abcdef"})
+    path = f"/api/{server.default_project.id}/envelope/"
+    assert call(server.port, "POST", path, envelope_of(event), auth).status == 200
+    assert upstream.wait_for(1)
+    assert upstream.events[0]["tags"]["api_key"] == "[Filtered]"
+    health = call(server.port, "GET", "/health").json()
+    assert "upstream_reachable" in str(health)
+
+
+def test_serve_refuses_bad_forwarding_options(tmp_path: Path, capsys: Any) -> None:
+    from selfreport.cli import main
+
+    assert main(["serve", "--data", str(tmp_path), "--port", "0", "--scrub"]) == 2
+    assert "--scrub, --spool and --forward need --upstream DSN" in capsys.readouterr().err
+    code = main(["serve", "--data", str(tmp_path), "--port", "0", "--upstream", "not a dsn"])
+    assert code == 2
+    assert "dsn:" in capsys.readouterr().err

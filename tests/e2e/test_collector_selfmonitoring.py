@@ -117,13 +117,13 @@ def test_a_poison_event_gives_exactly_one_self_report(
     exception = report["exception"]["values"][-1]
     assert (exception["type"], exception["value"]) == ("RuntimeError", "cannot ingest this event")
     assert exception["mechanism"] == {"type": "asgi", "handled": False}
-    request = report["extra"]["request"]
+    request = report["request"]
     assert request["method"] == "POST"
     assert request["url"].endswith(f"/api/{server.default_project.id}/envelope/")
     assert request["headers"]["x-sentry-auth"] == "[Filtered]"
     assert request["headers"]["authorization"] == "[Filtered]"
-    assert request["route"] == "/api/{project_id}/envelope/"
-    assert request["endpoint"] == "selfreport.collector.ingest.IngestEndpoint"
+    assert report["transaction"] == report["tags"]["route"] == "/api/{project_id}/envelope/"
+    assert report["tags"]["endpoint"] == "selfreport.collector.ingest.IngestEndpoint"
     assert report["environment"] == "selfreport-collector"
     # The self-report's own ingestion ran inside the reporting path; the poison's did not.
     assert poison.calls == [("default", False), ("selfreport-internal", True)]

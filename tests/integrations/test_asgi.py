@@ -115,11 +115,11 @@ def test_an_unhandled_exception_is_reported_once_with_the_request(
     exception = event["exception"]["values"][-1]
     assert (exception["type"], exception["value"]) == ("ZeroDivisionError", "boom in a view")
     assert exception["mechanism"] == {"type": "asgi", "handled": False}
-    request = event["extra"]["request"]
+    request = event["request"]
     assert request["method"] == "GET"
     assert request["url"] == f"http://127.0.0.1:{served.port}/items/42?token=[Filtered]&page=2"
-    assert request["route"] == "/items/{item_id}"
-    assert request["endpoint"].endswith("test_asgi.boom")
+    assert event["transaction"] == event["tags"]["route"] == "/items/{item_id}"
+    assert event["tags"]["endpoint"].endswith("test_asgi.boom")
     assert request["headers"]["authorization"] == "[Filtered]"
     assert request["headers"]["cookie"] == "[Filtered]"
     assert request["headers"]["user-agent"] == "tests"

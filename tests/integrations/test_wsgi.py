@@ -118,10 +118,10 @@ def test_a_crashing_request_is_reported_once_with_its_context(
     exception = event["exception"]["values"][-1]
     assert exception["type"] == "LookupError"
     assert exception["mechanism"] == {"type": "wsgi", "handled": False}
-    request = event["extra"]["request"]
+    request = event["request"]
     assert request["method"] == "GET"
     assert request["url"] == f"http://127.0.0.1:{served.port}/crash?api_key=[Filtered]&x=1"
-    assert request["route"] == "/crash"
+    assert event["transaction"] == event["tags"]["route"] == "/crash"
     assert request["headers"]["cookie"] == "[Filtered]"
     assert request["headers"]["x-trace"] == "t1"
 

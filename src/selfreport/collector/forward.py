@@ -1,12 +1,13 @@
-"""Forwarding what the collector stores to an upstream, through a scrubbing, spooling Destination."""
+"""Forwarding what the collector stores upstream, through a scrubbing, spooling Destination."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Optional, Union
 
-from .._destination import Destination
-from ..exceptions import ConfigError
+from selfreport._destination import Destination
+from selfreport.exceptions import ConfigError
+
 from .ingest import StoredEnvelope
 
 __all__ = ["FORWARD_MODES", "Forwarder"]

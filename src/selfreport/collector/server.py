@@ -16,8 +16,10 @@ from typing import Any, Optional, TextIO, Union
 import uvicorn
 
 from selfreport._version import __version__
+from selfreport.exceptions import ConfigError
 
 from .app import Collector, CollectorApp, create_app
+from .forward import Forwarder
 from .ingest import DEFAULT_MAX_BODY, Processor
 from .storage import Project, Storage
 
@@ -74,7 +76,20 @@ class CollectorServer:
         max_body: int = DEFAULT_MAX_BODY,
         storage_options: Optional[dict[str, Any]] = None,
         log_level: str = "warning",
+        upstream: Optional[str] = None,
+        forward: str = "all",
+        scrub: bool = False,
+        spool_dir: Union[str, os.PathLike[str], None] = None,
     ) -> None:
+        # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
+        self.forwarder: Optional[Forwarder] = None
+        if upstream is not None:
+            self.forwarder = Forwarder(
+                upstream,
+                mode=forward,
+                scrub=scrub,
+                spool_dir=None if spool_dir is None else str(spool_dir),
+            )
         self.data_dir = Path(data_dir)
         self.host = host
         self.self_report = self_report
@@ -96,7 +111,11 @@ class CollectorServer:
             self.storage.close()
             raise
         self.port: int = self._socket.getsockname()[1]
-        self.app: CollectorApp = create_app(self.storage, processors=processors, max_body=max_body)
+        self.app: CollectorApp = create_app(
+            self.storage, processors=processors, max_body=max_body, upstream=upstream
+        )
+        if self.forwarder is not None:
+            self.collector.on_stored.append(self.forwarder)
         self._config = uvicorn.Config(
             self.app,
             # The standard event loop even where uvloop is installed: selfreport's guard
@@ -183,10 +202,11 @@ class CollectorServer:
         """Stop serving, flush the self-reporter, close the database."""
         if self._closed:
             return
+        # Flush the self-reporter while the server can still receive its last reports.
+        self._stop_reporting()
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
-        self._stop_reporting()
         self._close_resources()
 
     def _close_resources(self) -> None:
@@ -194,6 +214,8 @@ class CollectorServer:
             return
         self._closed = True
         self._socket.close()
+        if self.forwarder is not None:
+            self.forwarder.close(timeout=2.0)
         self.storage.close()
 
     def __enter__(self) -> CollectorServer:
@@ -209,12 +231,31 @@ def serve(
     port: int = 8000,
     data_dir: Union[str, os.PathLike[str], None] = None,
     out: Optional[TextIO] = None,
+    upstream: Optional[str] = None,
+    forward: str = "all",
+    scrub: bool = False,
+    spool_dir: Optional[str] = None,
 ) -> int:
     """``selfreport serve``: run until interrupted; prints the web page and the default DSN."""
     out = out or sys.stdout
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    if upstream is None and (scrub or spool_dir is not None or forward != "all"):
+        print("selfreport: --scrub, --spool and --forward need --upstream DSN", file=sys.stderr)
+        return 2
     try:
-        server = CollectorServer(directory, host=host, port=port, log_level="info")
+        server = CollectorServer(
+            directory,
+            host=host,
+            port=port,
+            log_level="info",
+            upstream=upstream,
+            forward=forward,
+            scrub=scrub,
+            spool_dir=spool_dir,
+        )
+    except ConfigError as exc:
+        print(f"selfreport: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"selfreport: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -227,6 +268,10 @@ def serve(
         f"{server.internal_project.name!r})",
         file=out,
     )
+    if server.forwarder is not None:
+        what = "everything" if forward == "all" else "its own reports"
+        scrubbed = ", scrubbed" if scrub else ""
+        print(f"forwarding {what}{scrubbed} to {server.forwarder.destination.name}", file=out)
     out.flush()
     # The event loop and the storage writer share the GIL; each time the writer wants it back
     # (after every SQLite step) it may wait a whole switch interval (5 ms by default) while the

@@ -76,27 +76,14 @@ def report_request_exception(
     mechanism: str,
     client: Optional[Client] = None,
 ) -> Optional[str]:
-    """Report ``exc`` as unhandled, with ``request`` (method, url, headers, route) in the event's
-    ``extra``; the event id, or None when dropped. Never raises."""
-    from selfreport._event import capture_from_exception, fingerprint_of
-    from selfreport._guard import is_reporting
+    """Report ``exc`` as unhandled, with ``request`` (method, url, headers, route) as the event's
+    request interface; the event id, or None when dropped. Never raises."""
     from selfreport._state import current_client
 
     reporter = client if client is not None else current_client()
     if reporter is None or not isinstance(exc, Exception):
         return None
     try:
-        admit = getattr(reporter, "_admit", None)
-        if admit is None or is_reporting():  # capture_exception does the guard's bookkeeping
-            return reporter.capture_exception(exc, mechanism=mechanism, handled=False)
-        include_locals = bool(getattr(reporter, "include_locals", False))
-
-        def snapshot() -> Any:
-            capture = capture_from_exception(exc, mechanism, False, include_locals)
-            capture.extra = {"request": dict(request)}
-            return capture
-
-        event_id: Optional[str] = admit(exc, lambda: fingerprint_of(None, None, exc), snapshot)
-        return event_id
+        return reporter.capture_exception(exc, mechanism=mechanism, handled=False, request=request)
     except Exception:  # pragma: no cover - reporting never raises into the request
         return None
