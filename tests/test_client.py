@@ -1117,3 +1117,23 @@ def test_statsd_gets_the_counters(make_client: ClientFactory) -> None:
         client.close(timeout=2)  # the last counts go out at close
         datagram = server.recv(65536).decode()
     assert "selfreport" in datagram
+
+
+def test_finalizer_exceptions_on_our_own_threads_are_dropped(make_client: ClientFactory) -> None:
+    # GC can run a finalizer on our worker while it holds its queue lock: never re-enter it.
+    client, transport = memory_client(make_client)
+    outcome: list[int] = []
+
+    def on_a_selfreport_thread() -> None:
+        from selfreport._guard import enter_thread_for_life
+
+        enter_thread_for_life()
+        client.capture_hooked(raised(ValueError("gc")), "unraisablehook", False)
+        outcome.append(client.stats()["dropped_reentrant"])
+
+    thread = threading.Thread(target=on_a_selfreport_thread)
+    thread.start()
+    thread.join()
+    assert client.flush(5)
+    assert transport.events == []
+    assert outcome == [1]

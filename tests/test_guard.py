@@ -415,3 +415,16 @@ def test_pool_thread_started_in_the_path_runs_later_jobs_in_their_own_context() 
     jobs.put(None)
     thread.join()
     assert results == [True, True, False]
+
+
+def test_guarded_refuses_generator_functions() -> None:
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    async def stream() -> Any:
+        yield 1
+
+    with pytest.raises(TypeError, match="generator function"):
+        guarded(numbers)
+    with pytest.raises(TypeError, match="generator function"):
+        guarded(stream)

@@ -27,7 +27,7 @@ from ._event import (
     fingerprint_of,
     safe_str,
 )
-from ._guard import ReportingPath, is_reporting, originated_in_reporting_path
+from ._guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
 from ._options import Scrub, check_number, resolve_scrub
 from ._ratelimit import Deduper, TokenBucket, UpstreamLimits
 from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
@@ -74,6 +74,7 @@ STAT_KEYS = (
 _CAPTURED_MARK = "__selfreport_captured__"
 _NO_DSN_MESSAGE = "no DSN given and SELFREPORT_DSN is not set: events are not sent anywhere"
 _process_diagnostics = Diagnostics()
+_admitting = threading.local()
 
 
 def _is_sdk_logger(name: str) -> bool:
@@ -152,7 +153,7 @@ class Client:
         self._limits = UpstreamLimits()
         self.diagnostics = Diagnostics()
         self._stats = dict.fromkeys(STAT_KEYS, 0)
-        self._stats_lock = threading.Lock()
+        self._stats_lock = threading.RLock()  # counted from signal handlers and finalizers too
         self._reentrant_told: set[str] = set()
         self._last_record: Optional[weakref.ref[logging.LogRecord]] = None
         self._closed = threading.Event()
@@ -347,7 +348,9 @@ class Client:
 
     def capture_hooked(self, exc: BaseException, mechanism: str, context_meaningful: bool) -> None:
         """Report an exception handed to an exception hook (uncaught, so unhandled)."""
-        if context_meaningful and is_reporting():
+        if (context_meaningful and is_reporting()) or on_own_thread():
+            # A finalizer on one of our own threads may have interrupted it holding a lock:
+            # dropped, like everything born on those threads.
             self._drop_reentrant("exception")
             return
         self._admit(
@@ -369,6 +372,22 @@ class Client:
         )
 
     def _admit(
+        self,
+        exc: Optional[BaseException],
+        fingerprint: Callable[[], object],
+        snapshot: Callable[[], Capture],
+    ) -> Optional[str]:
+        if getattr(_admitting, "active", False):
+            # A signal handler or a GC finalizer interrupted this thread inside _admit: the
+            # locks it holds are not reentrant, so touch none of them and drop the event.
+            return None
+        _admitting.active = True
+        try:
+            return self._admit_unguarded(exc, fingerprint, snapshot)
+        finally:
+            _admitting.active = False
+
+    def _admit_unguarded(
         self,
         exc: Optional[BaseException],
         fingerprint: Callable[[], object],
@@ -559,10 +578,12 @@ class Client:
     def after_fork_in_child(self) -> None:
         """Give the child its own queue, locks and connection; the parent sends what it queued."""
         self._worker.reset_after_fork()
-        self._stats_lock = threading.Lock()
+        self._stats_lock = threading.RLock()
         closed, self._closed = self._closed.is_set(), threading.Event()  # its lock may be held
         if closed:
             self._closed.set()
+        if self._delivery is not None:
+            self._delivery.closed = self._closed
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._bucket.reset_after_fork()
         self._deduper.reset_after_fork()

@@ -72,7 +72,7 @@ class Delivery:
         self.retry_backoff = retry_backoff
         self._count = count
         self._diagnostics = diagnostics
-        self._closed = closed
+        self.closed = closed  # replaced by the owner's fresh Event after a fork
         self._observe = observe
         self._name = name
 
@@ -122,13 +122,13 @@ class Delivery:
                     )
                     return
                 problem = f"{self._name} answered HTTP {status}"
-            if attempt >= retries or self._closed.is_set():
+            if attempt >= retries or self.closed.is_set():
                 self._give_up(body, problem)
                 return
             attempt += 1
             self._count("retried")
             delay = self.retry_backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            if self._closed.wait(delay):
+            if self.closed.wait(delay):
                 self._give_up(body, "closed while waiting to retry")
                 return
 

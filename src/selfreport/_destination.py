@@ -441,6 +441,10 @@ class Destination:
         """A fresh queue, locks and connections in a forked child."""
         self._worker.reset_after_fork()
         self._stats_lock = threading.Lock()
+        closed, self._closed = self._closed.is_set(), threading.Event()  # its lock may be held
+        if closed:
+            self._closed.set()
+        self._delivery.closed = self._closed
         self._stats = dict.fromkeys(DESTINATION_STAT_KEYS, 0)
         self._bucket.reset_after_fork()
         self.diagnostics.reset_after_fork()

@@ -35,7 +35,7 @@ class Diagnostics:
         self._stream = stream or (lambda: sys.stderr)
         self._clock = clock
         self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def _should_write(self, kind: str, once: bool) -> bool:
         with self._lock:
@@ -68,4 +68,4 @@ class Diagnostics:
             pass
 
     def reset_after_fork(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()

@@ -21,12 +21,14 @@ from ._patching import Patches, Replace
 
 __all__ = [
     "ReportingPath",
+    "context_is_reporting",
     "enter_thread_for_life",
     "guarded",
     "in_nested_log_record",
     "install_propagation",
     "is_reporting",
     "mark_exception",
+    "on_own_thread",
     "originated_in_reporting_path",
     "reporting_path",
     "thread_is_reporting",
@@ -50,6 +52,11 @@ _get_running_loop = asyncio._get_running_loop
 def is_reporting() -> bool:
     """Whether the calling code runs inside selfreport's reporting path."""
     return _in_path.get() or getattr(_local, "depth", 0) > 0
+
+
+def context_is_reporting(context: object) -> bool:
+    """Whether ``context`` (a ``contextvars.Context``, say an asyncio handle's) is in the path."""
+    return isinstance(context, contextvars.Context) and bool(context.get(_in_path, False))
 
 
 def mark_exception(exc: BaseException) -> None:
@@ -141,7 +148,16 @@ def _thread_in_path() -> Iterator[None]:
 
 
 def guarded(func: F) -> F:
-    """Decorator: run ``func`` (a plain or ``async`` function) inside the reporting path."""
+    """Decorator: run ``func`` (a plain or ``async`` function) inside the reporting path.
+
+    Generator functions are refused: their bodies run later, step by step, outside the call;
+    use ``with reporting_path():`` inside them instead.
+    """
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(
+            "guarded() cannot wrap a generator function: its body runs after the call returns; "
+            "use `with reporting_path():` inside it instead"
+        )
     if inspect.iscoroutinefunction(func):
 
         @wrapt.decorator
@@ -307,7 +323,13 @@ def thread_is_reporting(thread: Optional[threading.Thread]) -> bool:
     return thread is not None and bool(getattr(thread, _MARK, False))
 
 
+def on_own_thread() -> bool:
+    """Whether the calling thread is one of selfreport's own (worker, replay, metrics)."""
+    return getattr(_local, "own_thread", False)
+
+
 def enter_thread_for_life() -> None:
     """Mark the calling thread (selfreport's worker) as reporting path until it ends."""
+    _local.own_thread = True
     _local.depth = getattr(_local, "depth", 0) + 1
     _in_path.set(True)

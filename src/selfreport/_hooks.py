@@ -8,7 +8,13 @@ import threading
 from types import TracebackType
 from typing import Any, Callable, Optional
 
-from ._guard import install_propagation, thread_is_reporting, uninstall_propagation
+from ._guard import (
+    context_is_reporting,
+    install_propagation,
+    mark_exception,
+    thread_is_reporting,
+    uninstall_propagation,
+)
 from ._patching import Patches
 
 __all__ = ["Hooks"]
@@ -17,6 +23,10 @@ __all__ = ["Hooks"]
 # reporting-path flag of the calling context means anything (not in GC finalizers).
 CaptureFn = Callable[[BaseException, str, bool], None]
 ReentrantFn = Callable[[str], None]
+
+
+# threading.__excepthook__ exists from Python 3.10 on.
+_threading_default = getattr(threading, "__excepthook__", threading.excepthook)
 
 
 def _reportable(exc: Optional[BaseException]) -> bool:
@@ -62,7 +72,7 @@ class Hooks:
                 self._reentrant("thread exception")
             else:
                 self._safe_capture(args.exc_value, "threading", True)
-        previous = self._prev_threading or threading.__excepthook__
+        previous = self._prev_threading or _threading_default
         previous(args)
 
     def _unraisable_hook(self, unraisable: Any) -> None:
@@ -78,10 +88,18 @@ class Hooks:
         context = args[0] if args else kwargs.get("context", {})
         exc = context.get("exception") if isinstance(context, dict) else None
         if self.active and isinstance(exc, Exception):
-            # "Task exception was never retrieved" is raised from the task's finalizer, so the
-            # calling context says nothing; a task started in the path has its exception tagged.
-            from_finalizer = "future" in context or "task" in context
-            self._safe_capture(exc, "asyncio", not from_finalizer)
+            handle = context.get("handle")
+            if context_is_reporting(getattr(handle, "_context", None)):
+                # A callback scheduled from the path (call_soon, call_later...): it ran in its
+                # own copy of the path's context, but the handler is called outside it. Tagged,
+                # so the "Exception in callback" record the default handler logs is dropped too.
+                mark_exception(exc)
+                self._reentrant("asyncio callback exception")
+            else:
+                # "Task exception was never retrieved" comes from the task's finalizer, so the
+                # calling context says nothing; a task started in the path has it tagged.
+                from_finalizer = "future" in context or "task" in context
+                self._safe_capture(exc, "asyncio", not from_finalizer)
         return wrapped(*args, **kwargs)
 
     def _hook_points(self) -> tuple[tuple[Any, str, Callable[..., Any], str], ...]:
@@ -116,7 +134,8 @@ class Hooks:
         self.active = False
         for module, name, ours, previous in self._hook_points():
             if getattr(module, name) == ours:
-                setattr(module, name, getattr(self, previous) or getattr(module, f"__{name}__"))
+                default = getattr(module, f"__{name}__", _threading_default)
+                setattr(module, name, getattr(self, previous) or default)
             else:
                 self._stuck.setdefault(module.__name__, set()).add(name)
         self._asyncio.uninstall()

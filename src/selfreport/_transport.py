@@ -206,5 +206,12 @@ class HttpTransport:
                 pass
 
     def forget_after_fork(self) -> None:
-        """Drop the parent's connection without touching its socket state."""
-        self._conn = None
+        """Drop the parent's connection: close only this process's copy of the socket (no
+        shutdown, no TLS close_notify), so the parent's connection is untouched."""
+        conn, self._conn = self._conn, None
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:  # pragma: no cover - an already broken descriptor
+                pass

@@ -11,6 +11,7 @@ from ._guard import enter_thread_for_life
 
 __all__ = ["Worker"]
 
+
 T = TypeVar("T")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -132,7 +133,13 @@ def test_close_removes_handler_and_restores_hooks(collector: FakeCollector) -> N
     assert threading.Thread.start.__class__.__name__ == "function"
 
 
-def _wait_child(pid: int, timeout: float) -> int:
+# The fork scenarios run in a fresh interpreter: a coverage tracer in this one holds a lock of
+# its own that a fork can catch held by another thread, which would hang the child in coverage.
+FORK_PRELUDE = """
+import logging, os, sys, threading, time
+import selfreport
+
+def wait_child(pid, timeout=15.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -141,29 +148,43 @@ def _wait_child(pid: int, timeout: float) -> int:
         time.sleep(0.02)
     os.kill(pid, 9)
     os.waitpid(pid, 0)
-    raise AssertionError(f"child {pid} hung (deadlock after fork?)")
+    return "hung"
+
+# Only selfreport's handler: other handlers' stream locks are a CPython fork hazard of their own.
+log = logging.getLogger("isolated")
+log.propagate = False
+log.addHandler(selfreport.LoggingHandler())
+"""
 
 
+def run_fork_scenario(code: str, dsn: str) -> list[str]:
+    result = run_python(FORK_PRELUDE + textwrap.dedent(code), dsn, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_reports_through_its_own_worker(collector: FakeCollector) -> None:
-    selfreport.init(collector.dsn)
-    # Only selfreport's handler: a fork can catch other handlers' stream locks held by
-    # threads left over from earlier tests (a CPython hazard this test is not about).
-    isolated = logging.getLogger("isolated.child")
-    isolated.propagate = False
-    isolated.addHandler(selfreport.LoggingHandler())
-    isolated.error("from the parent")
-    assert collector.wait_for(1)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            isolated.error("from the child")
-            code = 0 if selfreport.flush(5.0) and selfreport.stats()["sent"] == 1 else 3
-        finally:
-            os._exit(code)
-    isolated.handlers.clear()
-    assert _wait_child(pid, 15.0) == 0
+    codes = run_fork_scenario(
+        """
+        selfreport.init(sys.argv[1])
+        log.error("from the parent")
+        selfreport.flush(5.0)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                log.error("from the child")
+                code = 0 if selfreport.flush(5.0) and selfreport.stats()["sent"] == 1 else 3
+            finally:
+                os._exit(code)
+        print(wait_child(pid))
+        selfreport.close()
+        """,
+        collector.dsn,
+    )
+    assert codes == ["0"]
     assert collector.wait_for(2)
     messages = sorted(e["logentry"]["message"] for e in collector.events)
     assert messages == ["from the child", "from the parent"]
@@ -174,55 +195,116 @@ def test_forked_child_reports_through_its_own_worker(collector: FakeCollector) -
 def test_fork_while_other_threads_hammer_the_queue_never_deadlocks(
     collector: FakeCollector,
 ) -> None:
-    selfreport.init(collector.dsn, rate_limit=0, dedupe_window=0, max_queue=50)
-    # Only selfreport's handler: other handlers' streams have locks of their own that a fork
-    # can catch held (a CPython hazard this test is not about).
-    isolated = logging.getLogger("isolated.fork")
-    isolated.propagate = False
-    isolated.addHandler(selfreport.LoggingHandler())
-    stop = threading.Event()
+    codes = run_fork_scenario(
+        """
+        selfreport.init(sys.argv[1], rate_limit=0, dedupe_window=0, max_queue=50)
+        stop = threading.Event()
 
-    def hammer() -> None:
-        while not stop.is_set():
-            isolated.error("hammering from a thread")
+        def hammer():
+            while not stop.is_set():
+                log.error("hammering from a thread")
 
-    threads = [threading.Thread(target=hammer) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        for thread in threads:
+            thread.start()
         for _ in range(10):
             pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child
+            if pid == 0:
                 code = 1
                 try:
-                    isolated.error("child after fork")
+                    log.error("child after fork")
                     code = 0 if selfreport.flush(5.0) else 4
                 finally:
                     os._exit(code)
-            assert _wait_child(pid, 15.0) == 0
-    finally:
+            print(wait_child(pid))
         stop.set()
         for thread in threads:
             thread.join()
-        isolated.handlers.clear()
-    selfreport.flush(5.0)
+        selfreport.close(timeout=5.0)
+        """,
+        collector.dsn,
+    )
+    assert codes == ["0"] * 10
     children = [e for e in collector.events if e["logentry"]["message"] == "child after fork"]
     assert len(children) == 10
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_child_forked_inside_the_reporting_path_stays_in_it(collector: FakeCollector) -> None:
-    selfreport.init(collector.dsn)
-    with selfreport.reporting_path():
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
-            try:
-                log.error("from a child forked inside the reporting path")
-                selfreport.flush(2.0)
-                code = 0 if selfreport.stats()["dropped_reentrant"] == 1 else 5
-            finally:
-                os._exit(code)
-    assert _wait_child(pid, 15.0) == 0
+    codes = run_fork_scenario(
+        """
+        selfreport.init(sys.argv[1])
+        with selfreport.reporting_path():
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    log.error("from a child forked inside the reporting path")
+                    selfreport.flush(2.0)
+                    code = 0 if selfreport.stats()["dropped_reentrant"] == 1 else 5
+                finally:
+                    os._exit(code)
+        print(wait_child(pid))
+        selfreport.close()
+        """,
+        collector.dsn,
+    )
+    assert codes == ["0"]
     time.sleep(0.3)
     assert collector.events == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_close_in_a_forked_child_wakes_a_delivery_waiting_to_retry() -> None:
+    with socket.socket() as sock:  # a port nobody listens on: every send is refused
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://key@127.0.0.1:{sock.getsockname()[1]}/1"
+    codes = run_fork_scenario(
+        """
+        selfreport.init(sys.argv[1], retry_backoff=5.0, max_retries=3, shutdown_timeout=3.0)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                log.error("from the child")
+                time.sleep(0.3)  # the first send failed; the worker waits 5 s to retry
+                started = time.monotonic()
+                selfreport.close()
+                quick = time.monotonic() - started < 1.5
+                code = 0 if quick and selfreport.stats() is not None else 6
+            finally:
+                os._exit(code)
+        print(wait_child(pid))
+        selfreport.close(timeout=0.5)
+        """,
+        dead,
+    )
+    assert codes == ["0"]
+
+
+@pytest.mark.slow
+def test_a_signal_handler_that_logs_while_the_caller_is_reporting_never_deadlocks(
+    collector: FakeCollector,
+) -> None:
+    result = run_python(
+        """
+        import logging, signal, sys, selfreport
+        selfreport.init(sys.argv[1], rate_limit=0, dedupe_window=0)
+        log = logging.getLogger("app")
+        log.propagate = False
+        log.addHandler(selfreport.LoggingHandler())
+        signal.signal(signal.SIGALRM, lambda *_: log.error("from a signal handler"))
+        signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+        for i in range(20000):
+            selfreport.capture_message(f"from the main loop {i % 10}")
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        selfreport.close(timeout=1.0)
+        print("done")
+        """,
+        collector.dsn,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done"

@@ -307,3 +307,28 @@ def test_other_handlers_still_receive_records_dropped_by_the_guard(
         log.removeHandler(recorder)
     assert seen == ["inside the reporting path", "outside the reporting path"]
     assert settle(collector, 1) == 1
+
+
+@pytest.mark.asyncio
+async def test_callbacks_scheduled_from_the_path_that_raise_are_not_reported(
+    collector: FakeCollector,
+) -> None:
+    loop = asyncio.get_running_loop()
+    ran: list[str] = []
+
+    def callback(name: str) -> None:
+        ran.append(name)
+        raise RuntimeError(f"callback {name} scheduled from the reporting path failed")
+
+    client = selfreport.init(collector.dsn)
+    async with selfreport.reporting_path():
+        loop.call_soon(callback, "soon")
+        loop.call_later(0.01, callback, "later")
+    for _ in range(10):
+        await asyncio.sleep(0.01)
+    assert ran == ["soon", "later"]
+    loop.call_soon(callback, "outside")  # the control: the same failure outside is reported
+    await asyncio.sleep(0.05)
+    assert await loop.run_in_executor(None, settle, collector, 1) == 1
+    assert "outside" in collector.events[0]["exception"]["values"][-1]["value"]
+    assert client.stats()["dropped_reentrant"] >= 2
