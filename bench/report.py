@@ -366,6 +366,36 @@ def tables(results: dict[str, Any], chart: Optional[str]) -> list[str]:
         lines += ["", *close_table(results["close"])]
     if "recursion" in results:
         lines += ["", *recursion_table(results["recursion"], window)]
+    if "collector" in results:
+        lines += ["", *collector_table(results["collector"])]
+    return lines
+
+
+def collector_table(rows: list[dict[str, Any]]) -> list[str]:
+    """``selfreport serve`` under load (bench/collector_load.py), with a bare-uvicorn baseline."""
+    names = {
+        "open": "2,000 events/s offered (100 senders)",
+        "closed": "as fast as it goes (100 senders)",
+        "baseline": "baseline: bare uvicorn app, same load",
+    }
+    lines = [
+        "### Collector ingestion (`selfreport serve`)",
+        "",
+        "| phase | accepted/s | p50 | p99 | errors | collector CPU | RSS start/end MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rss = row.get("rss_mib_start_end_max") or (None, None, None)
+        lines.append(
+            f"| {names.get(str(row['phase']), row['phase'])} | {row['accepted_per_s']:,.0f} "
+            f"| {row['p50_ms']} ms | {row['p99_ms']} ms | {row['errors']} "
+            f"| {row['server_cpu_share']} core | {rss[0]} / {rss[1]} |"
+        )
+    lines += [
+        "",
+        "The load generator runs on the same two cores; the 5-minute run and the discussion "
+        "are in docs/collector.md.",
+    ]
     return lines
 
 

@@ -37,7 +37,7 @@ from _common import (
     sentry_plus_available,
 )
 
-PARTS = ("micro", "storm", "close", "recursion")
+PARTS = ("micro", "storm", "close", "recursion", "collector")
 REPORTED_CASES = ("log_error", "log_exception", "capture_exception")
 
 
@@ -336,6 +336,32 @@ def run_recursion(
 # --- main ---------------------------------------------------------------------------------------
 
 
+def run_collector(quick: bool) -> list[dict[str, Any]]:
+    """Collector ingestion under load (bench/collector_load.py: 100 keep-alive senders at
+    2,000 events/s offered, then as fast as it goes, then a bare-uvicorn baseline)."""
+    duration = "2" if quick else "15"
+    with tempfile.TemporaryDirectory(prefix="selfreport-collector-bench-") as tmp:
+        out = Path(tmp) / "rows.json"
+        log("collector: ingestion under load")
+        subprocess.run(
+            [
+                PYTHON,
+                str(BENCH_DIR / "collector_load.py"),
+                "--duration",
+                duration,
+                "--json",
+                str(out),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=600,
+        )
+        rows: list[dict[str, Any]] = json.loads(out.read_text())
+    for row in rows:
+        row.pop("rss_samples", None)
+    return rows
+
+
 def environment() -> dict[str, Any]:
     import sentry_sdk
 
@@ -415,6 +441,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "recursion" in parts:
             with CollectorProcess() as collector, CollectorProcess(status=500) as failing:
                 results["recursion"] = run_recursion(plan, collector, failing)
+        if "collector" in parts:
+            results["collector"] = run_collector(args.quick)
     results["environment"]["load_average_end"] = list(os.getloadavg())
     results["duration_s"] = time.monotonic() - started
 
