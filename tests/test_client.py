@@ -694,7 +694,7 @@ def test_after_fork_in_child_gives_fresh_state(make_client: ClientFactory) -> No
     client.capture_message("parent")
     assert client.flush(5)
     client._worker.stop(5)  # as if the worker thread had not survived fork()
-    client._stats_lock.acquire()  # ... and another thread had held a lock at fork time
+    client._counters._lock.acquire()  # ... and another thread had held a lock at fork time
     client.after_fork_in_child()
     assert client.stats()["sent"] == 0
     client.capture_message("child")

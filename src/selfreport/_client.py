@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+from ._counters import Counters
 from ._delivery import Delivery, otel_integration
 from ._destination import Destination, Uplink
 from ._diag import Diagnostics
@@ -152,8 +153,7 @@ class Client:
         self._deduper = Deduper(dedupe_window)
         self._limits = UpstreamLimits()
         self.diagnostics = Diagnostics()
-        self._stats = dict.fromkeys(STAT_KEYS, 0)
-        self._stats_lock = threading.RLock()  # counted from signal handlers and finalizers too
+        self._counters = Counters(STAT_KEYS)
         self._reentrant_told: set[str] = set()
         self._last_record: Optional[weakref.ref[logging.LogRecord]] = None
         self._closed = threading.Event()
@@ -183,8 +183,8 @@ class Client:
                 max_retries=self.max_retries,
                 retry_backoff=self.retry_backoff,
                 observe=self._observe_latency,
+                uplink=self._uplink,
             )
-            self._delivery.uplink = self._uplink
         self.enabled = transport is not None or bool(self.destinations)
         self._worker: Worker[Capture] = Worker(self._process, max_queue)
         if self._statsd is not None:
@@ -271,13 +271,11 @@ class Client:
     # --- stats -----------------------------------------------------------------------------
 
     def _count(self, key: str, amount: int = 1) -> None:
-        with self._stats_lock:
-            self._stats[key] += amount
+        self._counters.add(key, amount)
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters (see ``STAT_KEYS``); never raises."""
-        with self._stats_lock:
-            out = dict(self._stats)
+        out = self._counters.snapshot()
         out["queue_size"] = self._worker.qsize()
         return out
 
@@ -578,13 +576,12 @@ class Client:
     def after_fork_in_child(self) -> None:
         """Give the child its own queue, locks and connection; the parent sends what it queued."""
         self._worker.reset_after_fork()
-        self._stats_lock = threading.RLock()
+        self._counters.reset()
         closed, self._closed = self._closed.is_set(), threading.Event()  # its lock may be held
         if closed:
             self._closed.set()
         if self._delivery is not None:
             self._delivery.closed = self._closed
-        self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._bucket.reset_after_fork()
         self._deduper.reset_after_fork()
         self.diagnostics.reset_after_fork()

@@ -62,10 +62,11 @@ class Delivery:
         retry_backoff: float,
         observe: Callable[[float], None] = lambda seconds: None,
         name: str = "the collector",
+        uplink: Optional[Uplink] = None,
     ) -> None:
         self.transport = transport
         self.limits = limits
-        self.uplink: Optional[Uplink] = None
+        self.uplink = uplink
         self.close_deadline: Optional[float] = None
         self.http_timeout = http_timeout
         self.max_retries = max_retries

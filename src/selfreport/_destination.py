@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional, Union
 
+from ._counters import Counters
 from ._delivery import Delivery
 from ._diag import Diagnostics
 from ._dsn import Dsn, parse_dsn
@@ -247,8 +248,7 @@ class Destination:
         self._bucket = TokenBucket(rate_limit, rate_burst)
         self._limits = UpstreamLimits()
         self.diagnostics = diagnostics or Diagnostics()
-        self._stats = dict.fromkeys(DESTINATION_STAT_KEYS, 0)
-        self._stats_lock = threading.Lock()
+        self._counters = Counters(DESTINATION_STAT_KEYS)
         self._closed = threading.Event()
         self.latency: Optional[Latency] = None  # set by a metrics exporter
         own_transport = transport is None
@@ -288,8 +288,8 @@ class Destination:
             retry_backoff=self.retry_backoff,
             observe=self._observe,
             name=name,
+            uplink=self._uplink,
         )
-        self._delivery.uplink = self._uplink
         self._worker: Worker[Mapping[str, Any]] = Worker(
             self._process, max_queue, name=f"selfreport-destination-{name}"
         )
@@ -301,13 +301,11 @@ class Destination:
     # --- stats -------------------------------------------------------------------------------
 
     def _count(self, key: str, amount: int = 1) -> None:
-        with self._stats_lock:
-            self._stats[key] += amount
+        self._counters.add(key, amount)
 
     def stats(self) -> dict[str, int]:
         """A snapshot of this destination's counters (``DESTINATION_STAT_KEYS``)."""
-        with self._stats_lock:
-            out = dict(self._stats)
+        out = self._counters.snapshot()
         out["queue_size"] = self._worker.qsize()
         out["spool_size"] = len(self._uplink.spool) if self._uplink is not None else 0
         return out
@@ -440,12 +438,11 @@ class Destination:
     def after_fork_in_child(self) -> None:
         """A fresh queue, locks and connections in a forked child."""
         self._worker.reset_after_fork()
-        self._stats_lock = threading.Lock()
+        self._counters.reset()
         closed, self._closed = self._closed.is_set(), threading.Event()  # its lock may be held
         if closed:
             self._closed.set()
         self._delivery.closed = self._closed
-        self._stats = dict.fromkeys(DESTINATION_STAT_KEYS, 0)
         self._bucket.reset_after_fork()
         self.diagnostics.reset_after_fork()
         forget = getattr(self.transport, "forget_after_fork", None)

@@ -786,10 +786,12 @@ def test_sends_work_without_opentelemetry_loaded(
 
 def test_state_is_fresh_after_fork() -> None:
     integration = SelfreportIntegration()
-    lock = integration._lock
+    integration._count("dropped_reentrant")
+    integration._counters._lock.acquire()  # held by another thread at fork time
     sentry_integration._after_fork_in_child()
-    assert integration._lock is not lock
-    assert integration.stats() == dict.fromkeys(sentry_integration.STAT_KEYS, 0)
+    integration._count("forwarded")  # would block for ever on the old lock
+    expected = dict.fromkeys(sentry_integration.STAT_KEYS, 0)
+    assert integration.stats() == {**expected, "forwarded": 1}
 
 
 def test_import_without_sentry_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

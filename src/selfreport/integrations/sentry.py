@@ -26,6 +26,7 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with s
         name=__name__,
     ) from _missing
 
+from selfreport._counters import Counters
 from selfreport._delivery import otel_integration
 from selfreport._diag import Diagnostics
 from selfreport._dsn import Dsn, parse_dsn
@@ -111,8 +112,7 @@ class SelfreportIntegration(Integration):
         self.diagnostics = Diagnostics()
         self._bucket = TokenBucket(rate_limit, rate_burst)
         self._deduper = Deduper(dedupe_window)
-        self._stats = dict.fromkeys(STAT_KEYS, 0)
-        self._lock = threading.Lock()
+        self._counters = Counters(STAT_KEYS)
         self.origins: set[str] = set()
         _live_integrations.add(self)
 
@@ -132,13 +132,11 @@ class SelfreportIntegration(Integration):
     # --- stats ----------------------------------------------------------------------------
 
     def _count(self, key: str) -> None:
-        with self._lock:
-            self._stats[key] += 1
+        self._counters.add(key)
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters (see ``STAT_KEYS``)."""
-        with self._lock:
-            return dict(self._stats)
+        return self._counters.snapshot()
 
     # --- the guard ------------------------------------------------------------------------
 
@@ -616,7 +614,7 @@ def stats() -> dict[str, int]:
 
 def _after_fork_in_child() -> None:
     for integration in list(_live_integrations):
-        integration._lock = threading.Lock()
+        integration._counters.reset()
         integration._bucket.reset_after_fork()
         integration._deduper.reset_after_fork()
         integration.diagnostics.reset_after_fork()
