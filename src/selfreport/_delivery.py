@@ -6,6 +6,8 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -16,7 +18,7 @@ from ._transport import Response, Transport
 if TYPE_CHECKING:
     from ._destination import Uplink
 
-__all__ = ["Delivery", "otel_integration", "send_unobserved"]
+__all__ = ["Delivery", "otel_integration", "send_unobserved", "unobserved"]
 
 
 def otel_integration() -> Optional[ModuleType]:
@@ -31,12 +33,20 @@ def otel_integration() -> Optional[ModuleType]:
     return opentelemetry
 
 
-def send_unobserved(transport: Transport, body: bytes, timeout: float) -> Response:
-    """``transport.send``, with instrumented HTTP clients told not to trace or log it."""
+@contextmanager
+def unobserved() -> Iterator[None]:
+    """Tell instrumented HTTP clients (OpenTelemetry's) not to trace or log what runs inside."""
     otel = otel_integration()
     if otel is None:
-        return transport.send(body, timeout)
+        yield
+        return
     with otel.suppress_instrumentation():
+        yield
+
+
+def send_unobserved(transport: Transport, body: bytes, timeout: float) -> Response:
+    """``transport.send`` inside :func:`unobserved`."""
+    with unobserved():
         return transport.send(body, timeout)
 
 

@@ -8,8 +8,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Coroutine, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Coroutine, Mapping
 from typing import Any, Callable, Optional
 
 try:
@@ -27,7 +26,7 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with s
     ) from _missing
 
 from selfreport._counters import Counters
-from selfreport._delivery import otel_integration
+from selfreport._delivery import unobserved
 from selfreport._diag import Diagnostics
 from selfreport._dsn import Dsn, parse_dsn
 from selfreport._event import fingerprint_of, safe_str
@@ -480,16 +479,6 @@ def _mark_request(
         integration._count("requests_marked")
 
 
-@contextmanager
-def _otel_suppressed() -> Iterator[None]:
-    otel = otel_integration()
-    if otel is None:
-        yield
-        return
-    with otel.suppress_instrumentation():
-        yield
-
-
 def _transport_send_request(
     wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
 ) -> Any:
@@ -497,7 +486,7 @@ def _transport_send_request(
     if integration is None:
         return wrapped(*args, **kwargs)
     _mark_request(instance, integration, args, kwargs)
-    with ReportingPath(), _otel_suppressed():
+    with ReportingPath(), unobserved():
         return wrapped(*args, **kwargs)
 
 
@@ -505,7 +494,7 @@ async def _await_in_path(coroutine: Coroutine[Any, Any, Any], suppress: bool) ->
     async with ReportingPath():
         if not suppress:
             return await coroutine
-        with _otel_suppressed():
+        with unobserved():
             return await coroutine
 
 
