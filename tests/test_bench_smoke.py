@@ -20,6 +20,7 @@ SECTIONS = (
     "### An error storm of",
     "### close() against an upstream that never answers",
     "### Recursion amplification",
+    "### Collector ingestion",
 )
 
 
