@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Optional, Union
 
 from ._counters import Counters
-from ._delivery import Delivery
+from ._delivery import Delivery, send_unobserved
 from ._diag import Diagnostics
 from ._dsn import Dsn, parse_dsn
 from ._guard import ReportingPath
@@ -130,7 +130,7 @@ class Uplink:
     def _replay(self, body: bytes) -> Outcome:
         started = time.monotonic()
         try:
-            response = self.transport.send(body, self.http_timeout)
+            response = send_unobserved(self.transport, body, self.http_timeout)
         except Exception:
             return Outcome.RETRY
         self.latency(time.monotonic() - started)
