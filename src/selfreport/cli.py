@@ -23,6 +23,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
     serve.add_argument("--data", metavar="DIR", help="database directory (default: ~/.local/...)")
+    access = serve.add_argument_group("who may read (see docs/security.md)")
+    access.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="the URL clients reach the collector at, for DSNs and cookies "
+        "(default: http://HOST:PORT)",
+    )
+    access.add_argument(
+        "--allowed-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="a name the Host header may carry, besides localhost, the listening address and "
+        "the public URL's host (repeatable; '*' allows any)",
+    )
+    access.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="no login at all, on any address (only behind a proxy that authenticates)",
+    )
+    access.add_argument(
+        "--metrics-public", action="store_true", help="/metrics needs no login (default: it does)"
+    )
     forwarding = serve.add_argument_group("forwarding upstream")
     forwarding.add_argument("--upstream", metavar="DSN", help="forward stored events to this DSN")
     forwarding.add_argument(
@@ -45,8 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
     for action in (create, listing):
         action.add_argument("--data", metavar="DIR", help="database directory")
         action.add_argument(
-            "--url", default="http://127.0.0.1:8000", help="the collector's URL, for the DSN"
+            "--public-url",
+            "--url",
+            dest="url",
+            default="http://127.0.0.1:8000",
+            help="the collector's public URL, for the DSN (default: %(default)s)",
         )
+    user = sub.add_parser("user", help="manage who may log in to the pages and the API")
+    user_actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("add", "add a user (the password is asked for, or read from stdin)"),
+        ("passwd", "change a user's password (and end their sessions)"),
+        ("remove", "remove a user (and end their sessions)"),
+        ("list", "list the users"),
+    ):
+        parser_ = user_actions.add_parser(name, help=text)
+        if name != "list":
+            parser_.add_argument("name")
+        parser_.add_argument("--data", metavar="DIR", help="database directory")
+    token = sub.add_parser("token", help="manage API tokens (Authorization: Bearer TOKEN)")
+    token_actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("create", "create a token and print it (once: only its hash is kept)"),
+        ("revoke", "revoke a token"),
+        ("list", "list the tokens by name"),
+    ):
+        parser_ = token_actions.add_parser(name, help=text)
+        if name != "list":
+            parser_.add_argument("name")
+        parser_.add_argument("--data", metavar="DIR", help="database directory")
     return parser
 
 
@@ -57,10 +107,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .demo import run_demo
 
         return int(run_demo(once=args.once))
-    if args.command in ("serve", "project"):
+    if args.command in ("serve", "project", "user", "token"):
         from .collector import require_extra
 
         require_extra()
+        if args.command in ("user", "token"):
+            from .collector import accounts
+
+            command = accounts.user_command if args.command == "user" else accounts.token_command
+            return command(args.action, args.data, getattr(args, "name", ""))
         from .collector import server
 
         if args.command == "serve":
@@ -72,6 +127,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 forward=args.forward,
                 scrub=args.scrub,
                 spool_dir=args.spool,
+                insecure_no_auth=args.insecure_no_auth,
+                public_url=args.public_url,
+                allowed_hosts=args.allowed_host,
+                metrics_public=args.metrics_public,
             )
         return server.project_command(args.action, args.data, getattr(args, "name", ""), args.url)
     parser.print_help(sys.stderr)

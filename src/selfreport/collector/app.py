@@ -20,6 +20,7 @@ from selfreport._client import Client
 from selfreport._dsn import Dsn, parse_dsn
 from selfreport.integrations.asgi import SelfreportMiddleware
 
+from . import auth as _auth
 from . import web
 from .health import HealthChecks, default_checks, upstream_reachable
 from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
@@ -47,6 +48,9 @@ class Collector:
     processors: list[Processor] = field(default_factory=list)
     on_stored: list[OnStored] = field(default_factory=list)
     internal_project: Optional[Project] = None
+    # Who may read (pages, the JSON API, /metrics) and the URL DSNs are built from.
+    auth: Optional[_auth.AuthPolicy] = None
+    public_url: str = _auth.DEFAULT_PUBLIC_URL
 
     def reporter_stats(self) -> dict[str, int]:
         """The self-reporter's ``stats()`` (the given client's, else the global one's)."""
@@ -66,6 +70,10 @@ def create_app(
     upstream: Union[str, Dsn, None] = None,
     min_free_bytes: int = 100 * 2**20,
     close_storage: bool = False,
+    login: str = "auto",
+    public_url: Optional[str] = None,
+    allowed_hosts: Optional[Sequence[str]] = None,
+    metrics_public: bool = False,
 ) -> CollectorApp:
     """Build the collector app on ``storage`` (whose writer thread it starts).
 
@@ -81,6 +89,13 @@ def create_app(
         upstream: when forwarding to an upstream DSN, ``/health`` checks it is reachable.
         min_free_bytes: ``/health`` fails below this much free disk space.
         close_storage: close ``storage`` when the app shuts down.
+        login: ``auto`` (pages, the JSON API and ``/metrics`` need a login once a user
+            exists), ``required`` or ``off``; ingestion and ``/health`` never do.
+        public_url: the collector's URL as clients reach it: DSNs on pages are built from it
+            (never from the request), and ``https`` makes cookies ``Secure``.
+        allowed_hosts: the names a request's ``Host`` may carry (except for ingestion and
+            ``/health``); default: loopback names and the public URL's host.
+        metrics_public: ``/metrics`` needs no login.
     """
     storage.start()
     internal = next((p for p in storage.projects() if p.internal), None)
@@ -91,6 +106,17 @@ def create_app(
         extra_checks.append(("upstream_reachable", upstream_reachable(dsn)))
     keys = KeyCache(storage)
     keys.load()
+    public_url = (public_url or _auth.DEFAULT_PUBLIC_URL).rstrip("/")
+    policy = _auth.AuthPolicy(
+        storage,
+        mode=login,
+        hosts=_auth.allowed_hosts("127.0.0.1", public_url)
+        if allowed_hosts is None
+        else allowed_hosts,
+        public_url=public_url,
+        metrics_public=metrics_public,
+    )
+    policy.secret  # noqa: B018 - made now, not in the first request on the event loop
     collector = Collector(
         storage=storage,
         metrics=metrics_,
@@ -99,6 +125,8 @@ def create_app(
         reporter=reporter,
         processors=list(processors),
         internal_project=internal,
+        auth=policy,
+        public_url=public_url,
     )
     metrics_.reporter_stats = collector.reporter_stats
 
@@ -116,6 +144,7 @@ def create_app(
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *_auth.routes(),
         *web.routes(),
     ]
 
@@ -129,7 +158,10 @@ def create_app(
 
     site = Starlette(
         routes=routes,
-        middleware=[Middleware(SelfreportMiddleware, client=reporter)],
+        middleware=[
+            Middleware(SelfreportMiddleware, client=reporter),
+            Middleware(_auth.AuthMiddleware, policy=policy),
+        ],
         exception_handlers={Exception: _internal_error},
         lifespan=lifespan,
     )

@@ -18,6 +18,7 @@ import uvicorn
 from selfreport._version import __version__
 from selfreport.exceptions import ConfigError
 
+from . import auth as _auth
 from .app import Collector, CollectorApp, create_app
 from .forward import Forwarder
 from .ingest import DEFAULT_MAX_BODY, Processor
@@ -80,6 +81,10 @@ class CollectorServer:
         forward: str = "all",
         scrub: bool = False,
         spool_dir: Union[str, os.PathLike[str], None] = None,
+        login: str = "auto",
+        public_url: Optional[str] = None,
+        allowed_hosts: Sequence[str] = (),
+        metrics_public: bool = False,
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         self.forwarder: Optional[Forwarder] = None
@@ -90,6 +95,10 @@ class CollectorServer:
                 scrub=scrub,
                 spool_dir=None if spool_dir is None else str(spool_dir),
             )
+        try:
+            public_url = None if public_url is None else _auth.check_public_url(public_url)
+        except ValueError as exc:
+            raise ConfigError("public_url", str(exc)) from None
         self.data_dir = Path(data_dir)
         self.host = host
         self.self_report = self_report
@@ -97,6 +106,7 @@ class CollectorServer:
         self.storage = open_storage(self.data_dir, **(storage_options or {}))
         self.first_start = self.storage.created
         self.default_project, self.internal_project = self.storage.ensure_defaults()
+        self.login = _login_mode(host, login, self.storage)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
         # TCP, and without it every keep-alive response waits ~40 ms on delayed ACKs.
@@ -111,8 +121,16 @@ class CollectorServer:
             self.storage.close()
             raise
         self.port: int = self._socket.getsockname()[1]
+        self.public_url = public_url or self.url
         self.app: CollectorApp = create_app(
-            self.storage, processors=processors, max_body=max_body, upstream=upstream
+            self.storage,
+            processors=processors,
+            max_body=max_body,
+            upstream=upstream,
+            login=self.login,
+            public_url=self.public_url,
+            allowed_hosts=_auth.allowed_hosts(host, self.public_url, allowed_hosts),
+            metrics_public=metrics_public,
         )
         if self.forwarder is not None:
             self.collector.on_stored.append(self.forwarder)
@@ -142,8 +160,8 @@ class CollectorServer:
         return f"http://{_dsn_host(self.host)}:{self.port}"
 
     def dsn(self, project: Optional[Project] = None) -> str:
-        """The DSN of ``project`` (default: the default project) on this server."""
-        return (project or self.default_project).dsn(self.url)
+        """The DSN of ``project`` (default: the default project), at the public URL."""
+        return (project or self.default_project).dsn(self.public_url)
 
     def project(self, name: str) -> Project:
         """Create a project (with its key) and return it."""
@@ -161,7 +179,8 @@ class CollectorServer:
             "release": f"selfreport@{__version__}",
         }
         options.update(self.reporter_options)
-        selfreport.init(self.dsn(self.internal_project), **options)
+        # Straight to the listening socket, whatever the public URL (a proxy) says.
+        selfreport.init(self.internal_project.dsn(self.url), **options)
         self._reporting = True
 
     def _stop_reporting(self) -> None:
@@ -225,6 +244,37 @@ class CollectorServer:
         self.stop()
 
 
+def _login_notice(server: CollectorServer) -> str:
+    if server.login == "off":
+        return (
+            f"login is OFF (--insecure-no-auth): anyone who can reach {server.url} reads "
+            "every event, and the project keys"
+        )
+    if server.login == "auto" and not server.storage.has_users():
+        return (
+            f"no user yet: the pages and the API are OPEN to anyone who can reach {server.url} "
+            "(add one with `selfreport user add NAME` to require a login)"
+        )
+    return "the pages and the API need a login (users: `selfreport user list`)"
+
+
+def _login_mode(host: str, login: str, storage: Storage) -> str:
+    """``auto`` stays open until a user exists only on loopback; elsewhere a user must exist."""
+    if login not in _auth.LOGIN_MODES:
+        storage.close()
+        raise ConfigError("login", f"must be one of {', '.join(_auth.LOGIN_MODES)}, not {login!r}")
+    if login == "auto" and not _auth.is_loopback(host):
+        if not storage.has_users():
+            storage.close()
+            raise ConfigError(
+                "login",
+                f"no user exists, so serving on {host} is refused: add one with "
+                "`selfreport user add NAME` (or pass --insecure-no-auth)",
+            )
+        return "required"
+    return login
+
+
 def serve(
     *,
     host: str = "127.0.0.1",
@@ -235,6 +285,10 @@ def serve(
     forward: str = "all",
     scrub: bool = False,
     spool_dir: Optional[str] = None,
+    insecure_no_auth: bool = False,
+    public_url: Optional[str] = None,
+    allowed_hosts: Sequence[str] = (),
+    metrics_public: bool = False,
 ) -> int:
     """``selfreport serve``: run until interrupted; prints the web page and the default DSN."""
     out = out or sys.stdout
@@ -252,6 +306,10 @@ def serve(
             forward=forward,
             scrub=scrub,
             spool_dir=spool_dir,
+            login="off" if insecure_no_auth else "auto",
+            public_url=public_url,
+            allowed_hosts=allowed_hosts,
+            metrics_public=metrics_public,
         )
     except ConfigError as exc:
         print(f"selfreport: {exc}", file=sys.stderr)
@@ -261,7 +319,7 @@ def serve(
         return 1
     if server.first_start:
         print(f"Created the collector database in {directory}", file=out)
-    print(f"selfreport collector {__version__}: web page {server.url}/", file=out)
+    print(f"selfreport collector {__version__}: web page {server.public_url}/", file=out)
     print(f"DSN of the default project: {server.dsn()}", file=out)
     print(
         f"(its own errors go to project {server.internal_project.id}, "
@@ -272,6 +330,7 @@ def serve(
         what = "everything" if forward == "all" else "its own reports"
         scrubbed = ", scrubbed" if scrub else ""
         print(f"forwarding {what}{scrubbed} to {server.forwarder.destination.name}", file=out)
+    print(_login_notice(server), file=out)
     out.flush()
     # The event loop and the storage writer share the GIL; each time the writer wants it back
     # (after every SQLite step) it may wait a whole switch interval (5 ms by default) while the

@@ -85,6 +85,27 @@ CREATE INDEX IF NOT EXISTS events_by_received ON events (received);
 CREATE INDEX IF NOT EXISTS events_by_environment ON events (environment);
 """
 
+# Who may read: users (scrypt hashes), their sessions and API tokens (sha256 of the secret
+# part: a copy of the database gives no way in), and the server secret that signs CSRF tokens.
+_AUTH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    password TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+    created REAL NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+"""
+
 _ISSUE_COLUMNS = (
     "i.id, i.project_id, p.name, i.title, i.culprit, i.level, i.environment, i.release,"
     " i.first_seen, i.last_seen, i.times_seen, i.last_event_id"
@@ -142,6 +163,18 @@ class Event:
     environment: Optional[str]
     release: Optional[str]
     payload: str
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    created: float
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    name: str
+    created: float
 
 
 class _WriteFailed(Exception):
@@ -370,7 +403,7 @@ class Storage:
             if str(mode).lower() != "wal":
                 raise StorageError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             with _transaction(conn):
-                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + _AUTH_SCHEMA + "COMMIT;")
                 found = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if found is None:
                     conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -457,6 +490,125 @@ class Storage:
 
     def project(self, project_id: int) -> Optional[Project]:
         return next((p for p in self.projects() if p.id == project_id), None)
+
+    # --- users, sessions and API tokens (synchronous: CLI, login; never the writer's) --------
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement in its own transaction on a short-lived connection; rows changed."""
+        conn = self._connect()
+        try:
+            with _transaction(conn):
+                return int(conn.execute(sql, params).rowcount)
+        finally:
+            conn.close()
+
+    def add_user(self, name: str, password_hash: str) -> User:
+        """Add a user; raises ValueError if the name is taken."""
+        now = self._clock()
+        try:
+            self._write("INSERT INTO users VALUES (?, ?, ?)", (name, password_hash, now))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a user named {name!r} already exists") from None
+        return User(name, now)
+
+    def set_password(self, name: str, password_hash: str, *, end_sessions: bool = True) -> bool:
+        """Replace a user's password hash (and end their sessions); False if no such user."""
+        conn = self._connect()
+        try:
+            with _transaction(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                changed = conn.execute(
+                    "UPDATE users SET password = ? WHERE name = ?", (password_hash, name)
+                ).rowcount
+                if changed and end_sessions:
+                    conn.execute("DELETE FROM sessions WHERE user = ?", (name,))
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return bool(changed)
+
+    def remove_user(self, name: str) -> bool:
+        """Remove a user and end their sessions; False if no such user."""
+        return bool(self._write("DELETE FROM users WHERE name = ?", (name,)))
+
+    def users(self) -> list[User]:
+        with self._reader() as conn:
+            rows = conn.execute("SELECT name, created FROM users ORDER BY name").fetchall()
+        return [User(r[0], r[1]) for r in rows]
+
+    def has_users(self) -> bool:
+        with self._reader() as conn:
+            return conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+
+    def password_hash(self, name: str) -> Optional[str]:
+        with self._reader() as conn:
+            row = conn.execute("SELECT password FROM users WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def create_session(self, id_hash: str, user: str, expires: float) -> None:
+        """Store a session (by the hash of its id); expired sessions are deleted on the way."""
+        now = self._clock()
+        conn = self._connect()
+        try:
+            with _transaction(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+                conn.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?)", (id_hash, user, now, expires)
+                )
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def session_user(self, id_hash: str) -> Optional[str]:
+        """The user of a live session, else None."""
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT user FROM sessions WHERE id_hash = ? AND expires > ?",
+                (id_hash, self._clock()),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def end_session(self, id_hash: str) -> bool:
+        return bool(self._write("DELETE FROM sessions WHERE id_hash = ?", (id_hash,)))
+
+    def add_token(self, name: str, token_hash: str) -> ApiToken:
+        """Add an API token (by the hash of its secret); raises ValueError if the name is taken."""
+        now = self._clock()
+        try:
+            self._write("INSERT INTO api_tokens VALUES (?, ?, ?)", (name, token_hash, now))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a token named {name!r} already exists") from None
+        return ApiToken(name, now)
+
+    def tokens(self) -> list[ApiToken]:
+        with self._reader() as conn:
+            rows = conn.execute("SELECT name, created FROM api_tokens ORDER BY name").fetchall()
+        return [ApiToken(r[0], r[1]) for r in rows]
+
+    def token_name(self, token_hash: str) -> Optional[str]:
+        """The name of the token with this hash, else None."""
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT name FROM api_tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def revoke_token(self, name: str) -> bool:
+        return bool(self._write("DELETE FROM api_tokens WHERE name = ?", (name,)))
+
+    def auth_secret(self) -> bytes:
+        """The server secret that signs CSRF tokens: made once, kept in the database."""
+        with self._reader() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'auth_secret'").fetchone()
+        if row is None:
+            # OR IGNORE: two processes starting at once agree on whichever secret won.
+            self._write(
+                "INSERT OR IGNORE INTO meta VALUES ('auth_secret', ?)", (secrets.token_hex(32),)
+            )
+            with self._reader() as conn:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'auth_secret'").fetchone()
+        return bytes.fromhex(str(row[0]))
 
     # --- the writer ----------------------------------------------------------------------
 

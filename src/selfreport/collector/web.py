@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from .auth import page_context
 from .events import LEVELS, exception_values, frames_of
 from .storage import Event, Issue, Project
 
@@ -69,7 +70,7 @@ _environment.filters.update(when=_when, ago=_ago, show=_show)
 
 def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
     page = _environment.get_template(template).render(
-        request_path=request.url.path, levels=LEVELS, **context
+        request_path=request.url.path, levels=LEVELS, **{**page_context(request), **context}
     )
     return HTMLResponse(page, status_code=status, headers=SECURITY_HEADERS)
 
@@ -89,7 +90,9 @@ def _int(value: Optional[str], default: Optional[int] = None) -> Optional[int]:
 
 
 def _base_url(request: Request) -> str:
-    return f"{request.url.scheme}://{request.url.netloc}"
+    """Where DSNs point: the configured public URL, never the request's Host (which a DNS
+    rebinding page or a misconfigured proxy chooses)."""
+    return _collector(request).public_url
 
 
 # --- turning a stored event into what the issue page shows --------------------------------
