@@ -103,9 +103,7 @@ def allowed_hosts(listen_host: str, public_url: str, extra: Iterable[str] = ()) 
         names.append(socket.gethostname())
     else:
         names.append(listen_host)
-    public_host = urlsplit(public_url).hostname
-    if public_host:
-        names.append(public_host)
+    names.append(urlsplit(public_url).hostname or "")
     names.extend(extra)
     seen: dict[str, None] = {}
     for name in names:
