@@ -1,21 +1,31 @@
-"""The web pages in a real headless Chromium: script planted in every field never runs."""
+"""The web pages in a real headless Chromium: planted script never runs; logging in works and
+forms posted from another origin are refused."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import fcntl
 import html
 import http.client
+import http.server
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
+from selfreport.collector.accounts import hash_password
 from selfreport.collector.server import CollectorServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -281,3 +291,224 @@ def test_screenshots_render(server: CollectorServer, tmp_path: Path) -> None:
         if os.environ.get("SELFREPORT_SCREENSHOTS") == "1":
             DOCS_IMG.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target, DOCS_IMG / name)
+
+
+# --- logging in, in a real browser ---------------------------------------------------------
+
+
+def _above(fd: int, lowest: int) -> int:
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, lowest)
+    os.close(fd)
+    return moved
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (no port, no package)."""
+
+    def __init__(self, profile: Path) -> None:
+        assert CHROMIUM is not None
+        to_chrome, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome = os.pipe()
+        to_chrome, from_chrome = (_above(fd, 10) for fd in (to_chrome, from_chrome))
+        # Chromium reads commands on fd 3 and writes answers on fd 4: a tiny exec wrapper
+        # puts the pipes there (both were moved above 9, so neither overwrites the other).
+        wrapper = (
+            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+            "os.execv(sys.argv[3], sys.argv[3:])"
+        )
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                wrapper,
+                str(to_chrome),
+                str(from_chrome),
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1280,900",
+                "--hide-scrollbars",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            pass_fds=(to_chrome, from_chrome),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self._buffer = b""
+        self._next_id = 0
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+
+    def call(self, method: str, session: Optional[str] = None, **params: Any) -> Any:
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while True:
+            while b"\0" not in self._buffer:
+                left = deadline - time.monotonic()
+                assert left > 0, f"no answer to {method}"
+                ready, _, _ = select.select([self._from_chrome], [], [], left)
+                if ready:
+                    chunk = os.read(self._from_chrome, 65536)
+                    assert chunk, "chromium closed the pipe"
+                    self._buffer += chunk
+            raw, _, self._buffer = self._buffer.partition(b"\0")
+            answer = json.loads(raw)
+            if answer.get("id") == self._next_id:  # anything else is an event: not needed
+                assert "error" not in answer, (method, answer["error"])
+                return answer["result"]
+
+    def page(self, method: str, **params: Any) -> Any:
+        return self.call(method, session=self.session, **params)
+
+    def js(self, expression: str) -> Any:
+        result = self.page("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def wait_for(self, path: str, timeout: float = 30.0) -> str:
+        """Wait until the page at ``path`` (pathname) has loaded; its text."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.js("[location.pathname, document.readyState]")
+            if state == [path, "complete"]:
+                return str(self.js("document.body ? document.body.innerText : ''"))
+            if time.monotonic() > deadline:
+                text = self.js("document.body ? document.body.innerText : ''")
+                raise AssertionError(f"still at {state}, waiting for {path}: {text!r}")
+            time.sleep(0.05)
+
+    def go(self, url: str, path: str) -> str:
+        self.page("Page.navigate", url=url)
+        return self.wait_for(path)
+
+    def screenshot(self, target: Path) -> None:
+        data = base64.b64decode(self.page("Page.captureScreenshot", format="png")["data"])
+        target.write_bytes(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call("Browser.close")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(15)
+        if self.proc.poll() is None:  # pragma: no cover - only when Chromium hangs
+            self.proc.kill()
+            self.proc.wait(15)
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+class AttackerSite:
+    """Another origin on 127.0.0.1 (another port) serving pages that auto-submit a form."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, bytes] = {}
+        pages = self.pages
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = pages.get(self.path, b"not found")
+                self.send_response(200 if self.path in pages else 404)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def auto_post(self, name: str, action: str, fields: dict[str, str]) -> str:
+        inputs = "".join(
+            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+            for k, v in fields.items()
+        )
+        self.pages[f"/{name}"] = (
+            f'<!doctype html><form id="f" method="post" action="{html.escape(action)}">'
+            f"{inputs}</form><script>document.getElementById('f').submit()</script>"
+        ).encode()
+        return f"{self.url}/{name}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def session_count(server: CollectorServer) -> int:
+    with server.storage._reader() as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+
+
+@needs_chromium
+def test_logging_in_and_out_and_a_cross_site_form_is_refused(
+    server: CollectorServer, tmp_path: Path
+) -> None:
+    realistic_data(server)
+    server.storage.add_user("alice", hash_password("a good password"))
+    server.storage.add_user("mallory", hash_password("mallory's password"))
+    browser = Browser(tmp_path / "profile")
+    attacker = AttackerSite()
+    try:
+        # Not logged in: the issues page sends the browser to the login page.
+        text = browser.go(server.url + "/?environment=production", "/login")
+        assert "Log in" in text
+        assert "KeyError" not in text
+        shot = tmp_path / "collector-login.png"
+        browser.screenshot(shot)
+        assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        if os.environ.get("SELFREPORT_SCREENSHOTS") == "1":
+            shutil.copyfile(shot, DOCS_IMG / "collector-login.png")
+        browser.js(
+            "document.querySelector('input[name=name]').value = 'alice';"
+            "document.querySelector('input[name=password]').value = 'a good password';"
+            "document.querySelector('form.login button').click()"
+        )
+        text = browser.wait_for("/")
+        assert "KeyError" in text  # the issues page, filtered as first asked
+        assert browser.js("location.search") == "?environment=production"
+        assert "alice" in text
+        assert "Log out" in text
+        assert session_count(server) == 1
+        assert browser.js("document.cookie") == ""  # HttpOnly: no script reads the session
+
+        # A page on another origin (same site: 127.0.0.1, another port, so SameSite=Lax
+        # still sends the cookie) posts forms to the collector: logging the user out, and
+        # logging them in as the attacker. Both are refused, and nothing changed.
+        for name, action, fields in [
+            ("logout", "/logout", {"csrf": "0" * 64}),
+            ("login", "/login", {"csrf": "0" * 64, "name": "mallory", "password": "x" * 8}),
+        ]:
+            page = attacker.auto_post(name, server.url + action, fields)
+            text = browser.go(page, action)
+            assert "cross-origin request refused" in text, text
+        assert session_count(server) == 1
+        text = browser.go(server.url + "/projects", "/projects")
+        assert "alice" in text
+        assert "mallory" not in text
+
+        # Logging out ends the session: the pages ask for a login again.
+        browser.js("document.querySelector('form.logout button').click()")
+        assert "Log in" in browser.wait_for("/login")
+        assert session_count(server) == 0
+        assert "Log in" in browser.go(server.url + "/status", "/login")
+    finally:
+        attacker.close()
+        browser.close()

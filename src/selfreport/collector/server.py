@@ -319,7 +319,8 @@ def serve(
         return 1
     if server.first_start:
         print(f"Created the collector database in {directory}", file=out)
-    print(f"selfreport collector {__version__}: web page {server.public_url}/", file=out)
+    listening = "" if server.public_url == server.url else f" (listening on {server.url})"
+    print(f"selfreport collector {__version__}: web page {server.public_url}/{listening}", file=out)
     print(f"DSN of the default project: {server.dsn()}", file=out)
     print(
         f"(its own errors go to project {server.internal_project.id}, "
