@@ -74,30 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
             default="http://127.0.0.1:8000",
             help="the collector's public URL, for the DSN (default: %(default)s)",
         )
-    user = sub.add_parser("user", help="manage who may log in to the pages and the API")
-    user_actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, text in (
-        ("add", "add a user (the password is asked for, or read from stdin)"),
-        ("passwd", "change a user's password (and end their sessions)"),
-        ("remove", "remove a user (and end their sessions)"),
-        ("list", "list the users"),
-    ):
-        parser_ = user_actions.add_parser(name, help=text)
-        if name != "list":
-            parser_.add_argument("name")
-        parser_.add_argument("--data", metavar="DIR", help="database directory")
-    token = sub.add_parser("token", help="manage API tokens (Authorization: Bearer TOKEN)")
-    token_actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, text in (
-        ("create", "create a token and print it (once: only its hash is kept)"),
-        ("revoke", "revoke a token"),
-        ("list", "list the tokens by name"),
-    ):
-        parser_ = token_actions.add_parser(name, help=text)
-        if name != "list":
-            parser_.add_argument("name")
-        parser_.add_argument("--data", metavar="DIR", help="database directory")
+    _named_actions(
+        sub.add_parser("user", help="manage who may log in to the pages and the API"),
+        [
+            ("add", "add a user (the password is asked for, or read from stdin)"),
+            ("passwd", "change a user's password (and end their sessions)"),
+            ("remove", "remove a user (and end their sessions)"),
+            ("list", "list the users"),
+        ],
+    )
+    _named_actions(
+        sub.add_parser("token", help="manage API tokens (Authorization: Bearer TOKEN)"),
+        [
+            ("create", "create a token and print it (once: only its hash is kept)"),
+            ("revoke", "revoke a token"),
+            ("list", "list the tokens by name"),
+        ],
+    )
     return parser
+
+
+def _named_actions(parser: argparse.ArgumentParser, actions: list[tuple[str, str]]) -> None:
+    """``ACTION NAME --data DIR`` subcommands (``list`` takes no name)."""
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in actions:
+        action = sub.add_parser(name, help=text)
+        if name != "list":
+            action.add_argument("name")
+        action.add_argument("--data", metavar="DIR", help="database directory")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

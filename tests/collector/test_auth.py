@@ -327,6 +327,13 @@ def test_non_loopback_addresses_need_a_user(make_server: MakeServer, tmp_path: A
 
     with pytest.raises(ConfigError, match="no user exists"):
         CollectorServer(tmp_path / "refused", host="0.0.0.0", self_report=False)
+    with pytest.raises(ConfigError, match="no user exists"):  # the forwarder is closed too
+        CollectorServer(
+            tmp_path / "refused",
+            host="0.0.0.0",
+            self_report=False,
+            upstream="http://key@127.0.0.1:9/1",
+        )
     with pytest.raises(ConfigError, match="login: must be one of"):
         CollectorServer(tmp_path / "refused", self_report=False, login="maybe")
     with pytest.raises(ConfigError, match="public_url: must be http"):

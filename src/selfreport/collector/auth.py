@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import Request, cookie_parser
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -261,7 +261,7 @@ class AuthPolicy:
         if scheme.lower() == "bearer":
             name = self.storage.token_name(hash_secret(credentials.strip()))
             return (None if name is None else Identity("token", user=name)), True
-        session = _cookie(headers, SESSION_COOKIE)
+        session = cookie_parser(headers.get("cookie", "")).get(SESSION_COOKIE)
         if session:
             user = self.storage.session_user(hash_secret(session))
             if user is not None:
@@ -296,15 +296,6 @@ class AuthPolicy:
             samesite="lax",
             secure=self.secure_cookies,
         )
-
-
-def _cookie(headers: Headers, name: str) -> Optional[str]:
-    for header in headers.getlist("cookie"):
-        for part in header.split(";"):
-            key, _, value = part.strip().partition("=")
-            if key == name:
-                return value
-    return None
 
 
 def _refuse(status: int, detail: str, headers: Optional[dict[str, str]] = None) -> Response:

@@ -106,7 +106,13 @@ class CollectorServer:
         self.storage = open_storage(self.data_dir, **(storage_options or {}))
         self.first_start = self.storage.created
         self.default_project, self.internal_project = self.storage.ensure_defaults()
-        self.login = _login_mode(host, login, self.storage)
+        try:
+            self.login = _login_mode(host, login, self.storage)
+        except ConfigError:
+            self.storage.close()
+            if self.forwarder is not None:
+                self.forwarder.close(timeout=0)
+            raise
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
         # TCP, and without it every keep-alive response waits ~40 ms on delayed ACKs.
@@ -261,11 +267,9 @@ def _login_notice(server: CollectorServer) -> str:
 def _login_mode(host: str, login: str, storage: Storage) -> str:
     """``auto`` stays open until a user exists only on loopback; elsewhere a user must exist."""
     if login not in _auth.LOGIN_MODES:
-        storage.close()
         raise ConfigError("login", f"must be one of {', '.join(_auth.LOGIN_MODES)}, not {login!r}")
     if login == "auto" and not _auth.is_loopback(host):
         if not storage.has_users():
-            storage.close()
             raise ConfigError(
                 "login",
                 f"no user exists, so serving on {host} is refused: add one with "
