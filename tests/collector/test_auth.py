@@ -34,8 +34,11 @@ def client(server: CollectorServer, **options: Any) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30, **options)
 
 
-def csrf_of(page: str) -> str:
-    found = re.search(r'name="csrf" value="([0-9a-f]{64})"', page)
+def csrf_of(page: str, form: str = "") -> str:
+    """The CSRF token in the page's first form (or the one posting to ``form``)."""
+    found = re.search(
+        f'{form}[^<]*>\\s*<input type="hidden" name="csrf" value="([0-9a-f]{{64}})"', page
+    )
     assert found is not None, page
     return found.group(1)
 
@@ -47,7 +50,12 @@ def log_in(
     assert form.status_code == 200
     return http.post(
         "/login",
-        data={"csrf": csrf_of(form.text), "name": name, "password": password, "next": next_},
+        data={
+            "csrf": csrf_of(form.text, 'action="/login"'),
+            "name": name,
+            "password": password,
+            "next": next_,
+        },
     )
 
 
@@ -132,6 +140,14 @@ def test_logging_in_and_out(make_server: MakeServer) -> None:
             assert conn.execute("SELECT id_hash FROM sessions").fetchone()[0] == hash_secret(
                 session_id
             )
+        # Logging in again makes a new session and ends the one the browser had.
+        assert log_in(http).status_code == 303
+        assert sessions(server.storage) == 1
+        assert http.cookies["selfreport_session"] != session_id
+        with client(server) as replay:
+            replay.cookies.set("selfreport_session", session_id)
+            assert replay.get("/").status_code == 303
+        session_id = http.cookies["selfreport_session"]
         page = http.get("/projects")
         assert page.status_code == 200
         assert "alice" in page.text
@@ -146,6 +162,7 @@ def test_logging_in_and_out(make_server: MakeServer) -> None:
         out = http.post("/logout", data={"csrf": csrf_of(page.text)})
         assert out.status_code == 303
         assert out.headers["location"] == "/login"
+        assert "max-age=0" in out.headers["set-cookie"].lower()
         assert sessions(server.storage) == 0
         http.cookies.set("selfreport_session", session_id)  # replaying the old cookie
         assert http.get("/").status_code == 303

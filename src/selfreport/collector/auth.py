@@ -204,7 +204,7 @@ class AuthPolicy:
     public_url: str = DEFAULT_PUBLIC_URL
     metrics_public: bool = False
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
-    _secret: Optional[bytes] = field(default=None, repr=False)
+    _secret: Optional[bytes] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in LOGIN_MODES:
@@ -281,7 +281,10 @@ class AuthPolicy:
                 self.storage.set_password(name, hash_password(password), end_sessions=False)
         return ok
 
-    def start_session(self, user: str) -> str:
+    def start_session(self, user: str, replacing: Optional[str] = None) -> str:
+        """A fresh session id at every login (no session fixation); ``replacing`` ends."""
+        if replacing:
+            self.storage.end_session(hash_secret(replacing))
         session = secrets.token_urlsafe(32)
         self.storage.create_session(hash_secret(session), user, time.time() + SESSION_SECONDS)
         return session
@@ -479,12 +482,14 @@ async def login(request: Request) -> Response:
             )
         )
     policy.throttle.succeeded(name)
-    session = await run_in_threadpool(policy.start_session, name)
+    session = await run_in_threadpool(
+        policy.start_session, name, request.cookies.get(SESSION_COOKIE)
+    )
     with reporting_path():
         logger.info("%r logged in from %s", name, address)
     response = RedirectResponse(_next(form.get("next")), status_code=303)
     policy.cookie(response, SESSION_COOKIE, session, SESSION_SECONDS)
-    response.delete_cookie(LOGIN_COOKIE, path="/")
+    policy.cookie(response, LOGIN_COOKIE, "", 0)
     return response
 
 
@@ -498,7 +503,7 @@ async def logout(request: Request) -> Response:
         return _refuse(403, "missing or wrong CSRF token")
     await run_in_threadpool(policy.storage.end_session, hash_secret(identity.session))
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax")
+    policy.cookie(response, SESSION_COOKIE, "", 0)
     return response
 
 
