@@ -150,3 +150,20 @@ def test_the_token_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert run(token_command, "revoke", data, "ci") == (0, "Revoked token 'ci'\n")
     assert run(token_command, "revoke", data, "ci")[0] == 2
     assert run(token_command, "list", data) == (0, "")
+
+
+def test_the_command_line_dispatches_user_and_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selfreport.cli import main
+
+    data = str(tmp_path / "data")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a good password\n"))
+    assert main(["user", "add", "alice", "--data", data]) == 0
+    assert main(["user", "list", "--data", data]) == 0
+    assert main(["token", "create", "ci", "--data", data]) == 0
+    assert main(["token", "list", "--data", data]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["Added user 'alice'", "alice"]
+    assert out[2].startswith("srt_")
+    assert out[3] == "ci"

@@ -505,3 +505,20 @@ def test_allowed_hosts_by_default_and_with_ports(storage: Storage) -> None:
     assert not is_loopback("0.0.0.0")
     assert not is_loopback("example.com")
     assert check_public_url(" https://a.example/sub/ ") == "https://a.example/sub"
+
+
+def test_serve_says_at_start_who_may_read(tmp_path: Any) -> None:
+    from selfreport.collector.server import _login_notice
+
+    server = CollectorServer(tmp_path / "a", self_report=False)
+    try:
+        assert _login_notice(server).startswith("no user yet: the pages and the API are OPEN")
+        with_user(server)
+        assert _login_notice(server).startswith("the pages and the API need a login")
+    finally:
+        server.stop()
+    server = CollectorServer(tmp_path / "b", self_report=False, login="off")
+    try:
+        assert _login_notice(server).startswith("login is OFF (--insecure-no-auth)")
+    finally:
+        server.stop()
