@@ -123,6 +123,16 @@ class Target:
         return call(self.port, "GET", path)
 
 
+def api_token(server: CollectorServer, name: str = "tests") -> dict[str, str]:
+    """Headers with a new API token of ``server``: they read the pages, the JSON API and
+    /metrics once users exist (a collector on 127.0.0.1 with no user is open anyway)."""
+    from selfreport.collector.accounts import hash_secret, new_token
+
+    token = new_token()
+    server.storage.add_token(name, hash_secret(token))
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> Iterator[Storage]:
     store = Storage(tmp_path / "db" / "selfreport.db")
@@ -169,3 +179,9 @@ def envelope_fixture() -> Callable[..., bytes]:
 def call_fixture() -> Callable[..., Reply]:
     """``call(port, method, path, body=None, headers=None) -> Reply`` over real HTTP."""
     return call
+
+
+@pytest.fixture(name="api_token")
+def api_token_fixture() -> Callable[..., dict[str, str]]:
+    """``api_token(server, name="tests") -> headers`` with a new API token of ``server``."""
+    return api_token

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import httpx
 import pytest
 
-from selfreport.collector.accounts import hash_password, hash_secret, new_token
+from selfreport.collector.accounts import hash_password, hash_secret
 from selfreport.collector.auth import (
     AuthPolicy,
     LoginThrottle,
@@ -257,10 +257,9 @@ def test_wrong_passwords_are_logged_without_the_password_and_throttled(
     assert not any("guess-number" in m or PASSWORD in m for m in messages)
 
 
-def test_api_tokens(make_server: MakeServer) -> None:
+def test_api_tokens(make_server: MakeServer, api_token: Callable[..., dict[str, str]]) -> None:
     server = make_server()
-    token = new_token()
-    server.storage.add_token("ci", hash_secret(token))
+    bearer = api_token(server, "ci")
     with client(server) as http:
         # Before any user exists too, a wrong token is an error, not an anonymous read.
         assert http.get("/api/0/issues/", headers={"Authorization": "Bearer nope"}).status_code
@@ -268,7 +267,6 @@ def test_api_tokens(make_server: MakeServer) -> None:
             http.get("/api/0/issues/", headers={"Authorization": "Bearer nope"}).status_code == 401
         )
         with_user(server)
-        bearer = {"Authorization": f"Bearer {token}"}
         assert http.get("/api/0/issues/", headers=bearer).status_code == 200
         assert http.get("/api/0/projects/", headers=bearer).status_code == 200
         assert http.get("/metrics", headers=bearer).status_code == 200
