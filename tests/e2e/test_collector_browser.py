@@ -266,7 +266,8 @@ def realistic_data(server: CollectorServer) -> None:
 
 @needs_chromium
 def test_screenshots_render(server: CollectorServer, tmp_path: Path) -> None:
-    """Screenshots of the three pages; ``SELFREPORT_SCREENSHOTS=1`` also updates docs/img."""
+    """Screenshots of the three pages, logged in as a user would be; ``SELFREPORT_SCREENSHOTS=1``
+    also updates docs/img."""
     realistic_data(server)
     issue = next(i for i in server.storage.issues() if i.title.startswith("KeyError"))
     shots = {
@@ -274,17 +275,17 @@ def test_screenshots_render(server: CollectorServer, tmp_path: Path) -> None:
         "collector-issue.png": f"/issues/{issue.id}",
         "collector-status.png": "/status",
     }
-    for name, path in shots.items():
+    server.storage.add_user("alice", hash_password("a good password"))
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.log_in(server, "alice", "a good password")
+        for name, path in shots.items():
+            browser.go(server.url + path, path.partition("?")[0])
+            browser.screenshot(tmp_path / name)
+    finally:
+        browser.close()
+    for name in shots:
         target = tmp_path / name
-        chromium(
-            [
-                f"--screenshot={target}",
-                "--window-size=1280,900",
-                "--hide-scrollbars",
-                server.url + path,
-            ],
-            tmp_path / "profile",
-        )
         data = target.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n")
         assert len(data) > 20_000  # a rendered page, not a blank one
@@ -350,6 +351,13 @@ class Browser:
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
             "sessionId"
         ]
+        self.page(
+            "Emulation.setDeviceMetricsOverride",
+            width=1280,
+            height=900,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def call(self, method: str, session: Optional[str] = None, **params: Any) -> Any:
         self._next_id += 1
@@ -395,6 +403,16 @@ class Browser:
     def go(self, url: str, path: str) -> str:
         self.page("Page.navigate", url=url)
         return self.wait_for(path)
+
+    def log_in(self, server: CollectorServer, name: str, password: str) -> str:
+        """Fill in and send the login form; the text of the page it leads to (the issues)."""
+        self.go(server.url + "/login", "/login")
+        self.js(
+            f"document.querySelector('input[name=name]').value = {json.dumps(name)};"
+            f"document.querySelector('input[name=password]').value = {json.dumps(password)};"
+            "document.querySelector('form.login button').click()"
+        )
+        return self.wait_for("/")
 
     def screenshot(self, target: Path) -> None:
         data = base64.b64decode(self.page("Page.captureScreenshot", format="png")["data"])
