@@ -106,7 +106,7 @@ def create_app(
         extra_checks.append(("upstream_reachable", upstream_reachable(dsn)))
     keys = KeyCache(storage)
     keys.load()
-    public_url = (public_url or _auth.DEFAULT_PUBLIC_URL).rstrip("/")
+    public_url = _auth.check_public_url(public_url or _auth.DEFAULT_PUBLIC_URL)
     policy = _auth.AuthPolicy(
         storage,
         mode=login,
