@@ -84,7 +84,7 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
         err = io.StringIO()
         sys_stderr, sys.stderr = sys.stderr, err
         try:
-            assert serve(port=port, data_dir=tmp_path / "b", out=io.StringIO()) == 1
+            assert serve(port=port, data_dir=tmp_path / "b", out=io.StringIO()) == 2
         finally:
             sys.stderr = sys_stderr
         assert f"cannot listen on 127.0.0.1:{port}" in err.getvalue()
@@ -141,6 +141,7 @@ def test_serve_prints_the_dsn_and_stops_on_sigterm(tmp_path: Path, quiet_sigterm
     assert f"Created the collector database in {tmp_path}" in text
     assert "DSN of the default project: http://" in text
     assert "its own errors go to project 2, 'selfreport-internal'" in text
+    assert "the database is kept under " in text
     assert url
 
 

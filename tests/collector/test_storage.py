@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import sqlite3
@@ -579,7 +581,9 @@ def test_readers_leave_no_snapshot_open(storage: Storage, make_event: Any) -> No
 
 
 def big_event(make_event: Callable[..., Event], n: int, size: int) -> PreparedEvent:
-    return prepared(make_event, float(n), extra={"blob": "x" * size, "n": n})
+    """An event of ``size`` bytes as stored (prepare_event would trim this one)."""
+    event = prepared(make_event, float(n))
+    return dataclasses.replace(event, payload=json.dumps({"n": n, "blob": "x" * size}))
 
 
 def test_retention_by_bytes_keeps_the_database_under_the_limit(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,8 +89,65 @@ def test_serve_on_a_busy_port_exits_with_a_message(tmp_path: Path) -> None:
         result = cli("serve", "--port", str(busy.getsockname()[1]), "--data", str(tmp_path))
     finally:
         busy.close()
-    assert result.returncode == 1
-    assert "cannot listen on 127.0.0.1:" in result.stderr
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith("selfreport: cannot listen on 127.0.0.1:")
+
+
+def one_line(stderr: str) -> str:
+    """A startup failure is one line on stderr, without a traceback."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_a_corrupted_database_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    created = cli("project", "list", "--data", str(tmp_path))
+    assert created.returncode == 0, created.stderr
+    database = tmp_path / "selfreport.db"
+    with database.open("r+b") as file:  # the header survives; the tables' pages do not
+        file.seek(4096)
+        file.write(b"\xde\xad" * 20_000)
+    result = cli("serve", "--port", "0", "--data", str(tmp_path))
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith(f"selfreport: {database}")
+    assert "malformed" in result.stderr
+    database.write_bytes(b"not a database at all" * 500)
+    result = cli("serve", "--port", "0", "--data", str(tmp_path))
+    assert result.returncode == 2
+    assert one_line(result.stderr) == (
+        f"selfreport: {database}: cannot open the database: file is not a database"
+    )
+
+
+def test_a_data_directory_that_cannot_be_made_is_one_line_and_exit_code_2(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("")
+    result = cli("serve", "--port", "0", "--data", str(tmp_path / "file" / "data"))
+    assert result.returncode == 2
+    assert one_line(result.stderr) == f"selfreport: {tmp_path / 'file' / 'data'}: Not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_an_unwritable_data_directory_is_one_line_and_exit_code_2(
+    tmp_path: Path,
+) -> None:  # pragma: no cover - the suite runs as root in CI
+    tmp_path.chmod(0o500)
+    try:
+        result = cli("serve", "--port", "0", "--data", str(tmp_path / "data"))
+    finally:
+        tmp_path.chmod(0o700)
+    assert result.returncode == 2
+    assert one_line(result.stderr) == f"selfreport: {tmp_path / 'data'}: Permission denied"
+
+
+def test_max_storage_takes_a_size_and_refuses_nonsense(tmp_path: Path) -> None:
+    result = cli("serve", "--port", "0", "--data", str(tmp_path), "--max-storage", "lots")
+    assert result.returncode == 2
+    assert "'lots' is not a size like 500MB, 10GB or 2GiB" in result.stderr
+    result = cli("serve", "--port", "0", "--data", str(tmp_path), "--max-storage", "100KB")
+    assert result.returncode == 2
+    assert one_line(result.stderr) == "selfreport: --max-storage must be at least 1MiB"
 
 
 def test_project_needs_an_action() -> None:
