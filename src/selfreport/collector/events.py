@@ -69,7 +69,8 @@ class PreparedEvent:
 
 def _text(value: object, limit: int) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = " ".join(text.split())
+    # Whitespace is collapsed in what can be shown, not in the whole of a 20 MB message.
+    text = " ".join(text[: limit * 8].split())
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
@@ -260,6 +261,9 @@ def prepare_event(
     if not isinstance(event, dict):
         raise EventError(f"an event must be a JSON object, got {json_type(event)}")
     now = time.time() if received is None else received
+    # The size of the text it came as, even once that text is stale: a 20 MB event is not
+    # serialized whole only to learn that it needs trimming.
+    size = None if original is None else len(original)
     raw_id = event.get("event_id")
     if raw_id is None:
         raw_id = default_event_id or uuid.uuid4().hex
@@ -275,9 +279,12 @@ def prepare_event(
         _culprit(event, exceptions),
         event_fingerprint(event),
     )
-    payload = original if original is not None else _dumps(event)
-    if len(payload) > TRIM_ABOVE or len(_values(event.get("breadcrumbs"))) > MAX_BREADCRUMBS:
-        payload = _dumps(trim_event(event, _utf8_size(payload)))
+    payload = original
+    if payload is None and (size is None or size <= TRIM_ABOVE):
+        payload = _dumps(event)
+        size = len(payload)
+    if payload is None or len(payload) > TRIM_ABOVE or _too_many_breadcrumbs(event):
+        payload = _dumps(trim_event(event, size or 0))
     return PreparedEvent(
         event_id=event_id,
         received=now,
@@ -291,6 +298,12 @@ def prepare_event(
         repeats=_repeats(event),
         payload=payload,
     )
+
+
+def _too_many_breadcrumbs(event: dict[str, Any]) -> bool:
+    crumbs = event.get("breadcrumbs")
+    crumbs = crumbs.get("values") if isinstance(crumbs, dict) else crumbs
+    return isinstance(crumbs, list) and len(crumbs) > MAX_BREADCRUMBS
 
 
 def _dumps(event: dict[str, Any]) -> str:
