@@ -154,3 +154,27 @@ def test_project_needs_an_action() -> None:
     result = cli("project")
     assert result.returncode == 2
     assert "ACTION" in result.stderr
+
+
+def test_a_database_others_can_read_is_warned_about(tmp_path: Path) -> None:
+    assert cli("project", "list", "--data", str(tmp_path)).returncode == 0
+    database = tmp_path / "selfreport.db"
+    assert database.stat().st_mode & 0o777 == 0o600
+    database.chmod(0o644)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI, "serve", "--port", "0", "--data", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    try:
+        line = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        proc.stderr.close()
+    assert line.strip() == (
+        f"selfreport: warning: {database} can be read by other users (mode 644):"
+        " it holds events and project keys; chmod 600 it"
+    )

@@ -86,8 +86,8 @@ def writer_alive(storage: Storage) -> Check:
         if storage.writer_restarts or storage.writer_last_error:
             ago = time.time() - (storage.writer_last_error_at or time.time())
             history = (
-                f"; restarted {storage.writer_restarts} times after failures,"
-                f" the last {ago:.0f}s ago: {storage.writer_last_error}"
+                f"; restarts after failures: {storage.writer_restarts},"
+                f" the last failure {ago:.0f}s ago: {storage.writer_last_error}"
             )
         if storage.writer_alive:
             return CheckResult(True, "the storage writer thread is running" + history)

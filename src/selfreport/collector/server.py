@@ -302,6 +302,8 @@ def serve(
         return 2
     if server.first_start:
         print(f"Created the collector database in {directory}", file=out)
+    if server.storage.warning:
+        print(f"selfreport: warning: {server.storage.warning}", file=sys.stderr)
     print(f"selfreport collector {__version__}: web page {server.url}/", file=out)
     print(f"DSN of the default project: {server.dsn()}", file=out)
     print(

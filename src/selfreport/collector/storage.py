@@ -400,6 +400,7 @@ class Storage:
         self._issue_ids: dict[tuple[int, str], int] = {}
         self._closed = False
         self.created = False  # set by _create: True if this opened a new, empty database
+        self.warning: Optional[str] = None  # for the operator, about the database file
         self.last_retention = 0.0
         self._create()
 
@@ -464,12 +465,11 @@ class Storage:
             self.created = False
             mode = self.path.stat().st_mode
             if mode & 0o077:
-                logger.warning(
-                    "%s can be read by other users (mode %o): it holds events and project keys;"
-                    " chmod 600 it",
-                    self.path,
-                    mode & 0o777,
+                self.warning = (
+                    f"{self.path} can be read by other users (mode {mode & 0o777:o}):"
+                    " it holds events and project keys; chmod 600 it"
                 )
+                logger.warning("%s", self.warning)
             return
         os.close(fd)
         os.chmod(self.path, 0o600)  # the umask may have taken bits from what os.open asked
