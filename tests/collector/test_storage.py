@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -419,48 +415,10 @@ def test_retention_works_in_bounded_steps(tmp_path: Path, make_event: Any) -> No
 
 # --- the writer can stall, never die ---------------------------------------------------------
 
-HOLD_LOCK = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-sys.stdin.readline()
-conn.execute("COMMIT")
-"""
-
-
-@contextlib.contextmanager
-def write_lock_held(path: Path) -> Iterator[None]:
-    """Another process holds the database's write lock until the block ends."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdin is not None
-    assert holder.stdout is not None
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
-        holder.stdout.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
 
 @pytest.mark.asyncio
 async def test_waiters_that_give_up_during_a_stall_do_not_harm_the_writer(
-    storage: Storage, make_event: Any
+    storage: Storage, make_event: Any, write_lock_held: Callable[[Path], Any]
 ) -> None:
     """Issue 10, item 1: the health probe's write, cancelled at the health timeout, was later
     resolved by the writer, which died of InvalidStateError; every event then got 503."""
@@ -535,7 +493,7 @@ def test_a_failing_writer_is_restarted_and_health_says_why(
 
 
 def test_a_writer_failing_again_and_again_gives_up_with_the_reason(
-    tmp_path: Path, make_event: Any
+    tmp_path: Path, wait_until: Callable[..., bool]
 ) -> None:
     storage = Storage(tmp_path / "g.db", max_writer_restarts=2)
     storage.ensure_defaults()
@@ -609,7 +567,9 @@ def test_retention_by_bytes_keeps_the_database_under_the_limit(
     assert storage.size_bytes() <= limit
 
 
-def test_a_lowered_size_limit_shrinks_the_file(tmp_path: Path, make_event: Any) -> None:
+def test_a_lowered_size_limit_shrinks_the_file(
+    tmp_path: Path, make_event: Any, wait_until: Callable[..., bool]
+) -> None:
     path = tmp_path / "s.db"
     with Storage(path) as storage:
         storage.ensure_defaults()

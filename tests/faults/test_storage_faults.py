@@ -14,12 +14,10 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -28,15 +26,6 @@ from selfreport._dsn import Dsn, parse_dsn
 pytestmark = pytest.mark.slow
 
 SERVE = "import sys; from selfreport.cli import main; sys.exit(main(sys.argv[1:]))"
-
-HOLD_LOCK = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-sys.stdin.readline()
-conn.execute("COMMIT")
-"""
 
 
 class Serve:
@@ -53,7 +42,8 @@ class Serve:
         for _ in range(10):
             line = self.proc.stdout.readline()
             if line.startswith("DSN of the default project:"):
-                self.dsn: Dsn = parse_dsn(line.split()[-1])
+                self.raw_dsn = line.split()[-1]
+                self.dsn: Dsn = parse_dsn(self.raw_dsn)
                 return
         self.stop()
         raise AssertionError("serve did not print its DSN")
@@ -105,36 +95,9 @@ def serving(data: Path, *options: str) -> Iterator[Serve]:
         server.stop()
 
 
-@contextlib.contextmanager
-def write_lock_held(path: Path) -> Iterator[None]:
-    """Another process holds the database's write lock until the block ends."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdin is not None
-    assert holder.stdout is not None
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
-        holder.stdout.close()
-
-
-def wait_until(condition: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def test_health_probes_during_a_lock_held_by_another_process(tmp_path: Path) -> None:
+def test_health_probes_during_a_lock_held_by_another_process(
+    tmp_path: Path, write_lock_held: Callable[[Path], Any]
+) -> None:
     """Issue 10, item 1: a 4 s lock and one /health killed the writer for good (503 ever after)."""
     with serving(tmp_path) as server:
         assert server.store({"message": "before"}) == 200
@@ -157,54 +120,27 @@ def test_health_probes_during_a_lock_held_by_another_process(tmp_path: Path) -> 
     assert {"before", "after"} <= messages
 
 
-def sender(server: Serve, acked: list[str], lock: threading.Lock, stop: threading.Event) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", server.dsn.port, timeout=5)
-    auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.dsn.public_key}"}
-    try:
-        while not stop.is_set():
-            event_id = uuid.uuid4().hex
-            body = json.dumps({"event_id": event_id, "message": "load", "extra": {"n": 1}})
-            try:
-                conn.request("POST", f"/api/{server.dsn.project_id}/store/", body, auth)
-                response = conn.getresponse()
-                response.read()
-            except (OSError, http.client.HTTPException):
-                return  # the server is gone
-            if response.status == 200:
-                with lock:
-                    acked.append(event_id)
-    finally:
-        conn.close()
-
-
-def test_kill_9_at_random_points_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+def test_kill_9_at_random_points_under_load_loses_nothing_acknowledged(
+    tmp_path: Path, store_load: Callable[[str, int], Any], wait_until: Callable[..., bool]
+) -> None:
     seed = random.randrange(2**32)
     chance = random.Random(seed)
-    acked: list[str] = []
+    acked: set[str] = set()
     for round_ in range(3):
         server = Serve(tmp_path)
-        lock = threading.Lock()
-        stop = threading.Event()
-        threads = [
-            threading.Thread(target=sender, args=(server, acked, lock, stop), daemon=True)
-            for _ in range(6)
-        ]
-        first = len(acked) + 1
-        for thread in threads:
-            thread.start()
-        # Somewhere between the first acknowledgements and a busy second of load.
-        assert wait_until(lambda n=first: len(acked) >= n)
+        load = store_load(server.raw_dsn, 6)
+        # Somewhere between the first acknowledgement and a busy second of load.
+        assert wait_until(lambda load=load: load.acked)
         time.sleep(chance.uniform(0.0, 1.0))
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(10)
         server.stop()
-        stop.set()
-        for thread in threads:
-            thread.join(10)
+        load.stop()
+        acked.update(load.acked)
         with contextlib.closing(sqlite3.connect(tmp_path / "selfreport.db")) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             stored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
-        missing = set(acked) - stored
+        missing = acked - stored
         assert not missing, f"round {round_} (seed {seed}): {len(missing)} acknowledged lost"
     assert len(acked) > 3
 
@@ -230,7 +166,7 @@ def small_tmpfs(size: str) -> Iterator[Path]:
         mountpoint.rmdir()
 
 
-def test_a_full_disk_is_answered_503_and_recovers(tmp_path: Path) -> None:
+def test_a_full_disk_is_answered_503_and_recovers(wait_until: Callable[..., bool]) -> None:
     with small_tmpfs("2m") as disk, serving(disk / "data", "--max-storage", "64MB") as server:
         assert server.store({"message": "fits"}) == 200
         filler = disk / "filler"
