@@ -390,9 +390,11 @@ def test_the_wal_is_checkpointed_in_the_background_and_restarted(
 
 
 def test_retention_works_in_bounded_steps(tmp_path: Path, make_event: Any) -> None:
-    storage = Storage(tmp_path / "s.db", max_events_per_project=2, retention_chunk=2)
+    # Only the explicit steps below: neither the time nor the number of new events (7, under
+    # 1000) starts the writer's own retention, which would race with them.
+    storage = Storage(tmp_path / "s.db", max_events_per_project=2, retention_chunk=1000)
     storage.ensure_defaults()
-    storage.last_retention = time.time() + 3600  # only the explicit steps below
+    storage.last_retention = time.time() + 3600
     try:
         storage.start()
         storage.store(1, [prepared(make_event, float(n)) for n in range(7)]).result(5)
@@ -401,6 +403,7 @@ def test_retention_works_in_bounded_steps(tmp_path: Path, make_event: Any) -> No
         assert storage.apply_retention(limit=2) == 1
         assert storage.event_count(1) == 2
         # The writer does the same on its own, a step between batches until caught up.
+        storage.retention_chunk = 2
         storage.store(1, [prepared(make_event, 10.0 + n) for n in range(5)]).result(5)
         storage.last_retention = 0.0
         storage.store(1, [prepared(make_event, 20.0)]).result(5)
