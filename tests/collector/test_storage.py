@@ -470,7 +470,8 @@ def test_resolving_a_cancelled_or_finished_future_never_raises() -> None:
     _complete([_Write(lambda c, b: None, _LoopDone(loop, late))], [(True, None)])
 
 
-def test_a_failing_writer_is_restarted_and_health_says_why(
+@pytest.mark.asyncio
+async def test_a_failing_writer_is_restarted_and_health_says_why(
     storage: Storage, make_event: Any
 ) -> None:
     storage.start()
@@ -489,13 +490,14 @@ def test_a_failing_writer_is_restarted_and_health_says_why(
     assert storage.writer_alive
     assert storage.writer_restarts == 1
     assert storage.queue_size == 0
-    result = asyncio.run(writer_alive(storage)())
+    result = await writer_alive(storage)()
     assert result.ok
     assert "restarts after failures: 1," in result.detail
     assert "injected fault" in result.detail
 
 
-def test_a_writer_failing_again_and_again_gives_up_with_the_reason(
+@pytest.mark.asyncio
+async def test_a_writer_failing_again_and_again_gives_up_with_the_reason(
     tmp_path: Path, wait_until: Callable[..., bool]
 ) -> None:
     storage = Storage(tmp_path / "g.db", max_writer_restarts=2)
@@ -512,7 +514,7 @@ def test_a_writer_failing_again_and_again_gives_up_with_the_reason(
         assert storage.writer_restarts == 2
         with pytest.raises(StorageError, match="not running: OSError"):
             storage.store(1, [])
-        result = asyncio.run(writer_alive(storage)())
+        result = await writer_alive(storage)()
         assert not result.ok
         assert result.detail.startswith(
             "the storage writer thread gave up; restarts after failures: 2,"
