@@ -476,7 +476,7 @@ async def test_a_failing_writer_is_restarted_and_health_says_why(
 ) -> None:
     storage.start()
     real = storage._apply_batch
-    failures = [RuntimeError("injected fault")]
+    failures: list[BaseException] = [RuntimeError("injected fault")]
 
     def apply_batch(conn: sqlite3.Connection, writes: list[_Write]) -> None:
         if failures:
@@ -494,6 +494,12 @@ async def test_a_failing_writer_is_restarted_and_health_says_why(
     assert result.ok
     assert "restarts after failures: 1," in result.detail
     assert "injected fault" in result.detail
+    # Not even a SystemExit raised in the writer ends it.
+    failures.append(SystemExit(3))
+    with pytest.raises(StorageError, match="the storage writer failed: SystemExit"):
+        storage.store(1, [prepared(make_event)]).result(10)
+    assert storage.store(1, [prepared(make_event)]).result(10) == [True]
+    assert storage.writer_restarts == 2
 
 
 @pytest.mark.asyncio

@@ -646,13 +646,15 @@ class Storage:
             try:
                 self._serve_writes()
                 return
-            except Exception as exc:
+            # BaseException too: a SystemExit raised by a write (a callback's sys.exit())
+            # must not end the thread that every ingestion waits on.
+            except BaseException as exc:
                 if not self._writer_failed(exc):
                     return
                 pause = min(5.0, 0.05 * 2 ** (self._consecutive_failures - 1))
                 self._stopping.wait(pause)
 
-    def _writer_failed(self, exc: Exception) -> bool:
+    def _writer_failed(self, exc: BaseException) -> bool:
         """Account for a failure of the writer; True if it should start again."""
         self._consecutive_failures += 1
         self.writer_last_error = repr(exc)
@@ -758,7 +760,7 @@ class Storage:
                 self._pending -= skipped
             self._inflight = writes = taken
             if not writes:
-                return
+                return  # _inflight is empty: nothing is left to fail if the writer fails
         try:
             try:
                 outcomes = self._transaction(conn, writes, isolated=False)
