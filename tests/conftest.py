@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import http.client
+import json
 import logging
 import os
+import subprocess
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterator
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, ContextManager
 
 import pytest
 
@@ -93,3 +100,108 @@ def _isolate_selfreport() -> Iterator[None]:
     leaked_patches = _patch_points() != patched
     assert not leaked_hooks, "a test left exception hooks installed"
     assert not leaked_patches, "a test left patches installed"
+
+
+_HOLD_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+"""
+
+
+@contextlib.contextmanager
+def _write_lock_held(path: Path) -> Iterator[None]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+        holder.stdout.close()
+
+
+@pytest.fixture
+def write_lock_held() -> Callable[[Path], ContextManager[None]]:
+    """``with write_lock_held(path):`` another process holds that SQLite database's write
+    lock (``BEGIN IMMEDIATE``) until the block ends."""
+    return _write_lock_held
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., bool]:
+    """``wait_until(condition, timeout=15.0)``: poll until true; False at the deadline."""
+    return _wait_until
+
+
+class StoreLoad:
+    """Threads storing small events at a collector (``/store/``) as fast as it answers, each
+    acknowledged event_id in ``acked``, until :meth:`stop` or the server is gone."""
+
+    def __init__(self, dsn: str, threads: int) -> None:
+        from selfreport._dsn import parse_dsn
+
+        self.dsn = parse_dsn(dsn)
+        self.acked: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self) -> None:
+        conn = http.client.HTTPConnection(self.dsn.host, self.dsn.port, timeout=5)
+        auth = {"X-Sentry-Auth": f"Sentry sentry_key={self.dsn.public_key}"}
+        try:
+            while not self._stop.is_set():
+                event_id = uuid.uuid4().hex
+                body = json.dumps({"event_id": event_id, "message": "load", "extra": {"n": 1}})
+                try:
+                    conn.request("POST", f"/api/{self.dsn.project_id}/store/", body, auth)
+                    response = conn.getresponse()
+                    response.read()
+                except (OSError, http.client.HTTPException):
+                    return  # the server is gone
+                if response.status == 200:
+                    with self._lock:
+                        self.acked.append(event_id)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+
+
+@pytest.fixture
+def store_load() -> Iterator[Callable[[str, int], StoreLoad]]:
+    """``store_load(dsn, threads)`` starts a :class:`StoreLoad`; all are stopped afterwards."""
+    loads: list[StoreLoad] = []
+
+    def start(dsn: str, threads: int) -> StoreLoad:
+        loads.append(StoreLoad(dsn, threads))
+        return loads[-1]
+
+    yield start
+    for load in loads:
+        load.stop()

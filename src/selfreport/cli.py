@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Optional
 
 from ._version import __version__
 
-__all__ = ["main"]
+__all__ = ["main", "parse_size"]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``500MB``, ``10GB``, ``2GiB``, ``1.5G``, ``1000000`` (K, M, G, T are
+    powers of 1000; KiB, MiB, GiB, TiB powers of 1024)."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower().rstrip("b") if match else "i"
+    if match is None or unit == "i":
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB, 10GB or 2GiB")
+    number = match.group(1)
+    scale = 1024 ** ("kmgt".index(unit[0]) + 1) if unit.endswith("i") else _UNITS[unit]
+    return int(float(number) * scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
     serve.add_argument("--data", metavar="DIR", help="database directory (default: ~/.local/...)")
+    serve.add_argument(
+        "--max-storage",
+        metavar="SIZE",
+        type=parse_size,
+        help="keep the database under SIZE (500MB, 10GB, 2GiB) by deleting the oldest events"
+        " (default: half the free disk, at most 2GB)",
+    )
     access = serve.add_argument_group("who may read (see docs/security.md)")
     access.add_argument(
         "--public-url",
@@ -135,6 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 public_url=args.public_url,
                 allowed_hosts=args.allowed_host,
                 metrics_public=args.metrics_public,
+                max_storage=args.max_storage,
             )
         return server.project_command(args.action, args.data, getattr(args, "name", ""), args.url)
     parser.print_help(sys.stderr)

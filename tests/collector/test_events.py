@@ -235,3 +235,86 @@ def test_any_json_object_is_accepted_or_refused_clearly(event: Event) -> None:
     assert prepared.title
     assert len(prepared.fingerprint) == 40
     assert json.loads(prepared.payload)["event_id"] == prepared.event_id
+
+
+# --- trimming before storage, as Relay does ---------------------------------------------------
+
+
+def stored(event: Event) -> Event:
+    """What prepare_event stores of ``event``."""
+    loaded: Event = json.loads(prepare_event(event).payload)
+    return loaded
+
+
+def test_a_small_event_is_stored_as_it_came() -> None:
+    event = exc_event("ValueError", "x" * 9000, [frame("app", "f", 1)])
+    event["event_id"] = "a" * 32
+    text = json.dumps(event)
+    assert prepare_event(json.loads(text), original=text).payload == text
+
+
+def test_breadcrumbs_keep_the_newest_and_their_data_is_limited() -> None:
+    crumbs = [{"message": f"crumb {n}", "data": {"n": n}} for n in range(300)]
+    crumbs[-1]["data"] = {"deep": {"a": {"b": {"c": {"d": {"e": 1}}}}}, "big": ["y" * 500] * 20}
+    kept = stored({"message": "m", "breadcrumbs": {"values": crumbs}})
+    values = kept["breadcrumbs"]["values"]
+    assert [c["message"] for c in values] == [f"crumb {n}" for n in range(200, 300)]
+    assert len(json.dumps(values[-1]["data"])) < 3000
+    assert values[-1]["data"]["deep"]["a"]["b"]["c"]["d"] == "{\u2026}"
+    assert kept["extra"]["selfreport_trimmed"][0] == "breadcrumbs"
+
+
+def test_strings_frames_and_frame_vars_are_limited() -> None:
+    frames = [frame("app", f"f{n}", n) for n in range(1000)]
+    frames[-1]["vars"] = {f"v{n}": "z" * 1000 for n in range(50)}
+    event = exc_event("ValueError", "bad", frames)
+    event["message"] = "m" * 100_000
+    event["tags"] = {"t": "q" * 1000}
+    event["extra"] = {"huge": list(range(100_000))}
+    before = prepare_event(json.loads(json.dumps(event)))
+    kept = json.loads(before.payload)
+    assert before.fingerprint == event_fingerprint(event)  # grouped by the event as it came
+    assert len(kept["message"]) == 8192
+    assert kept["message"].endswith("\u2026")
+    assert len(kept["tags"]["t"]) == 200
+    stack = kept["exception"]["values"][0]["stacktrace"]["frames"]
+    assert len(stack) == 250
+    assert (stack[0]["function"], stack[-1]["function"]) == ("f0", "f999")
+    assert len(json.dumps(stack[-1]["vars"])) < 2048 + 1100
+    assert len(json.dumps(kept["extra"]["huge"])) < 16384 * 2
+    assert set(kept["extra"]["selfreport_trimmed"][:-1]) == {
+        "extra",
+        "frames",
+        "strings",
+        "tags",
+        "vars",
+    }
+    assert kept["extra"]["selfreport_trimmed"][-1].startswith("size ")
+
+
+def test_an_event_still_too_large_sheds_whole_parts_then_keeps_the_essentials() -> None:
+    contexts = {f"c{n}": {"k": "v" * 8000} for n in range(200)}  # 1.6 MB after trimming
+    kept = stored({"message": "m", "level": "warning", "contexts": contexts, "user": {"id": 1}})
+    assert "contexts" in kept["extra"]["selfreport_trimmed"]
+    assert "contexts" not in kept
+    assert kept["user"] == {"id": 1}
+    unknown = {"message": "m", "stuff": ["w" * 8000] * 200}  # a field Relay does not know
+    event = exc_event("KeyError", "k", [frame("app", "f", 1)])
+    event.update(unknown)
+    kept = stored(event)
+    assert set(kept) == {"event_id", "message", "exception", "extra"}
+    assert kept["exception"]["values"] == [{"type": "KeyError", "value": "k"}]
+    assert "everything but the essentials" in kept["extra"]["selfreport_trimmed"]
+    assert len(json.dumps(kept)) < 2**20
+
+
+def test_nesting_deeper_than_the_limit_is_cut_not_recursed_into() -> None:
+    deep: Any = "bottom"
+    for _ in range(600):
+        deep = [deep]
+    kept = stored({"message": "m", "nested": deep, "pad": "p" * 40_000})
+    depth, node = 0, kept["nested"]
+    while isinstance(node, list):
+        depth, node = depth + 1, node[0]
+    assert depth == 20
+    assert node == "[\u2026]"

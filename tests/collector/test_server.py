@@ -20,8 +20,10 @@ import selfreport.collector
 from selfreport.cli import main
 from selfreport.collector.server import (
     DATABASE_NAME,
+    MAX_DEFAULT_STORAGE,
     CollectorServer,
     default_data_dir,
+    default_max_storage,
     project_command,
     serve,
 )
@@ -84,7 +86,7 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
         err = io.StringIO()
         sys_stderr, sys.stderr = sys.stderr, err
         try:
-            assert serve(port=port, data_dir=tmp_path / "b", out=io.StringIO()) == 1
+            assert serve(port=port, data_dir=tmp_path / "b", out=io.StringIO()) == 2
         finally:
             sys.stderr = sys_stderr
         assert f"cannot listen on 127.0.0.1:{port}" in err.getvalue()
@@ -141,6 +143,7 @@ def test_serve_prints_the_dsn_and_stops_on_sigterm(tmp_path: Path, quiet_sigterm
     assert f"Created the collector database in {tmp_path}" in text
     assert "DSN of the default project: http://" in text
     assert "its own errors go to project 2, 'selfreport-internal'" in text
+    assert "the database is kept under " in text
     assert url
 
 
@@ -200,3 +203,44 @@ def test_importing_selfreport_and_its_integrations_imports_no_web_stack() -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def serve_fails(capsys: pytest.CaptureFixture[str], **options: Any) -> str:
+    """``serve`` that cannot start: exit code 2 and the one line it printed."""
+    assert serve(port=0, out=io.StringIO(), **options) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_startup_failures_are_one_line_and_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = tmp_path / DATABASE_NAME
+    assert project_command("list", tmp_path, "", "http://c", io.StringIO()) == 0
+    with database.open("r+b") as file:  # the header survives, the tables do not
+        file.seek(4096)
+        file.write(b"\xde\xad" * 20_000)
+    line = serve_fails(capsys, data_dir=tmp_path)
+    assert line.startswith(f"selfreport: {database}: ")
+    assert "malformed" in line
+    database.write_bytes(b"junk" * 1000)
+    line = serve_fails(capsys, data_dir=tmp_path)
+    assert line == f"selfreport: {database}: cannot open the database: file is not a database"
+    (tmp_path / "file").write_text("")
+    line = serve_fails(capsys, data_dir=tmp_path / "file" / "data")
+    assert line == f"selfreport: {tmp_path / 'file' / 'data'}: Not a directory"
+    line = serve_fails(capsys, data_dir=tmp_path / "new", max_storage=1000)
+    assert line == "selfreport: --max-storage must be at least 1MiB"
+    line = serve_fails(capsys, data_dir=tmp_path / "new", spool_dir=str(tmp_path / "s"))
+    assert line == "selfreport: --scrub, --spool and --forward need --upstream DSN"
+
+
+def test_the_default_size_limit_is_half_the_disk_at_most_2gb(tmp_path: Path) -> None:
+    limit = default_max_storage(tmp_path / "not" / "yet")
+    assert 16 * 2**20 <= limit <= MAX_DEFAULT_STORAGE
+    server = CollectorServer(tmp_path / "d", self_report=False)
+    try:
+        assert server.storage.max_storage_bytes == default_max_storage(tmp_path / "d")
+    finally:
+        server.stop()

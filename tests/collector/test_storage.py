@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -13,12 +18,15 @@ from typing import Any, Callable
 import pytest
 
 from selfreport.collector.events import PreparedEvent, prepare_event
+from selfreport.collector.health import default_checks, writer_alive
 from selfreport.collector.storage import (
     INTERNAL_PROJECT,
     Storage,
     StorageError,
     StorageFull,
     _Batch,
+    _complete,
+    _LoopDone,
     _ThreadDone,
     _Write,
 )
@@ -382,9 +390,11 @@ def test_the_wal_is_checkpointed_in_the_background_and_restarted(
 
 
 def test_retention_works_in_bounded_steps(tmp_path: Path, make_event: Any) -> None:
-    storage = Storage(tmp_path / "s.db", max_events_per_project=2, retention_chunk=2)
+    # Only the explicit steps below: neither the time nor the number of new events (7, under
+    # 1000) starts the writer's own retention, which would race with them.
+    storage = Storage(tmp_path / "s.db", max_events_per_project=2, retention_chunk=1000)
     storage.ensure_defaults()
-    storage.last_retention = time.time() + 3600  # only the explicit steps below
+    storage.last_retention = time.time() + 3600
     try:
         storage.start()
         storage.store(1, [prepared(make_event, float(n)) for n in range(7)]).result(5)
@@ -393,6 +403,7 @@ def test_retention_works_in_bounded_steps(tmp_path: Path, make_event: Any) -> No
         assert storage.apply_retention(limit=2) == 1
         assert storage.event_count(1) == 2
         # The writer does the same on its own, a step between batches until caught up.
+        storage.retention_chunk = 2
         storage.store(1, [prepared(make_event, 10.0 + n) for n in range(5)]).result(5)
         storage.last_retention = 0.0
         storage.store(1, [prepared(make_event, 20.0)]).result(5)
@@ -403,3 +414,215 @@ def test_retention_works_in_bounded_steps(tmp_path: Path, make_event: Any) -> No
         assert storage.event_count(1) == 2
     finally:
         storage.close()
+
+
+# --- the writer can stall, never die ---------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_waiters_that_give_up_during_a_stall_do_not_harm_the_writer(
+    storage: Storage, make_event: Any, write_lock_held: Callable[[Path], Any]
+) -> None:
+    """Issue 10, item 1: the health probe's write, cancelled at the health timeout, was later
+    resolved by the writer, which died of InvalidStateError; every event then got 503."""
+    storage.start()
+    checks = default_checks(storage)
+    checks.timeout = 0.3
+    with write_lock_held(storage.path):
+        # The first probe is taken by the writer (which waits for the lock), the second
+        # waits in the queue: both are given up on, one running and one not yet started.
+        for _ in range(2):
+            healthy, report = await checks.run()
+            assert not healthy
+            assert report["storage_writable"]["detail"] == "no answer within 0.3s"
+        thread_side = storage.store(1, [prepared(make_event)])
+        assert thread_side.cancel()  # not started yet: skipped, never resolved
+        task = asyncio.ensure_future(storage.store_async(1, [prepared(make_event)]))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    event = prepared(make_event)
+    assert await storage.store_async(1, [event]) == [True]
+    assert storage.writer_alive
+    assert storage.writer_restarts == 0
+    assert storage.queue_size == 0
+    healthy, report = await checks.run()
+    assert healthy, report
+
+
+def test_resolving_a_cancelled_or_finished_future_never_raises() -> None:
+    from concurrent.futures import Future
+
+    cancelled: Future[Any] = Future()
+    cancelled.cancel()
+    done = _ThreadDone(cancelled)
+    assert not done.claim()
+    done.resolve(True, 1)
+    finished: Future[Any] = Future()
+    finished.set_result(1)
+    assert not _ThreadDone(finished).claim()
+    _ThreadDone(finished).resolve(False, RuntimeError("late"))
+    assert finished.result() == 1
+    loop = asyncio.new_event_loop()
+    late = loop.create_future()
+    loop.close()  # a loop closed before the writer answers: nobody to tell
+    _complete([_Write(lambda c, b: None, _LoopDone(loop, late))], [(True, None)])
+
+
+@pytest.mark.asyncio
+async def test_a_failing_writer_is_restarted_and_health_says_why(
+    storage: Storage, make_event: Any
+) -> None:
+    storage.start()
+    real = storage._apply_batch
+    failures: list[BaseException] = [RuntimeError("injected fault")]
+
+    def apply_batch(conn: sqlite3.Connection, writes: list[_Write]) -> None:
+        if failures:
+            raise failures.pop()
+        real(conn, writes)
+
+    storage._apply_batch = apply_batch  # type: ignore[method-assign]
+    with pytest.raises(StorageError, match="the storage writer failed: RuntimeError"):
+        storage.store(1, [prepared(make_event)]).result(10)
+    assert storage.store(1, [prepared(make_event)]).result(10) == [True]
+    assert storage.writer_alive
+    assert storage.writer_restarts == 1
+    assert storage.queue_size == 0
+    result = await writer_alive(storage)()
+    assert result.ok
+    assert "restarts after failures: 1," in result.detail
+    assert "injected fault" in result.detail
+    # Not even a SystemExit raised in the writer ends it.
+    failures.append(SystemExit(3))
+    with pytest.raises(StorageError, match="the storage writer failed: SystemExit"):
+        storage.store(1, [prepared(make_event)]).result(10)
+    assert storage.store(1, [prepared(make_event)]).result(10) == [True]
+    assert storage.writer_restarts == 2
+
+
+@pytest.mark.asyncio
+async def test_a_writer_failing_again_and_again_gives_up_with_the_reason(
+    tmp_path: Path, wait_until: Callable[..., bool]
+) -> None:
+    storage = Storage(tmp_path / "g.db", max_writer_restarts=2)
+    storage.ensure_defaults()
+
+    def serve_writes() -> None:
+        raise OSError(5, "Input/output error")
+
+    storage._serve_writes = serve_writes  # type: ignore[method-assign]
+    try:
+        storage.start()
+        assert wait_until(lambda: not storage.writer_alive)
+        assert storage.writer_gave_up
+        assert storage.writer_restarts == 2
+        with pytest.raises(StorageError, match="not running: OSError"):
+            storage.store(1, [])
+        result = await writer_alive(storage)()
+        assert not result.ok
+        assert result.detail.startswith(
+            "the storage writer thread gave up; restarts after failures: 2,"
+        )
+    finally:
+        storage.close()
+
+
+def test_readers_leave_no_snapshot_open(storage: Storage, make_event: Any) -> None:
+    """An unfinished statement on a pooled reader keeps a WAL snapshot, and the WAL can then
+    never be checkpointed to its end."""
+    storage.start()
+    event = prepared(make_event)
+    storage.store(1, [event, prepared(make_event)]).result(5)
+    assert storage.event(1, event.event_id) is not None
+    assert storage.issue(storage.issues()[0].id) is not None
+    assert storage.event_count() == 2
+    assert storage.project_of_key("x") is None
+    conn = sqlite3.connect(storage.path, isolation_level=None)
+    try:
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('x', 'y')")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+    finally:
+        conn.close()
+
+
+# --- retention by size --------------------------------------------------------------------
+
+
+def big_event(make_event: Callable[..., Event], n: int, size: int) -> PreparedEvent:
+    """An event of ``size`` bytes as stored (prepare_event would trim this one)."""
+    event = prepared(make_event, float(n))
+    return dataclasses.replace(event, payload=json.dumps({"n": n, "blob": "x" * size}))
+
+
+def test_retention_by_bytes_keeps_the_database_under_the_limit(
+    tmp_path: Path, make_event: Any
+) -> None:
+    limit = 4 * 2**20
+    storage = Storage(tmp_path / "b.db", max_storage_bytes=limit, checkpoint_interval=0.05)
+    storage.ensure_defaults()
+    try:
+        storage.start()
+        events = [big_event(make_event, n, 100_000) for n in range(200)]  # 20 MB
+        for chunk in range(0, 200, 10):
+            assert storage.store(1, events[chunk : chunk + 10]).result(10) == [True] * 10
+            assert (tmp_path / "b.db").stat().st_size <= limit
+        assert storage.deleted_for_space > 150
+        assert storage.event(1, events[-1].event_id) is not None  # the newest stay
+        assert storage.event(1, events[0].event_id) is None  # the oldest went first
+        assert storage.event_count() + storage.deleted_for_space == 200
+    finally:
+        storage.close()
+    assert storage.size_bytes() <= limit
+
+
+def test_a_lowered_size_limit_shrinks_the_file(
+    tmp_path: Path, make_event: Any, wait_until: Callable[..., bool]
+) -> None:
+    path = tmp_path / "s.db"
+    with Storage(path) as storage:
+        storage.ensure_defaults()
+        storage.start()
+        storage.store(1, [big_event(make_event, n, 100_000) for n in range(80)]).result(10)
+    assert path.stat().st_size > 7 * 2**20
+    with Storage(path, max_storage_bytes=2 * 2**20) as smaller:
+        smaller.start()
+        assert wait_until(lambda: path.stat().st_size <= 2 * 2**20), path.stat().st_size
+        assert 0 < smaller.event_count() < 80
+    with pytest.raises(ValueError, match="at least 1048576"):
+        Storage(tmp_path / "t.db", max_storage_bytes=1000)
+
+
+# --- files only their owner reads ------------------------------------------------------------
+
+
+def test_the_directory_and_database_are_private_whatever_the_umask(
+    tmp_path: Path, make_event: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    previous = os.umask(0)
+    try:
+        storage = Storage(tmp_path / "data" / "x.db")
+        storage.ensure_defaults()
+        storage.start()
+        storage.store(1, [prepared(make_event)]).result(5)
+        modes = {
+            name: stat.S_IMODE((tmp_path / "data" / name).stat().st_mode)
+            for name in ("x.db", "x.db-wal", "x.db-shm")
+        }
+        storage.close()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    assert modes == {"x.db": 0o600, "x.db-wal": 0o600, "x.db-shm": 0o600}
+    os.chmod(tmp_path / "data" / "x.db", 0o644)  # an older version made it so
+    with caplog.at_level(logging.WARNING, "selfreport.collector"):
+        Storage(tmp_path / "data" / "x.db").close()
+    assert "can be read by other users (mode 644)" in caplog.text
+
+
+def test_a_directory_that_cannot_be_made_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="Not a directory"):
+        Storage(tmp_path / "file" / "data" / "x.db")

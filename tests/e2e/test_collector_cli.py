@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,12 +37,13 @@ def test_serve_creates_the_database_prints_the_dsn_and_reports_itself(tmp_path: 
     assert proc.stdout is not None
     assert proc.stderr is not None
     try:
-        banner = [proc.stdout.readline() for _ in range(4)]
+        banner = [proc.stdout.readline() for _ in range(5)]
         assert banner[0].startswith("selfreport collector ")
         dsn = parse_dsn(banner[1].split()[-1])
         assert banner[2].startswith("(its own errors go to project 2")
         # No user yet, on loopback: it runs open, and says so.
-        assert banner[3].startswith("no user yet: the pages and the API are OPEN")
+        assert banner[3].startswith("the database is kept under")
+        assert banner[4].startswith("no user yet: the pages and the API are OPEN")
         conn = http.client.HTTPConnection("127.0.0.1", dsn.port, timeout=10)
         deadline = time.monotonic() + 10
         while True:
@@ -90,8 +92,65 @@ def test_serve_on_a_busy_port_exits_with_a_message(tmp_path: Path) -> None:
         result = cli("serve", "--port", str(busy.getsockname()[1]), "--data", str(tmp_path))
     finally:
         busy.close()
-    assert result.returncode == 1
-    assert "cannot listen on 127.0.0.1:" in result.stderr
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith("selfreport: cannot listen on 127.0.0.1:")
+
+
+def one_line(stderr: str) -> str:
+    """A startup failure is one line on stderr, without a traceback."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_a_corrupted_database_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    created = cli("project", "list", "--data", str(tmp_path))
+    assert created.returncode == 0, created.stderr
+    database = tmp_path / "selfreport.db"
+    with database.open("r+b") as file:  # the header survives; the tables' pages do not
+        file.seek(4096)
+        file.write(b"\xde\xad" * 20_000)
+    result = cli("serve", "--port", "0", "--data", str(tmp_path))
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith(f"selfreport: {database}")
+    assert "malformed" in result.stderr
+    database.write_bytes(b"not a database at all" * 500)
+    result = cli("serve", "--port", "0", "--data", str(tmp_path))
+    assert result.returncode == 2
+    assert one_line(result.stderr) == (
+        f"selfreport: {database}: cannot open the database: file is not a database"
+    )
+
+
+def test_a_data_directory_that_cannot_be_made_is_one_line_and_exit_code_2(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("")
+    result = cli("serve", "--port", "0", "--data", str(tmp_path / "file" / "data"))
+    assert result.returncode == 2
+    assert one_line(result.stderr) == f"selfreport: {tmp_path / 'file' / 'data'}: Not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_an_unwritable_data_directory_is_one_line_and_exit_code_2(
+    tmp_path: Path,
+) -> None:  # pragma: no cover - the suite runs as root in CI
+    tmp_path.chmod(0o500)
+    try:
+        result = cli("serve", "--port", "0", "--data", str(tmp_path / "data"))
+    finally:
+        tmp_path.chmod(0o700)
+    assert result.returncode == 2
+    assert one_line(result.stderr) == f"selfreport: {tmp_path / 'data'}: Permission denied"
+
+
+def test_max_storage_takes_a_size_and_refuses_nonsense(tmp_path: Path) -> None:
+    result = cli("serve", "--port", "0", "--data", str(tmp_path), "--max-storage", "lots")
+    assert result.returncode == 2
+    assert "'lots' is not a size like 500MB, 10GB or 2GiB" in result.stderr
+    result = cli("serve", "--port", "0", "--data", str(tmp_path), "--max-storage", "100KB")
+    assert result.returncode == 2
+    assert one_line(result.stderr) == "selfreport: --max-storage must be at least 1MiB"
 
 
 def test_project_needs_an_action() -> None:
@@ -144,14 +203,15 @@ def test_users_and_tokens_lock_the_pages_and_open_the_api(tmp_path: Path) -> Non
     proc = serve("--data", data, "--public-url", "https://errors.example.com/")
     assert proc.stdout is not None
     try:
-        banner = [proc.stdout.readline() for _ in range(4)]
+        banner = [proc.stdout.readline() for _ in range(5)]
         listening = banner[0].rstrip().rsplit(" ", 1)[-1].rstrip(")")
         assert banner[0].startswith("selfreport collector ")
         assert "web page https://errors.example.com/ (listening on http://127.0.0.1:" in banner[0]
         # The DSN printed is built from the public URL, not from where it listens.
         dsn = parse_dsn(banner[1].split()[-1])
         assert (dsn.scheme, dsn.host, dsn.project_id) == ("https", "errors.example.com", "1")
-        assert banner[3] == "the pages and the API need a login (users: `selfreport user list`)\n"
+        assert banner[3].startswith("the database is kept under")
+        assert banner[4] == "the pages and the API need a login (users: `selfreport user list`)\n"
         port = int(listening.rsplit(":", 1)[1])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/")
@@ -190,8 +250,8 @@ def test_serve_refuses_a_public_address_without_a_user(tmp_path: Path) -> None:
     proc = serve("--host", "0.0.0.0", "--data", str(tmp_path), "--insecure-no-auth")
     assert proc.stdout is not None
     try:
-        banner = [proc.stdout.readline() for _ in range(4)]
-        assert banner[3].startswith("login is OFF (--insecure-no-auth): anyone who can reach")
+        banner = [proc.stdout.readline() for _ in range(5)]
+        assert banner[4].startswith("login is OFF (--insecure-no-auth): anyone who can reach")
     finally:
         stop(proc)
 
@@ -202,3 +262,27 @@ def test_user_and_token_need_an_action_and_a_good_name(tmp_path: Path) -> None:
     bad = cli("user", "add", "no spaces", "--data", str(tmp_path))
     assert bad.returncode == 2
     assert bad.stderr.startswith("selfreport: bad user name 'no spaces'")
+
+
+def test_a_database_others_can_read_is_warned_about(tmp_path: Path) -> None:
+    assert cli("project", "list", "--data", str(tmp_path)).returncode == 0
+    database = tmp_path / "selfreport.db"
+    assert database.stat().st_mode & 0o777 == 0o600
+    database.chmod(0o644)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI, "serve", "--port", "0", "--data", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    try:
+        line = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        proc.stderr.close()
+    assert line.strip() == (
+        f"selfreport: warning: {database} can be read by other users (mode 644):"
+        " it holds events and project keys; chmod 600 it"
+    )

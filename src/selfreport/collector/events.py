@@ -21,6 +21,7 @@ __all__ = [
     "json_type",
     "parse_event_json",
     "prepare_event",
+    "trim_event",
 ]
 
 LEVELS = ("fatal", "error", "warning", "info", "debug")
@@ -29,6 +30,20 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _MAX_TITLE = 200
 _MAX_TAG = 200
 _DEFAULT_FINGERPRINT = "{{ default }}"
+
+# Trimming before storage, after Relay's (Sentry's ingestion): the limits it applies to the
+# same fields. Events whose JSON is smaller than TRIM_ABOVE are stored as they came.
+MAX_EVENT_BYTES = 2**20
+TRIM_ABOVE = 32 * 1024
+MAX_BREADCRUMBS = 100
+MAX_FRAMES = 250
+MAX_STRING = 8192
+MAX_TAG_VALUE = 200
+MAX_DEPTH = 20
+# Databags as (depth, size in characters of JSON, about): Relay's "medium", "large", "larger".
+_FRAME_VARS = (5, 2048)
+_BAG = (7, 8192)
+_EXTRA = (7, 16384)
 
 
 class EventError(ValueError):
@@ -54,7 +69,8 @@ class PreparedEvent:
 
 def _text(value: object, limit: int) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = " ".join(text.split())
+    # Whitespace is collapsed in what can be shown, not in the whole of a 20 MB message.
+    text = " ".join(text[: limit * 8].split())
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
@@ -245,6 +261,9 @@ def prepare_event(
     if not isinstance(event, dict):
         raise EventError(f"an event must be a JSON object, got {json_type(event)}")
     now = time.time() if received is None else received
+    # The size of the text it came as, even once that text is stale: a 20 MB event is not
+    # serialized whole only to learn that it needs trimming.
+    size = None if original is None else len(original)
     raw_id = event.get("event_id")
     if raw_id is None:
         raw_id = default_event_id or uuid.uuid4().hex
@@ -254,13 +273,18 @@ def prepare_event(
         original = None
     level = _level(event.get("level"))
     exceptions = exception_values(event)
-    if original is not None:
-        payload = original
-    else:
-        try:
-            payload = json.dumps(event, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except ValueError as exc:  # NaN or Infinity, which JSON allows in Python only
-            raise EventError(f"the event contains a number JSON cannot carry: {exc}") from None
+    # Grouped and titled by the event as it came; stored as trimmed.
+    title, culprit, fingerprint = (
+        _title(event, exceptions),
+        _culprit(event, exceptions),
+        event_fingerprint(event),
+    )
+    payload = original
+    if payload is None and (size is None or size <= TRIM_ABOVE):
+        payload = _dumps(event)
+        size = len(payload)
+    if payload is None or len(payload) > TRIM_ABOVE or _too_many_breadcrumbs(event):
+        payload = _dumps(trim_event(event, size or 0))
     return PreparedEvent(
         event_id=event_id,
         received=now,
@@ -268,12 +292,213 @@ def prepare_event(
         level=level,
         environment=_optional_text(event.get("environment"), 64),
         release=_optional_text(event.get("release"), _MAX_TAG),
-        title=_title(event, exceptions),
-        culprit=_culprit(event, exceptions),
-        fingerprint=event_fingerprint(event),
+        title=title,
+        culprit=culprit,
+        fingerprint=fingerprint,
         repeats=_repeats(event),
         payload=payload,
     )
+
+
+def _too_many_breadcrumbs(event: dict[str, Any]) -> bool:
+    crumbs = event.get("breadcrumbs")
+    crumbs = crumbs.get("values") if isinstance(crumbs, dict) else crumbs
+    return isinstance(crumbs, list) and len(crumbs) > MAX_BREADCRUMBS
+
+
+def _dumps(event: dict[str, Any]) -> str:
+    try:
+        return json.dumps(event, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError as exc:  # NaN or Infinity, which JSON allows in Python only
+        raise EventError(f"the event contains a number JSON cannot carry: {exc}") from None
+
+
+def _utf8_size(text: str) -> int:
+    if len(text) * 4 <= MAX_EVENT_BYTES:  # cannot be over, whatever the characters
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+# What trim_event drops, in this order, while the event is still over MAX_EVENT_BYTES.
+_SHEDDABLE = (
+    "breadcrumbs",
+    "spans",
+    "debug_meta",
+    "threads",
+    "extra",
+    "request",
+    "contexts",
+    "modules",
+    "sdk",
+    "user",
+    "tags",
+)
+
+
+def trim_event(event: dict[str, Any], size: int = 0) -> dict[str, Any]:
+    """Trim ``event`` (in place, and return it) the way Relay does before storage: the
+    newest :data:`MAX_BREADCRUMBS` breadcrumbs, at most :data:`MAX_FRAMES` frames per stack
+    trace (the outermost and innermost), strings of at most :data:`MAX_STRING` characters
+    (tag values :data:`MAX_TAG_VALUE`), frame variables, ``extra``, ``contexts`` and request
+    data limited in depth and size, nothing nested deeper than :data:`MAX_DEPTH`. If the JSON is
+    still over :data:`MAX_EVENT_BYTES`, whole interfaces are dropped (breadcrumbs first), and
+    at last everything but what identifies the event and its exception types and messages.
+    What was trimmed is listed in ``extra.selfreport_trimmed`` (with ``size``, the original
+    size in bytes, if given)."""
+    trimmed: set[str] = set()
+    for key in list(event):
+        value = event[key]
+        if key == "breadcrumbs":
+            event[key] = _trim_breadcrumbs(value, trimmed)
+        elif key in ("exception", "threads"):
+            event[key] = _trim_interface(value, trimmed)
+        elif key == "extra":
+            event[key] = _Trimmer(trimmed, *_EXTRA).value(value, "extra")
+        elif key == "contexts" and isinstance(value, dict):
+            event[key] = {
+                k: _Trimmer(trimmed, *_BAG).value(v, "contexts") for k, v in value.items()
+            }
+        elif key == "request" and isinstance(value, dict):
+            event[key] = {
+                k: _Trimmer(trimmed, *_BAG).value(v, "request")
+                if k == "data"
+                else _Trimmer(trimmed).value(v, "strings")
+                for k, v in value.items()
+            }
+        elif key == "tags":
+            event[key] = _Trimmer(trimmed, string_limit=MAX_TAG_VALUE).value(value, "tags")
+        else:
+            event[key] = _Trimmer(trimmed).value(value, "strings")
+    for key in _SHEDDABLE:
+        if _utf8_size(_dumps(event)) <= MAX_EVENT_BYTES:
+            break
+        if event.pop(key, None) is not None:
+            trimmed.add(key)
+    if _utf8_size(_dumps(event)) > MAX_EVENT_BYTES:
+        _keep_only_essentials(event)
+        trimmed.add("everything but the essentials")
+    if trimmed:
+        extra = event.get("extra")
+        if not isinstance(extra, dict):
+            extra = event["extra"] = {}
+        extra["selfreport_trimmed"] = sorted(trimmed) + ([f"size {size}"] if size else [])
+    return event
+
+
+def _trim_breadcrumbs(value: object, trimmed: set[str]) -> object:
+    crumbs = value.get("values") if isinstance(value, dict) else value
+    if isinstance(crumbs, list) and len(crumbs) > MAX_BREADCRUMBS:
+        crumbs = crumbs[-MAX_BREADCRUMBS:]  # the newest
+        trimmed.add("breadcrumbs")
+    crumbs = _Trimmer(trimmed).value(crumbs, "breadcrumbs")
+    if isinstance(crumbs, list):
+        for crumb in crumbs:
+            if isinstance(crumb, dict) and "data" in crumb:
+                crumb["data"] = _Trimmer(trimmed, *_FRAME_VARS).value(crumb["data"], "breadcrumbs")
+    return {"values": crumbs} if isinstance(value, dict) else crumbs
+
+
+def _trim_interface(value: object, trimmed: set[str]) -> object:
+    """``exception`` or ``threads``: frames per stack trace, then their variables."""
+    for item in _values(value):
+        stacktrace = item.get("stacktrace")
+        frames = stacktrace.get("frames") if isinstance(stacktrace, dict) else None
+        if not isinstance(frames, list):
+            continue
+        if len(frames) > MAX_FRAMES:  # keep where it started and where it failed
+            half = MAX_FRAMES // 2
+            stacktrace["frames"] = frames = frames[:half] + frames[-half:]
+            trimmed.add("frames")
+        for frame in frames:
+            if isinstance(frame, dict) and "vars" in frame:
+                frame["vars"] = _Trimmer(trimmed, *_FRAME_VARS).value(frame["vars"], "vars")
+    return _Trimmer(trimmed).value(value, "strings")
+
+
+class _Trimmer:
+    """Walks a JSON value within a depth and a size budget (characters of JSON, about),
+    cutting long strings and dropping what is over either, as Relay trims a databag."""
+
+    def __init__(
+        self,
+        trimmed: set[str],
+        depth: int = MAX_DEPTH,
+        size: Optional[int] = None,
+        string_limit: int = MAX_STRING,
+    ) -> None:
+        self.trimmed = trimmed
+        self.depth = depth
+        self.left = size
+        self.string_limit = string_limit
+        self.what = ""
+
+    def value(self, value: Any, what: str) -> Any:
+        self.what = what
+        return self._walk(value, self.depth)
+
+    def _spend(self, amount: int) -> bool:
+        if self.left is None:
+            return True
+        if self.left <= 0:
+            self.trimmed.add(self.what)
+            return False
+        self.left -= amount
+        return True
+
+    def _walk(self, value: Any, depth: int) -> Any:
+        if isinstance(value, str):
+            limit = self.string_limit
+            if self.left is not None:
+                limit = max(16, min(limit, self.left))
+            self._spend(min(len(value), limit) + 2)
+            if len(value) > limit:
+                self.trimmed.add(self.what)
+                return value[: limit - 1] + "\u2026"
+            return value
+        if isinstance(value, (dict, list)):
+            if depth <= 0:
+                self.trimmed.add(self.what)
+                return "{\u2026}" if isinstance(value, dict) else "[\u2026]"
+            if isinstance(value, dict):
+                out: dict[str, Any] = {}
+                for key, item in value.items():
+                    if not self._spend(len(str(key)) + 4):
+                        break
+                    out[key] = self._walk(item, depth - 1)
+                return out
+            items: list[Any] = []
+            for item in value:
+                if not self._spend(2):
+                    break
+                items.append(self._walk(item, depth - 1))
+            return items
+        self._spend(8)
+        return value
+
+
+_ESSENTIALS = ("event_id", "timestamp", "level", "platform", "logger", "environment", "release")
+
+
+def _keep_only_essentials(event: dict[str, Any]) -> None:
+    """The last resort for an event that is still too large: what identifies it, its message,
+    and its exceptions' types and values (without stack traces)."""
+    kept = {key: event[key] for key in _ESSENTIALS if key in event}
+    _, formatted = _message(event)
+    if formatted:
+        kept["message"] = _text(formatted, MAX_STRING)
+    exceptions = exception_values(event)[-10:]
+    if exceptions:
+        kept["exception"] = {
+            "values": [
+                {
+                    "type": _text(e.get("type") or "Error", 200),
+                    "value": _text(e.get("value") or "", 1000),
+                }
+                for e in exceptions
+            ]
+        }
+    event.clear()
+    event.update(kept)
 
 
 def json_type(value: object) -> str:

@@ -79,16 +79,29 @@ class HealthChecks:
 
 
 def writer_alive(storage: Storage) -> Check:
+    """The writer thread runs; says how often it was restarted and its last failure."""
+
     async def check() -> CheckResult:
+        history = ""
+        if storage.writer_restarts or storage.writer_last_error:
+            ago = time.time() - (storage.writer_last_error_at or time.time())
+            history = (
+                f"; restarts after failures: {storage.writer_restarts},"
+                f" the last failure {ago:.0f}s ago: {storage.writer_last_error}"
+            )
         if storage.writer_alive:
-            return CheckResult(True, "the storage writer thread is running")
-        return CheckResult(False, "the storage writer thread is not running")
+            return CheckResult(True, "the storage writer thread is running" + history)
+        if storage.writer_gave_up:
+            return CheckResult(False, "the storage writer thread gave up" + history)
+        return CheckResult(False, "the storage writer thread is not running" + history)
 
     return check
 
 
 def storage_writable(storage: Storage) -> Check:
-    """A tiny write through the writer thread, committed to disk."""
+    """A tiny write through the writer thread, committed to disk. Waiting for it may time
+    out (the health timeout): the probe is then skipped or its result ignored, and the
+    writer goes on."""
 
     async def check() -> CheckResult:
         started = time.perf_counter()

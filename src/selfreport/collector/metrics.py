@@ -172,6 +172,16 @@ class _LiveValues(Collector):
                 "1 while the storage writer thread runs.",
                 value=1.0 if storage.writer_alive else 0.0,
             )
+            yield CounterMetricFamily(
+                "selfreport_collector_writer_restarts",
+                "Restarts of the storage writer thread after unexpected failures.",
+                value=storage.writer_restarts,
+            )
+            yield CounterMetricFamily(
+                "selfreport_collector_events_deleted_for_space",
+                "Oldest events deleted to keep the database under --max-storage.",
+                value=storage.deleted_for_space,
+            )
             yield GaugeMetricFamily(
                 "selfreport_collector_database_bytes",
                 "Size of the SQLite database, WAL included.",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -22,11 +25,19 @@ from . import auth as _auth
 from .app import Collector, CollectorApp, create_app
 from .forward import Forwarder
 from .ingest import DEFAULT_MAX_BODY, Processor
-from .storage import Project, Storage
+from .storage import MIN_STORAGE_BYTES, Project, Storage, StorageError
 
-__all__ = ["DATABASE_NAME", "CollectorServer", "default_data_dir", "project_command", "serve"]
+__all__ = [
+    "DATABASE_NAME",
+    "CollectorServer",
+    "default_data_dir",
+    "default_max_storage",
+    "project_command",
+    "serve",
+]
 
 DATABASE_NAME = "selfreport.db"
+MAX_DEFAULT_STORAGE = 2 * 10**9
 SWITCH_INTERVAL = 0.001
 logger = logging.getLogger("selfreport.collector")
 
@@ -38,6 +49,20 @@ def default_data_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return Path(base) / "selfreport"
+
+
+def default_max_storage(data_dir: Union[str, os.PathLike[str]]) -> int:
+    """Half of what the database may use of its disk (the free space plus its own size), at
+    most 2 GB, at least 16 MiB: ``--max-storage``'s default."""
+    directory = Path(data_dir)
+    used = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            used += (directory / (DATABASE_NAME + suffix)).stat().st_size
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    return max(16 * 2**20, min(MAX_DEFAULT_STORAGE, (free + used) // 2))
 
 
 def open_storage(data_dir: Union[str, os.PathLike[str]], **options: Any) -> Storage:
@@ -103,7 +128,10 @@ class CollectorServer:
         self.host = host
         self.self_report = self_report
         self.reporter_options = dict(reporter_options or {})
-        self.storage = open_storage(self.data_dir, **(storage_options or {}))
+        storage_options = dict(storage_options or {})
+        if "max_storage_bytes" not in storage_options:
+            storage_options["max_storage_bytes"] = default_max_storage(self.data_dir)
+        self.storage = open_storage(self.data_dir, **storage_options)
         self.first_start = self.storage.created
         self.default_project, self.internal_project = self.storage.ensure_defaults()
         try:
@@ -122,10 +150,10 @@ class CollectorServer:
             self._socket.bind((host, port))
             # Listening now lets clients connect (and wait in the backlog) before uvicorn runs.
             self._socket.listen(2048)
-        except OSError:
+        except OSError as exc:
             self._socket.close()
             self.storage.close()
-            raise
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         self.port: int = self._socket.getsockname()[1]
         self.public_url = public_url or self.url
         self.app: CollectorApp = create_app(
@@ -293,12 +321,18 @@ def serve(
     public_url: Optional[str] = None,
     allowed_hosts: Sequence[str] = (),
     metrics_public: bool = False,
+    max_storage: Optional[int] = None,
 ) -> int:
-    """``selfreport serve``: run until interrupted; prints the web page and the default DSN."""
+    """``selfreport serve``: run until interrupted; prints the web page and the default DSN.
+    A problem starting (the database, the data directory, the port) is one line on stderr
+    and exit code 2."""
     out = out or sys.stdout
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     if upstream is None and (scrub or spool_dir is not None or forward != "all"):
         print("selfreport: --scrub, --spool and --forward need --upstream DSN", file=sys.stderr)
+        return 2
+    if max_storage is not None and max_storage < MIN_STORAGE_BYTES:
+        print("selfreport: --max-storage must be at least 1MiB", file=sys.stderr)
         return 2
     try:
         server = CollectorServer(
@@ -314,15 +348,22 @@ def serve(
             public_url=public_url,
             allowed_hosts=allowed_hosts,
             metrics_public=metrics_public,
+            storage_options=None if max_storage is None else {"max_storage_bytes": max_storage},
         )
-    except ConfigError as exc:
+    except (ConfigError, StorageError, ValueError) as exc:
         print(f"selfreport: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.DatabaseError as exc:  # opened, then found damaged inside
+        print(f"selfreport: {directory / DATABASE_NAME}: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
-        print(f"selfreport: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"selfreport: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     if server.first_start:
         print(f"Created the collector database in {directory}", file=out)
+    if server.storage.warning:
+        print(f"selfreport: warning: {server.storage.warning}", file=sys.stderr)
     listening = "" if server.public_url == server.url else f" (listening on {server.url})"
     print(f"selfreport collector {__version__}: web page {server.public_url}/{listening}", file=out)
     print(f"DSN of the default project: {server.dsn()}", file=out)
@@ -331,6 +372,8 @@ def serve(
         f"{server.internal_project.name!r})",
         file=out,
     )
+    limit = server.storage.max_storage_bytes or 0
+    print(f"the database is kept under {limit / 1e6:,.0f} MB (--max-storage)", file=out)
     if server.forwarder is not None:
         what = "everything" if forward == "all" else "its own reports"
         scrubbed = ", scrubbed" if scrub else ""

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -36,6 +36,11 @@ logger = logging.getLogger("selfreport.collector")
 DEFAULT_PROJECT = "default"
 INTERNAL_PROJECT = "selfreport-internal"
 SCHEMA_VERSION = "1"
+MIN_STORAGE_BYTES = 2**20
+# What a stored event costs beyond its payload (row, indexes), about.
+_ROW_OVERHEAD = 300
+_MAX_SPACE_STEP = 32 * 2**20  # bytes of events retention by size deletes at most per step
+_VACUUM_PAGES = 2048  # pages given back to the disk at most per step
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -187,11 +192,22 @@ class _ThreadDone:
     def __init__(self, future: Future[Any]) -> None:
         self.future = future
 
+    def claim(self) -> bool:
+        """The writer takes this write: False if its caller cancelled it (then it is skipped);
+        once claimed it cannot be cancelled any more, so resolving it cannot fail."""
+        try:
+            return self.future.set_running_or_notify_cancel()
+        except RuntimeError:  # already running or done: nothing left to protect
+            return not self.future.done()
+
     def resolve(self, ok: bool, value: Any) -> None:
-        if ok:
-            self.future.set_result(value)
-        else:
-            self.future.set_exception(value)
+        if self.future.done():
+            return
+        with contextlib.suppress(InvalidStateError):  # cancelled this very moment
+            if ok:
+                self.future.set_result(value)
+            else:
+                self.future.set_exception(value)
 
 
 class _LoopDone:
@@ -200,6 +216,11 @@ class _LoopDone:
     def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
         self.loop = loop
         self.future = future
+
+    def claim(self) -> bool:
+        # Read from the writer thread: a future's state only moves forward, so "done" is
+        # never wrong, at worst late (then the write is applied and its result ignored).
+        return not self.future.done()
 
     def resolve(self, ok: bool, value: Any) -> None:
         if self.future.done():  # the waiting request was cancelled
@@ -216,16 +237,19 @@ class _Write:
 
     apply: Callable[[sqlite3.Connection, _Batch], Any]
     done: Union[_ThreadDone, _LoopDone]
+    size: int = 0  # bytes it adds to the database, about
 
 
 def _complete(writes: list[_Write], outcomes: list[tuple[bool, Any]]) -> None:
+    """Resolve each write's future. Never raises: whoever waited may have given up, cancelled,
+    or closed its event loop, and none of that is the writer's business."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_LoopDone, bool, Any]]] = {}
     for write, (ok, value) in zip(writes, outcomes):
         done = write.done
         if isinstance(done, _LoopDone):
             by_loop.setdefault(done.loop, []).append((done, ok, value))
         else:
-            done.resolve(ok, value)
+            _resolve_safely(done, ok, value)
     for loop, items in by_loop.items():
         try:
             loop.call_soon_threadsafe(_resolve_all, items)
@@ -235,7 +259,15 @@ def _complete(writes: list[_Write], outcomes: list[tuple[bool, Any]]) -> None:
 
 def _resolve_all(items: list[tuple[_LoopDone, bool, Any]]) -> None:
     for done, ok, value in items:
+        _resolve_safely(done, ok, value)
+
+
+def _resolve_safely(done: Union[_ThreadDone, _LoopDone], ok: bool, value: Any) -> None:
+    try:
         done.resolve(ok, value)
+    except Exception as exc:  # pragma: no cover - resolve() checks what it can; belt and braces
+        with reporting_path():
+            logger.debug("could not resolve a storage write: %r", exc)
 
 
 class _Batch:
@@ -292,6 +324,11 @@ class _Batch:
         self.issue_ids.clear()
 
 
+def _size(events: list[PreparedEvent]) -> int:
+    """About the bytes ``events`` add to the database (characters of their payloads)."""
+    return sum(len(event.payload) + _ROW_OVERHEAD for event in events)
+
+
 def _store_events(
     project_id: int, events: list[PreparedEvent]
 ) -> Callable[[sqlite3.Connection, _Batch], list[bool]]:
@@ -320,6 +357,12 @@ class Storage:
         checkpoint_interval: seconds between background WAL checkpoints.
         retention_chunk: events deleted at most per retention step when idle; also how
             many new events start a retention round before ``retention_interval`` is up.
+        max_storage_bytes: retention by size: the database (with its write-ahead log) is kept
+            under this many bytes by deleting the oldest events first, in the same
+            transaction as the writes that need the room. None: no limit by size.
+        max_writer_restarts: a writer thread that fails unexpectedly is restarted (after a
+            growing pause) up to this many times in a row before it gives up; a committed
+            batch resets the count.
     """
 
     def __init__(
@@ -335,12 +378,16 @@ class Storage:
         linger: float = 0.002,
         checkpoint_interval: float = 1.0,
         retention_chunk: int = 1000,
+        max_storage_bytes: Optional[int] = None,
+        max_writer_restarts: int = 10,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
         if max_events_per_project < 1:
             raise ValueError("max_events_per_project must be at least 1")
+        if max_storage_bytes is not None and max_storage_bytes < MIN_STORAGE_BYTES:
+            raise ValueError(f"max_storage_bytes must be at least {MIN_STORAGE_BYTES} (1 MiB)")
         self.path = Path(path)
         self.max_events_per_project = max_events_per_project
         self.max_age_days = max_age_days
@@ -351,6 +398,19 @@ class Storage:
         self.linger = linger
         self.checkpoint_interval = checkpoint_interval
         self.retention_chunk = retention_chunk
+        self.max_storage_bytes = max_storage_bytes
+        # Room kept for the write-ahead log, which SQLite truncates back to this size.
+        self.wal_allowance = (
+            0 if max_storage_bytes is None else min(64 * 2**20, max_storage_bytes // 8)
+        )
+        self.max_writer_restarts = max_writer_restarts
+        self.writer_restarts = 0
+        self.writer_last_error: Optional[str] = None
+        self.writer_last_error_at: Optional[float] = None
+        self.writer_gave_up = False
+        self.deleted_for_space = 0
+        self._consecutive_failures = 0
+        self._inflight: list[_Write] = []
         self._clock = clock
         self._queue: queue.SimpleQueue[Optional[_Write]] = queue.SimpleQueue()
         self._pending = 0
@@ -363,13 +423,17 @@ class Storage:
         self._stopping = threading.Event()
         self._finish_checkpoint = False
         self._retention_backlog = False
+        # Measured once the writer starts: the limit may be lower than at the last run.
+        self._space_backlog = max_storage_bytes is not None
+        self._vacuum = False
         self._inserted_since_retention = 0
         self._last_issue_cleanup = 0.0
         # (project, fingerprint) -> issue id; the writer's alone, cleared after rollbacks
         # and retention passes (which delete issues).
         self._issue_ids: dict[tuple[int, str], int] = {}
         self._closed = False
-        self.created = False
+        self.created = False  # set by _create: True if this opened a new, empty database
+        self.warning: Optional[str] = None  # for the operator, about the database file
         self.last_retention = 0.0
         self._create()
 
@@ -392,13 +456,17 @@ class Storage:
         return conn
 
     def _create(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.created = not self.path.exists()
+        try:
+            self._create_files()
+        except OSError as exc:
+            raise StorageError(f"{exc.filename or self.path}: {exc.strerror or exc}") from exc
         try:
             conn = self._connect()
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"{self.path}: cannot open the database: {exc}") from exc
         try:
+            if self.created:  # lets the writer give pages back when the size limit shrinks
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
@@ -417,8 +485,33 @@ class Storage:
         finally:
             conn.close()
 
+    def _create_files(self) -> None:
+        """The directory (0700 when we create it) and the database file (0600 when we create
+        it; SQLite gives its -wal and -shm files the database's mode), whatever the umask."""
+        directory = self.path.parent
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            self.created = False
+            mode = self.path.stat().st_mode
+            if mode & 0o077:
+                self.warning = (
+                    f"{self.path} can be read by other users (mode {mode & 0o777:o}):"
+                    " it holds events and project keys; chmod 600 it"
+                )
+                logger.warning("%s", self.warning)
+            return
+        os.close(fd)
+        os.chmod(self.path, 0o600)  # the umask may have taken bits from what os.open asked
+        self.created = True
+
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection in autocommit mode. Reads fetch all their rows: a statement
+        left unfinished keeps its snapshot of the WAL, and the checkpoint cannot get past it."""
         if self._closed:
             raise StorageError("storage is closed")
         try:
@@ -483,10 +576,10 @@ class Storage:
 
     def project_of_key(self, public_key: str) -> Optional[int]:
         with self._reader() as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 "SELECT project_id FROM keys WHERE public_key = ?", (public_key,)
-            ).fetchone()
-        return None if row is None else int(row[0])
+            ).fetchall()
+        return int(rows[0][0]) if rows else None
 
     def project(self, project_id: int) -> Optional[Project]:
         return next((p for p in self.projects() if p.id == project_id), None)
@@ -658,7 +751,8 @@ class Storage:
         if self._closed:
             raise StorageError("storage is closed")
         if not self.writer_alive:
-            raise StorageError("the storage writer thread is not running")
+            why = f": {self.writer_last_error}" if self.writer_last_error else ""
+            raise StorageError(f"the storage writer thread is not running{why}")
         with self._pending_lock:
             if self._pending >= self.max_queue:
                 raise StorageFull(f"the write queue is full ({self.max_queue} writes waiting)")
@@ -669,14 +763,18 @@ class Storage:
         """Queue ``events`` for ``project_id``, stored all together or none; the future gives,
         per event, True if stored and False if it was a duplicate (same event_id)."""
         future: Future[list[bool]] = Future()
-        self._submit(_Write(_store_events(project_id, list(events)), _ThreadDone(future)))
+        events = list(events)
+        self._submit(_Write(_store_events(project_id, events), _ThreadDone(future), _size(events)))
         return future
 
     async def store_async(self, project_id: int, events: Sequence[PreparedEvent]) -> list[bool]:
         """:meth:`store` for a coroutine: resolved on its event loop, once per batch."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[bool]] = loop.create_future()
-        self._submit(_Write(_store_events(project_id, list(events)), _LoopDone(loop, future)))
+        events = list(events)
+        self._submit(
+            _Write(_store_events(project_id, events), _LoopDone(loop, future), _size(events))
+        )
         return await future
 
     def probe(self) -> Future[float]:
@@ -692,21 +790,69 @@ class Storage:
         return future
 
     def _write_loop(self) -> None:
+        """The writer thread: serves writes until closed. An unexpected failure fails the
+        writes it was applying, and the writer starts again on a fresh connection after a
+        pause that doubles with each failure in a row; after ``max_writer_restarts`` of them
+        it gives up (``/health`` says so, and why)."""
+        while True:
+            try:
+                self._serve_writes()
+                return
+            # BaseException too: a SystemExit raised by a write (a callback's sys.exit())
+            # must not end the thread that every ingestion waits on.
+            except BaseException as exc:
+                if not self._writer_failed(exc):
+                    return
+                pause = min(5.0, 0.05 * 2 ** (self._consecutive_failures - 1))
+                self._stopping.wait(pause)
+
+    def _writer_failed(self, exc: BaseException) -> bool:
+        """Account for a failure of the writer; True if it should start again."""
+        self._consecutive_failures += 1
+        self.writer_last_error = repr(exc)
+        self.writer_last_error_at = time.time()
+        self._issue_ids.clear()
+        error = StorageError(f"the storage writer failed: {exc!r}")
+        inflight, self._inflight = self._inflight, []
+        if inflight:
+            with self._pending_lock:
+                self._pending -= len(inflight)
+            _complete(inflight, [(False, error)] * len(inflight))
+        give_up = self._consecutive_failures > self.max_writer_restarts
+        with reporting_path():
+            logger.error(
+                "the storage writer failed (%d in a row); %s",
+                self._consecutive_failures,
+                "giving up" if give_up else "restarting it",
+                exc_info=exc,
+            )
+        if give_up:
+            self.writer_gave_up = True
+            self._fail_pending(error)
+            return False
+        self.writer_restarts += 1
+        return True
+
+    def _serve_writes(self) -> None:
         conn = self._connect()
-        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread does it
         try:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread does it
+            if self.max_storage_bytes is not None:
+                # After each checkpoint that lets the WAL start over, SQLite cuts it back.
+                conn.execute(f"PRAGMA journal_size_limit = {self.wal_allowance}")
             while True:
-                idle = 0.0 if self._retention_backlog else self.retention_interval
+                backlog = self._retention_backlog or self._space_backlog
+                idle = 0.0 if backlog else self.retention_interval
                 try:
                     first = self._queue.get(timeout=max(0.01, idle))
                 except queue.Empty:
-                    if (
-                        self._retention_backlog
-                        or self._clock() - self.last_retention >= self.retention_interval
-                    ):
+                    if backlog or self._clock() - self.last_retention >= self.retention_interval:
                         self._retain_safely(conn)
+                    if self._vacuum:
+                        self._give_back_pages(conn)
                     continue
                 if first is None:
+                    self._finish(conn)
                     return
                 batch = [first]
                 stop = False
@@ -724,7 +870,11 @@ class Storage:
                         stop = True
                         break
                     batch.append(item)
+                self._inflight = batch  # failed by _writer_failed if this raises
                 self._apply_batch(conn, batch)
+                self._consecutive_failures = 0
+                if self._vacuum:
+                    self._give_back_pages(conn)
                 if self._finish_checkpoint:
                     self._finish_checkpoint = False
                     with contextlib.suppress(sqlite3.Error):
@@ -738,16 +888,31 @@ class Storage:
                     self._retention_backlog = True
                     self._inserted_since_retention = 0
                 if stop:
+                    self._finish(conn)
                     return
         finally:
-            with contextlib.suppress(sqlite3.Error):  # leave a small WAL behind
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             conn.close()
-            self._fail_pending(StorageError("storage is closed"))
+
+    def _finish(self, conn: sqlite3.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error):  # leave a small WAL behind
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        self._fail_pending(StorageError("storage is closed"))
 
     def _apply_batch(self, conn: sqlite3.Connection, writes: list[_Write]) -> None:
         """All writes in one transaction; if one fails, again one savepoint per write, so
-        the others still commit and only the failing one reports its error."""
+        the others still commit and only the failing one reports its error. Writes whose
+        callers cancelled them before they were taken are skipped."""
+        taken = [write for write in writes if write.done.claim()]
+        skipped = len(writes) - len(taken)
+        if skipped:
+            with self._pending_lock:
+                self._pending -= skipped
+            self._inflight = writes = taken
+            if not writes:
+                return  # _inflight is empty: nothing is left to fail if the writer fails
         try:
             try:
                 outcomes = self._transaction(conn, writes, isolated=False)
@@ -763,6 +928,7 @@ class Storage:
             outcomes = [(False, error)] * len(writes)
         with self._pending_lock:
             self._pending -= len(writes)
+        self._inflight = []
         _complete(writes, outcomes)
 
     def _transaction(
@@ -772,6 +938,8 @@ class Storage:
         batch = _Batch(self._issue_ids)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if self.max_storage_bytes is not None:
+                self._make_room(conn, sum(write.size for write in writes))
             for write in writes:
                 if not isolated:
                     try:
@@ -835,6 +1003,7 @@ class Storage:
         conn.execute("SAVEPOINT retention")
         try:
             deleted = self._delete_expired(conn, limit)
+            self._make_room(conn, 0)
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK TO retention")
             conn.execute("RELEASE retention")
@@ -851,6 +1020,7 @@ class Storage:
 
     def _retention_failed(self, exc: Exception) -> None:
         self._retention_backlog = False  # try again at the next interval, not at once
+        self._space_backlog = False
         self.last_retention = self._clock()
         with reporting_path():
             logger.error("retention pass failed: %r", exc)
@@ -864,6 +1034,7 @@ class Storage:
             with _transaction(conn):
                 conn.execute("BEGIN IMMEDIATE")
                 deleted = self._delete_expired(conn, limit)
+                deleted += self._make_room(conn, 0)
                 if limit is None or deleted < limit:
                     _delete_empty_issues(conn)
                 conn.execute("COMMIT")
@@ -896,6 +1067,55 @@ class Storage:
                     (project_id, row[0], left),
                 ).rowcount
         return deleted
+
+    def _make_room(self, conn: sqlite3.Connection, incoming: int) -> int:
+        """Retention by size, inside the current transaction: delete the oldest events until
+        the pages in use plus ``incoming`` bytes fit under the limit (with the room kept for
+        the WAL); returns how many were deleted. SQLite reuses the pages freed here before
+        it grows the file, so the file stays about the limit."""
+        if self.max_storage_bytes is None:
+            return 0
+        target = self.max_storage_bytes - self.wal_allowance
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        need = _pages_in_use(conn) * page_size + incoming - target
+        if need <= 0:
+            self._space_backlog = False
+            return 0
+        need += min(target // 20, 8 * 2**20)  # a little more: not every batch has to delete
+        # A database far over the limit (the limit was lowered) shrinks over several steps:
+        # none holds the writer, and every request waiting on it, for long.
+        self._space_backlog = need > incoming * 2 + _MAX_SPACE_STEP
+        need = min(need, incoming * 2 + _MAX_SPACE_STEP)
+        deleted = 0
+        while need > 0:
+            rows = conn.execute(
+                "SELECT id, length(CAST(payload AS BLOB)) FROM events ORDER BY id LIMIT 500"
+            ).fetchall()
+            if not rows:
+                break
+            last = rows[-1][0]
+            for row_id, size in rows:
+                need -= size + _ROW_OVERHEAD
+                if need <= 0:
+                    last = row_id
+                    break
+            deleted += conn.execute("DELETE FROM events WHERE id <= ?", (last,)).rowcount
+        self.deleted_for_space += deleted
+        # A database made when the limit was higher gives the pages back to the disk.
+        file_pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        self._vacuum = file_pages * page_size > self.max_storage_bytes
+        return deleted
+
+    def _give_back_pages(self, conn: sqlite3.Connection) -> None:
+        """Between transactions: return free pages to the disk (databases created with
+        ``auto_vacuum = INCREMENTAL``, i.e. by this version; older ones reuse them)."""
+        self._vacuum = False
+        try:
+            # executescript steps the pragma to its end (execute() frees a single page).
+            conn.executescript(f"PRAGMA incremental_vacuum({_VACUUM_PAGES});")
+        except sqlite3.Error as exc:  # pragma: no cover - the next pass tries again
+            with reporting_path():
+                logger.error("could not give free pages back: %r", exc)
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -940,12 +1160,12 @@ class Storage:
 
     def issue(self, issue_id: int) -> Optional[Issue]:
         with self._reader() as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 f"SELECT {_ISSUE_COLUMNS} FROM issues i JOIN projects p ON p.id = i.project_id"
                 " WHERE i.id = ?",
                 (issue_id,),
-            ).fetchone()
-        return None if row is None else Issue(*row)
+            ).fetchall()
+        return Issue(*rows[0]) if rows else None
 
     def events(self, issue_id: int, limit: int = 50) -> list[Event]:
         """The newest events of an issue, newest first."""
@@ -960,13 +1180,13 @@ class Storage:
 
     def event(self, project_id: int, event_id: str) -> Optional[Event]:
         with self._reader() as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 "SELECT id, project_id, issue_id, event_id, received, timestamp, level,"
                 " environment, release, payload FROM events"
                 " WHERE project_id = ? AND event_id = ?",
                 (project_id, event_id),
-            ).fetchone()
-        return None if row is None else Event(*row)
+            ).fetchall()
+        return Event(*rows[0]) if rows else None
 
     def environments(self) -> list[str]:
         with self._reader() as conn:
@@ -979,12 +1199,12 @@ class Storage:
     def event_count(self, project_id: Optional[int] = None) -> int:
         with self._reader() as conn:
             if project_id is None:
-                row = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+                rows = conn.execute("SELECT COUNT(*) FROM events").fetchall()
             else:
-                row = conn.execute(
+                rows = conn.execute(
                     "SELECT COUNT(*) FROM events WHERE project_id = ?", (project_id,)
-                ).fetchone()
-        return int(row[0])
+                ).fetchall()
+        return int(rows[0][0])
 
     def size_bytes(self) -> int:
         """The database's size on disk, WAL included."""
@@ -1030,6 +1250,11 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _pages_in_use(conn: sqlite3.Connection) -> int:
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    return pages - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
 
 
 def _delete_empty_issues(conn: sqlite3.Connection) -> None:
