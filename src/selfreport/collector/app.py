@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,10 +26,13 @@ from selfreport.integrations.asgi import SelfreportMiddleware
 from . import web
 from .health import HealthChecks, default_checks, upstream_reachable
 from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
+from .limits import LogThrottle
 from .metrics import CONTENT_TYPE, CollectorMetrics
 from .storage import Project, Storage
 
 __all__ = ["Collector", "CollectorApp", "create_app"]
+
+logger = logging.getLogger("selfreport.collector")
 
 
 @dataclass
@@ -130,7 +136,7 @@ def create_app(
     site = Starlette(
         routes=routes,
         middleware=[Middleware(SelfreportMiddleware, client=reporter)],
-        exception_handlers={Exception: _internal_error},
+        exception_handlers={Exception: _internal_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
     site.router.redirect_slashes = False
@@ -180,7 +186,7 @@ class CollectorApp:
                 scope["route"], scope["endpoint"] = route, route.endpoint
                 await _answer_500_on_error(self._ingest[kind], scope, receive, send)
                 return
-        await self.site(scope, receive, send)
+        await _answer_500_on_error(self.site, scope, receive, send)
 
 
 class _IngestRoute(NamedTuple):
@@ -189,8 +195,8 @@ class _IngestRoute(NamedTuple):
 
 
 async def _answer_500_on_error(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Like Starlette's ServerErrorMiddleware: a 500 if nothing was sent yet, then re-raise
-    (the server logs it; the middleware inside has reported it)."""
+    """Like Starlette's ServerErrorMiddleware: a 500 if nothing was sent yet; then one log line
+    a second at most (the middleware inside has reported the error with its traceback)."""
     started = False
 
     async def tracking_send(message: Message) -> None:
@@ -215,7 +221,24 @@ async def _answer_500_on_error(app: ASGIApp, scope: Scope, receive: Receive, sen
                 }
             )
             await send({"type": "http.response.body", "body": body})
-        raise
+        error = sys.exc_info()[1]
+        _errors.log(
+            logger,
+            logging.ERROR,
+            "%s %s failed: %s",
+            scope.get("method", ""),
+            str(scope.get("path", ""))[:200],
+            _describe(error),
+        )
+
+
+def _describe(error: Optional[BaseException]) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 300 else text[:299] + "\u2026"
+
+
+# Any failure a request can cause is logged once a second at most, whoever sends them.
+_errors = LogThrottle()
 
 
 def collector_of(request: Request) -> Collector:
@@ -238,6 +261,16 @@ async def metrics(request: Request) -> Response:
 
 
 _INTERNAL_ERROR = "internal error (the collector reports its own errors to its internal project)"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Refusals (400 for a bad parameter, 404, 405) with their message: JSON for the API."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/"):
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

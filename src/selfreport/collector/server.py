@@ -21,6 +21,7 @@ from selfreport.exceptions import ConfigError
 from .app import Collector, CollectorApp, create_app
 from .forward import Forwarder
 from .ingest import DEFAULT_MAX_BODY, Processor
+from .limits import HttpLimits, ThrottleFilter, protocol_class
 from .storage import Project, Storage
 
 __all__ = ["DATABASE_NAME", "CollectorServer", "default_data_dir", "project_command", "serve"]
@@ -61,7 +62,9 @@ class CollectorServer:
 
     With ``self_report=True`` it calls :func:`selfreport.init` with the internal project's DSN
     on this server (so this process's errors land there) and closes that client on stop.
-    ``reporter_options`` are passed to that ``init``.
+    ``reporter_options`` are passed to that ``init``. ``limits`` bound what clients may send
+    (sizes, timeouts, connections; see :class:`HttpLimits`); ``max_body`` is a shorthand for
+    its ``max_body`` when ``limits`` is not given.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class CollectorServer:
         forward: str = "all",
         scrub: bool = False,
         spool_dir: Union[str, os.PathLike[str], None] = None,
+        limits: Optional[HttpLimits] = None,
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         self.forwarder: Optional[Forwarder] = None
@@ -111,8 +115,9 @@ class CollectorServer:
             self.storage.close()
             raise
         self.port: int = self._socket.getsockname()[1]
+        self.limits = limits or HttpLimits(max_body=max_body)
         self.app: CollectorApp = create_app(
-            self.storage, processors=processors, max_body=max_body, upstream=upstream
+            self.storage, processors=processors, max_body=self.limits.max_body, upstream=upstream
         )
         if self.forwarder is not None:
             self.collector.on_stored.append(self.forwarder)
@@ -126,7 +131,12 @@ class CollectorServer:
             lifespan="on",
             server_header=False,
             timeout_graceful_shutdown=5,
+            http=protocol_class(self.limits, self.collector.metrics.rejected) or "h11",
+            h11_max_incomplete_event_size=self.limits.max_header_bytes,
+            timeout_keep_alive=self.limits.keep_alive_timeout,
+            ws="none",
         )
+        _throttle_uvicorn_log(install=True)
         self._server = uvicorn.Server(self._config)
         self._thread: Optional[threading.Thread] = None
         self._reporting = False
@@ -213,6 +223,7 @@ class CollectorServer:
         if self._closed:
             return
         self._closed = True
+        _throttle_uvicorn_log(install=False)
         self._socket.close()
         if self.forwarder is not None:
             self.forwarder.close(timeout=2.0)
@@ -223,6 +234,24 @@ class CollectorServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# uvicorn logs a line (with a traceback, for an app failure) per bad request: while any
+# collector runs in this process, its warnings and errors are throttled to one a second.
+_uvicorn_filter = ThrottleFilter()
+_uvicorn_filter_users = 0
+_uvicorn_filter_lock = threading.Lock()
+
+
+def _throttle_uvicorn_log(install: bool) -> None:
+    global _uvicorn_filter_users
+    with _uvicorn_filter_lock:
+        _uvicorn_filter_users += 1 if install else -1
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if _uvicorn_filter_users > 0:
+            uvicorn_log.addFilter(_uvicorn_filter)
+        else:
+            uvicorn_log.removeFilter(_uvicorn_filter)
 
 
 def serve(
