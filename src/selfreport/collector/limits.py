@@ -15,7 +15,15 @@ from selfreport._guard import reporting_path
 
 from .ingest import DEFAULT_MAX_BODY
 
-__all__ = ["HttpLimits", "LogThrottle", "ThrottleFilter", "protocol_class"]
+__all__ = [
+    "HttpLimits",
+    "LogThrottle",
+    "ThrottleFilter",
+    "loop_exception_handler",
+    "protocol_class",
+]
+
+logger = logging.getLogger("selfreport.collector")
 
 # Why a reply was refused, as the ``reason`` label of the collector's rejection counter.
 OnReject = Callable[[str], None]
@@ -305,3 +313,21 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asy
 
 
 _malformed = LogThrottle()
+_accept_failures = LogThrottle()
+
+
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The serving loop's exception handler: out of file descriptors, asyncio's accept loop
+    reports the failure once per pending connection (up to the backlog, each second, each
+    with a traceback); here that is one line a second. Anything else goes to the default."""
+    if context.get("message") == "socket.accept() out of system resource":
+        _accept_failures.log(
+            logger,
+            logging.ERROR,
+            "cannot accept connections: %s (retrying every second; raise the file limit, "
+            "ulimit -n, or lower max_connections; slow and idle clients are closed after "
+            "the header timeout)",
+            context.get("exception"),
+        )
+        return
+    loop.default_exception_handler(context)

@@ -21,7 +21,7 @@ from selfreport.exceptions import ConfigError
 from .app import Collector, CollectorApp, create_app
 from .forward import Forwarder
 from .ingest import DEFAULT_MAX_BODY, Processor
-from .limits import HttpLimits, ThrottleFilter, protocol_class
+from .limits import HttpLimits, ThrottleFilter, loop_exception_handler, protocol_class
 from .storage import Project, Storage
 
 __all__ = ["DATABASE_NAME", "CollectorServer", "default_data_dir", "project_command", "serve"]
@@ -185,7 +185,7 @@ class CollectorServer:
         """Serve in this thread until interrupted (Ctrl-C, SIGTERM) or :meth:`stop`."""
         self._start_reporting()
         try:
-            self._server.run(sockets=[self._socket])
+            asyncio.run(self._serve())
         finally:
             self._stop_reporting()
             self._close_resources()
@@ -206,7 +206,11 @@ class CollectorServer:
         return self
 
     def _serve_in_thread(self) -> None:
-        asyncio.run(self._server.serve(sockets=[self._socket]))
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
+        await self._server.serve(sockets=[self._socket])
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving, flush the self-reporter, close the database."""
@@ -308,9 +312,14 @@ def serve(
     # trades a little throughput for much shorter tails.
     previous = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
+    # The collector's own lines (a failing request, accept() failing) beside uvicorn's.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-9s selfreport: %(message)s"))
+    logger.addHandler(handler)
     try:
         server.run()
     finally:
+        logger.removeHandler(handler)
         sys.setswitchinterval(previous)
     return 0
 
