@@ -14,6 +14,7 @@ MAX_DEPTH = 128
 # Everything but brackets and quotes is dropped before the depth is measured (in C, not per byte).
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
 _STRING = re.compile(rb'"[^"]*"')
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # An escaped backslash, a valid surrogate pair, or a lone surrogate: scanning left to right,
 # escaped backslashes are consumed first so that `\\ud800` (a backslash, then text) is kept.
@@ -33,8 +34,8 @@ class JSONDepthError(ValueError):
 def check_depth(data: Union[bytes, str], limit: int = MAX_DEPTH) -> None:
     """Raise :class:`JSONDepthError` when the JSON text ``data`` nests deeper than ``limit``.
 
-    Only whole-buffer operations (counts, replaces, translate, a regex): documents with fewer
-    brackets than the limit, nearly all of them, cost two ``count`` calls.
+    No Python code per byte (counts, replaces, translate): documents with fewer brackets than
+    the limit cost two ``count`` calls; others a few copies of their brackets, one per level.
     """
     if isinstance(data, str):
         if data.count("[") + data.count("{") <= limit:
@@ -45,16 +46,21 @@ def check_depth(data: Union[bytes, str], limit: int = MAX_DEPTH) -> None:
     else:
         raw = data
     # Escaped backslashes and quotes first, so what remains of each string is "...".
-    skeleton = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
-    skeleton = _STRING.sub(b"", skeleton)
-    opening = b"[" * (limit + 1)
-    # Each pass removes the innermost level; the depth is the number of passes.
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    skeleton = raw.translate(_BRACKETS, _NOT_STRUCTURE)  # only [, ] and quotes are left
+    if b'"' in skeleton:
+        skeleton = skeleton.replace(b'""', b"")  # strings without brackets: nearly all
+        if b'"' in skeleton:
+            skeleton = _STRING.sub(b"", skeleton)
+    # Each pass removes the innermost level (one scan: only the leaves there before it).
+    too_deep = b"[" * (limit + 1)
     for _ in range(limit):
         if not skeleton:
             return
-        if opening in skeleton.replace(b"{", b"["):
-            raise JSONDepthError(limit)
-        shorter = skeleton.replace(b"[]", b"").replace(b"{}", b"")
+        if too_deep in skeleton:
+            break
+        shorter = skeleton.replace(b"[]", b"")
         if len(shorter) == len(skeleton):
             return  # unbalanced: not JSON, which the parser will say better
         skeleton = shorter
@@ -85,17 +91,19 @@ def loads(
     parse_constant: Optional[Callable[[str], Any]] = None,
     repair: bool = True,
 ) -> Any:
-    """``json.loads`` for untrusted input: depth checked first, lone surrogates replaced
+    """``json.loads`` for untrusted input: depth limited, lone surrogates replaced
     (``repair=False``: the caller already did, with :func:`repair_surrogates`).
 
     Raises ``ValueError`` (:class:`JSONDepthError`, ``json.JSONDecodeError``) or
     ``UnicodeDecodeError`` (itself a ``ValueError``).
     """
-    check_depth(data, max_depth)
     text = data.decode("utf-8") if isinstance(data, bytes) else data
     if repair:
         text = repair_surrogates(text)
     try:
-        return json.loads(text, parse_constant=parse_constant)
-    except RecursionError:  # pragma: no cover - check_depth refuses these first
+        value = json.loads(text, parse_constant=parse_constant)
+    except RecursionError:  # nested hundreds deep: refused by the parser, quickly
         raise JSONDepthError(max_depth) from None
+    # After parsing: what is nested too deep for the parser never costs a depth check.
+    check_depth(text, max_depth)
+    return value

@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from ._version import __version__
+from .collector.limits import HttpLimits  # the standard library only: defaults for --help
 
 __all__ = ["main"]
+
+N = TypeVar("N", int, float)
+
+
+def _positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
     serve.add_argument("--data", metavar="DIR", help="database directory (default: ~/.local/...)")
+    limits = serve.add_argument_group("limits on clients (see the Security and limits docs)")
+    limits.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=HttpLimits.max_connections,
+        metavar="N",
+        help="connections served at once; more get a 503 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=HttpLimits.header_timeout,
+        metavar="SECONDS",
+        help="time a client has to send its request headers (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=HttpLimits.body_timeout,
+        metavar="SECONDS",
+        help="time a client has to send a request body (default: %(default)s)",
+    )
     forwarding = serve.add_argument_group("forwarding upstream")
     forwarding.add_argument("--upstream", metavar="DSN", help="forward stored events to this DSN")
     forwarding.add_argument(
@@ -72,6 +111,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 forward=args.forward,
                 scrub=args.scrub,
                 spool_dir=args.spool,
+                limits=HttpLimits(
+                    max_connections=args.max_connections,
+                    header_timeout=args.header_timeout,
+                    body_timeout=args.body_timeout,
+                ),
             )
         return server.project_command(args.action, args.data, getattr(args, "name", ""), args.url)
     parser.print_help(sys.stderr)

@@ -29,6 +29,7 @@ from .events import (
     parse_id,
     prepare_event,
 )
+from .limits import DEFAULT_MAX_BODY
 from .metrics import CollectorMetrics
 from .storage import Project, Storage, StorageError, StorageFull
 
@@ -46,8 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("selfreport.collector")
-
-DEFAULT_MAX_BODY = 20 * 1024 * 1024
 
 # ``processor(event, project) -> event or None``: runs on every event before it is stored.
 Processor = Callable[[dict[str, Any], Project], Optional[dict[str, Any]]]

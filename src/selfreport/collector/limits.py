@@ -13,9 +13,8 @@ from typing import Any, Callable, Optional
 
 from selfreport._guard import reporting_path
 
-from .ingest import DEFAULT_MAX_BODY
-
 __all__ = [
+    "DEFAULT_MAX_BODY",
     "HttpLimits",
     "LogThrottle",
     "ThrottleFilter",
@@ -24,6 +23,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("selfreport.collector")
+
+DEFAULT_MAX_BODY = 20 * 1024 * 1024
 
 # Why a reply was refused, as the ``reason`` label of the collector's rejection counter.
 OnReject = Callable[[str], None]

@@ -268,6 +268,7 @@ def serve(
     forward: str = "all",
     scrub: bool = False,
     spool_dir: Optional[str] = None,
+    limits: Optional[HttpLimits] = None,
 ) -> int:
     """``selfreport serve``: run until interrupted; prints the web page and the default DSN."""
     out = out or sys.stdout
@@ -285,6 +286,7 @@ def serve(
             forward=forward,
             scrub=scrub,
             spool_dir=spool_dir,
+            limits=limits,
         )
     except ConfigError as exc:
         print(f"selfreport: {exc}", file=sys.stderr)
