@@ -41,27 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
     serve.add_argument("--data", metavar="DIR", help="database directory (default: ~/.local/...)")
     limits = serve.add_argument_group("limits on clients (see the Security and limits docs)")
-    limits.add_argument(
-        "--max-connections",
-        type=_positive(int),
-        default=HttpLimits.max_connections,
-        metavar="N",
-        help="connections served at once; more get a 503 (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--header-timeout",
-        type=_positive(float),
-        default=HttpLimits.header_timeout,
-        metavar="SECONDS",
-        help="time a client has to send its request headers (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--body-timeout",
-        type=_positive(float),
-        default=HttpLimits.body_timeout,
-        metavar="SECONDS",
-        help="time a client has to send a request body (default: %(default)s)",
-    )
+    for flag, kind, metavar, what in (
+        ("--max-connections", int, "N", "connections served at once; more get a 503"),
+        ("--header-timeout", float, "SECONDS", "time a client has to send its request headers"),
+        ("--body-timeout", float, "SECONDS", "time a client has to send a request body"),
+    ):
+        limits.add_argument(
+            flag,
+            type=_positive(kind),
+            default=getattr(HttpLimits, flag[2:].replace("-", "_")),
+            metavar=metavar,
+            help=f"{what} (default: %(default)s)",
+        )
     forwarding = serve.add_argument_group("forwarding upstream")
     forwarding.add_argument("--upstream", metavar="DSN", help="forward stored events to this DSN")
     forwarding.add_argument(
