@@ -118,6 +118,31 @@ def test_idle_keep_alive_connections_are_closed(make_server: Callable[..., Colle
     assert reply.count(b"HTTP/1.1") == 1
 
 
+def test_the_header_timeout_restarts_with_each_request_on_a_connection(
+    make_server: Callable[..., CollectorServer],
+) -> None:
+    server = serve(make_server, header_timeout=1.0, keep_alive_timeout=30)
+    with connect(server.port) as sock:
+        sock.sendall(GET + b"\r\n")
+        first = sock.recv(65536)
+        assert status_of(first) == 200
+        time.sleep(1.5)  # idle between requests is the keep-alive's business, not this timeout
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # the next request, never finished
+        reply = first + read_all(sock)
+    assert reply.count(b"HTTP/1.1 200 OK") == 1
+    assert b"HTTP/1.1 408 Request Timeout" in reply
+
+
+def test_an_upgrade_request_is_answered_as_plain_http(
+    make_server: Callable[..., CollectorServer],
+) -> None:
+    server = serve(make_server)
+    with connect(server.port) as sock:
+        upgrade = b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        sock.sendall(GET + upgrade)
+        assert status_of(sock.recv(65536)) == 200
+
+
 def test_keep_alive_and_pipelined_requests_still_work(
     make_server: Callable[..., CollectorServer],
 ) -> None:

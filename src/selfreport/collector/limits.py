@@ -169,8 +169,7 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asy
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._rejected:
-                return
+            # (Never called once rejected: closing the transport stops reading at once.)
             self._unset_keepalive_if_required()
             if self._reading_headers:
                 self._received += len(data)
@@ -288,7 +287,7 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asy
 
         def _headers_timed_out(self) -> None:
             self._timer = None
-            if self.transport.is_closing():
+            if self.transport.is_closing():  # pragma: no cover - closed, not yet lost
                 return
             if not self._received:  # connected, sent nothing: no one to answer
                 self._rejected = True
@@ -300,7 +299,7 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asy
 
         def _body_timed_out(self) -> None:
             self._timer = None
-            if self.transport.is_closing():
+            if self.transport.is_closing():  # pragma: no cover - closed, not yet lost
                 return
             cycle = self.cycle
             if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
