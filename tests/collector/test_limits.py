@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -9,7 +10,12 @@ from typing import Any, Callable, Optional
 import pytest
 
 from selfreport.collector import limits
-from selfreport.collector.limits import HttpLimits, LogThrottle, ThrottleFilter
+from selfreport.collector.limits import (
+    HttpLimits,
+    LogThrottle,
+    ThrottleFilter,
+    loop_exception_handler,
+)
 from selfreport.collector.server import CollectorServer
 
 from .conftest import DEADLINE, connect, detail_of, read_all, send_all, status_of, wait_until
@@ -77,7 +83,13 @@ def test_a_body_over_the_limit_on_any_route(make_server: Callable[..., Collector
         sent = send_all(sock, chunk * 100)
         read_all(sock)
     assert sent < 100 * len(chunk)
-    assert wait_until(lambda: rejected(server).get("too_large") == 2)
+    # Trailers after the last chunk (httptools buffers a header whole): bounded too.
+    with connect(server.port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+        sent = send_all(sock, b"X-Trailer: " + b"t" * (50 * 2**20))
+        read_all(sock)
+    assert sent < 20 * 2**20
+    assert wait_until(lambda: rejected(server).get("too_large") == 3)
 
 
 def test_slow_headers_get_a_408_and_silent_connections_are_closed(
@@ -253,3 +265,25 @@ def test_uvicorn_logs_are_throttled_only_while_a_collector_runs(
     assert throttled()
     server.stop()
     assert not throttled()
+
+
+def test_accept_failures_are_one_line_a_second(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(limits, "_accept_failures", LogThrottle(interval=3600))
+    loop = asyncio.new_event_loop()
+    try:
+        failure = {
+            "message": "socket.accept() out of system resource",
+            "exception": OSError(24, "Too many open files"),
+        }
+        with caplog.at_level(logging.ERROR):
+            for _ in range(2048):  # what asyncio's accept loop reports each second
+                loop_exception_handler(loop, failure)
+            loop_exception_handler(loop, {"message": "something else"})
+    finally:
+        loop.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("cannot accept connections: [Errno 24] Too many open files")
+    assert lines[1] == "something else"  # anything else: asyncio's default handler

@@ -150,7 +150,7 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asy
             super().__init__(*args, **kwargs)
             self._timer: Optional[asyncio.TimerHandle] = None
             self._reading_headers = True
-            self._received = 0  # bytes of the headers received so far (whole chunks)
+            self._received = 0  # bytes of the headers, then of the body, so far (whole chunks)
             self._header_bytes = 0  # exact, from the parser's callbacks
             self._header_count = 0
             self._body_bytes = 0
@@ -171,8 +171,7 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asy
         def data_received(self, data: bytes) -> None:
             # (Never called once rejected: closing the transport stops reading at once.)
             self._unset_keepalive_if_required()
-            if self._reading_headers:
-                self._received += len(data)
+            self._received += len(data)
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
@@ -189,7 +188,10 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asy
                     self._reject(431, "headers_too_large", self._too_large_headers())
                 elif self._timer is None and self._received:
                     self._arm(limits.header_timeout, self._headers_timed_out)
-            elif self._timer is None and not self._rejected:
+            elif self._received > limits.max_body + _BODY_SLACK + limits.max_header_bytes:
+                # The body with its chunk framing and trailers (which httptools buffers whole).
+                self._reject(413, "too_large", self._too_large_body())
+            elif self._timer is None:
                 self._arm(limits.body_timeout, self._body_timed_out)
 
         # --- parser callbacks -------------------------------------------------------------
@@ -238,6 +240,7 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asy
         def on_message_complete(self) -> None:
             self._cancel_timer()
             self._reading_headers = True
+            self._received = 0
             super().on_message_complete()
 
         # --- refusing -----------------------------------------------------------------------
