@@ -15,7 +15,6 @@ import pytest
 import uvicorn
 
 from selfreport import Client
-from selfreport.collector import app as app_module
 from selfreport.collector.app import _answer_500_on_error, create_app
 from selfreport.collector.limits import LogThrottle
 from selfreport.collector.storage import Storage
@@ -131,11 +130,11 @@ def test_the_lifespan_closes_the_storage_when_asked(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_failures_are_answered_and_logged_once_a_second_not_raised(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Before: each failure was re-raised, and uvicorn logged a 2 KB traceback per request.
     sent: list[dict[str, Any]] = []
-    monkeypatch.setattr(app_module, "_errors", LogThrottle(interval=3600))
+    errors = LogThrottle(interval=3600)
 
     async def send(message: Any) -> None:
         sent.append(message)
@@ -149,12 +148,12 @@ async def test_failures_are_answered_and_logged_once_a_second_not_raised(
 
     scope = {"method": "POST", "path": "/api/1/store/"}
     with caplog.at_level(logging.ERROR, logger="selfreport.collector"):
-        await _answer_500_on_error(early, scope, None, send)  # type: ignore[arg-type]
+        await _answer_500_on_error(early, scope, None, send, errors)  # type: ignore[arg-type]
         assert sent[0]["status"] == 500
         assert json.loads(sent[1]["body"])["detail"].startswith("internal error")
         sent.clear()
         for _ in range(50):
-            await _answer_500_on_error(half, scope, None, send)  # type: ignore[arg-type]
+            await _answer_500_on_error(half, scope, None, send, errors)  # type: ignore[arg-type]
     assert [m.get("status") for m in sent] == [200] * 50  # no 500 after a started answer
     lines = [r for r in caplog.records if r.name == "selfreport.collector"]
     assert len(lines) == 1

@@ -166,6 +166,8 @@ class CollectorApp:
             "store": SelfreportMiddleware(store, client=reporter),
         }
         # What Starlette's router would put in the scope: reports of failures name the route.
+        # Whatever requests make fail, and whoever sends them: one log line a second at most.
+        self._errors = LogThrottle()
         self._routes = {
             "envelope": _IngestRoute("/api/{project_id}/envelope/", envelope),
             "store": _IngestRoute("/api/{project_id}/store/", store),
@@ -184,9 +186,9 @@ class CollectorApp:
                 route = self._routes[kind]
                 scope["path_params"] = {"project_id": match.group(1)}
                 scope["route"], scope["endpoint"] = route, route.endpoint
-                await _answer_500_on_error(self._ingest[kind], scope, receive, send)
+                await _answer_500_on_error(self._ingest[kind], scope, receive, send, self._errors)
                 return
-        await _answer_500_on_error(self.site, scope, receive, send)
+        await _answer_500_on_error(self.site, scope, receive, send, self._errors)
 
 
 class _IngestRoute(NamedTuple):
@@ -194,7 +196,9 @@ class _IngestRoute(NamedTuple):
     endpoint: IngestEndpoint
 
 
-async def _answer_500_on_error(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+async def _answer_500_on_error(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, errors: LogThrottle
+) -> None:
     """Like Starlette's ServerErrorMiddleware: a 500 if nothing was sent yet; then one log line
     a second at most (the middleware inside has reported the error with its traceback)."""
     started = False
@@ -222,7 +226,7 @@ async def _answer_500_on_error(app: ASGIApp, scope: Scope, receive: Receive, sen
             )
             await send({"type": "http.response.body", "body": body})
         error = sys.exc_info()[1]
-        _errors.log(
+        errors.log(
             logger,
             logging.ERROR,
             "%s %s failed: %s",
@@ -235,10 +239,6 @@ async def _answer_500_on_error(app: ASGIApp, scope: Scope, receive: Receive, sen
 def _describe(error: Optional[BaseException]) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= 300 else text[:299] + "\u2026"
-
-
-# Any failure a request can cause is logged once a second at most, whoever sends them.
-_errors = LogThrottle()
 
 
 def collector_of(request: Request) -> Collector:
