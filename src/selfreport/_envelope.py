@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from ._json import loads
 
 __all__ = ["Envelope", "EnvelopeError", "Item", "parse_envelope"]
 
@@ -23,7 +24,7 @@ class Item:
         return str(self.headers.get("type", ""))
 
     def json(self) -> Any:
-        return json.loads(self.payload)
+        return loads(self.payload)
 
 
 @dataclass
@@ -37,8 +38,8 @@ class Envelope:
 
 def _json_object(line: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = loads(line)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDepthError are ValueErrors
         raise EnvelopeError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise EnvelopeError(f"{what} must be a JSON object, got {type(value).__name__}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from ._version import __version__
+from .collector.limits import HttpLimits  # the standard library only: defaults for --help
 
 __all__ = ["main", "parse_size"]
 
@@ -25,6 +26,23 @@ def parse_size(text: str) -> int:
     number = match.group(1)
     scale = 1024 ** ("kmgt".index(unit[0]) + 1) if unit.endswith("i") else _UNITS[unit]
     return int(float(number) * scale)
+
+
+N = TypeVar("N", int, float)
+
+
+def _positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument(
         "--metrics-public", action="store_true", help="/metrics needs no login (default: it does)"
     )
+    limits = serve.add_argument_group("limits on clients (see the Security and limits docs)")
+    for flag, kind, metavar, what in (
+        ("--max-connections", int, "N", "connections served at once; more get a 503"),
+        ("--header-timeout", float, "SECONDS", "time a client has to send its request headers"),
+        ("--body-timeout", float, "SECONDS", "time a client has to send a request body"),
+    ):
+        limits.add_argument(
+            flag,
+            type=_positive(kind),
+            default=getattr(HttpLimits, flag[2:].replace("-", "_")),
+            metavar=metavar,
+            help=f"{what} (default: %(default)s)",
+        )
     forwarding = serve.add_argument_group("forwarding upstream")
     forwarding.add_argument("--upstream", metavar="DSN", help="forward stored events to this DSN")
     forwarding.add_argument(
@@ -159,6 +190,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 allowed_hosts=args.allowed_host,
                 metrics_public=args.metrics_public,
                 max_storage=args.max_storage,
+                limits=HttpLimits(
+                    max_connections=args.max_connections,
+                    header_timeout=args.header_timeout,
+                    body_timeout=args.body_timeout,
+                ),
             )
         return server.project_command(args.action, args.data, getattr(args, "name", ""), args.url)
     parser.print_help(sys.stderr)

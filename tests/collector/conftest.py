@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -185,3 +187,55 @@ def call_fixture() -> Callable[..., Reply]:
 def api_token_fixture() -> Callable[..., dict[str, str]]:
     """``api_token(server, name="tests") -> headers`` with a new API token of ``server``."""
     return api_token
+
+
+# --- raw sockets, for what http.client would not send -------------------------------------
+
+# Generous on a loaded machine: a test waits for the server, never sleeps a fixed time.
+DEADLINE = 20.0
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else 0
+
+
+def detail_of(reply: bytes) -> str:
+    detail: str = json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+    return detail
+
+
+def send_all(sock: socket.socket, data: bytes) -> int:
+    """Send ``data`` until the server closes; how many bytes it took."""
+    sent = 0
+    try:
+        while sent < len(data):
+            sent += sock.send(data[sent : sent + 65536])
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
+def wait_until(check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import uvicorn
 
 from selfreport import Client
 from selfreport.collector.app import _answer_500_on_error, create_app
+from selfreport.collector.limits import LogThrottle
 from selfreport.collector.storage import Storage
 
 Event = dict[str, Any]
@@ -127,8 +129,12 @@ def test_the_lifespan_closes_the_storage_when_asked(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_failure_after_the_answer_started_is_only_re_raised() -> None:
+async def test_failures_are_answered_and_logged_once_a_second_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: each failure was re-raised, and uvicorn logged a 2 KB traceback per request.
     sent: list[dict[str, Any]] = []
+    errors = LogThrottle(interval=3600)
 
     async def send(message: Any) -> None:
         sent.append(message)
@@ -138,13 +144,20 @@ async def test_a_failure_after_the_answer_started_is_only_re_raised() -> None:
         raise RuntimeError("after the start")
 
     async def early(scope: Any, receive: Any, send: Any) -> None:
-        raise RuntimeError("before the start")
+        raise RuntimeError("before the start " + "x" * 5000)
 
-    with pytest.raises(RuntimeError, match="after the start"):
-        await _answer_500_on_error(half, {}, None, send)  # type: ignore[arg-type]
-    assert [m.get("status") for m in sent] == [200]
-    sent.clear()
-    with pytest.raises(RuntimeError, match="before the start"):
-        await _answer_500_on_error(early, {}, None, send)  # type: ignore[arg-type]
-    assert sent[0]["status"] == 500
-    assert json.loads(sent[1]["body"])["detail"].startswith("internal error")
+    scope = {"method": "POST", "path": "/api/1/store/"}
+    with caplog.at_level(logging.ERROR, logger="selfreport.collector"):
+        await _answer_500_on_error(early, scope, None, send, errors)  # type: ignore[arg-type]
+        assert sent[0]["status"] == 500
+        assert json.loads(sent[1]["body"])["detail"].startswith("internal error")
+        sent.clear()
+        for _ in range(50):
+            await _answer_500_on_error(half, scope, None, send, errors)  # type: ignore[arg-type]
+    assert [m.get("status") for m in sent] == [200] * 50  # no 500 after a started answer
+    lines = [r for r in caplog.records if r.name == "selfreport.collector"]
+    assert len(lines) == 1
+    assert lines[0].exc_info is None
+    message = lines[0].getMessage()
+    assert message.startswith("POST /api/1/store/ failed: RuntimeError: before the start")
+    assert len(message) < 400

@@ -193,7 +193,7 @@ def test_wrong_key_is_403(target: Any, make_event: Callable[..., Event]) -> None
     assert f"not valid for project {target.project.id}" in reply.json()["detail"]
 
 
-@pytest.mark.parametrize("project_id", ["999", "abc"])
+@pytest.mark.parametrize("project_id", ["999", "abc", "%D9%A1", "%EF%BC%91", "0" * 19 + "1"])
 def test_unknown_project_is_404(target: Any, make_event: Callable[..., Event], project_id: str):
     reply = target.send(target_envelope(target, make_event()), project_id=project_id)
     assert reply.status == 404
@@ -211,6 +211,16 @@ def test_unknown_project_is_404(target: Any, make_event: Callable[..., Event], p
         (b'{}\n{"type":"event"}\n{"event_id":"xyz"}', "event_id must be 32 hex digits"),
         (b'{}\n{"type":"event"}\n{"extra":{"n":NaN}}', "NaN is not a JSON number"),
         (b'{}\n{"type":"event"}\n\xff\xfe{}', "is not valid JSON"),
+        # Nested past the limit: was a RecursionError and a 500.
+        (
+            b"[" * 2000 + b"]" * 2000,
+            "envelope header is not valid JSON: JSON nested deeper than 128",
+        ),
+        (b"{}\n" + b"[" * 129 + b"]" * 129, "item 1 header is not valid JSON: JSON nested deeper"),
+        (
+            b'{}\n{"type":"event"}\n{"a":' + b"[" * 128 + b"]" * 128 + b"}",
+            "item 1 (event): JSON nested deeper than 128 levels",
+        ),
     ],
 )
 def test_malformed_envelopes_are_400_saying_why(target: Any, body: bytes, message: str) -> None:
@@ -218,6 +228,30 @@ def test_malformed_envelopes_are_400_saying_why(target: Any, body: bytes, messag
     assert reply.status == 400, reply.text
     assert message in reply.json()["detail"]
     assert target.server.storage.event_count() == 0
+
+
+def test_too_deep_is_refused_before_authentication(target: Any, call: Callable[..., Any]) -> None:
+    reply = call(target.port, "POST", "/api/1/envelope/", b"[" * 5000 + b"]" * 5000)
+    assert reply.status == 400  # was a 500 with a traceback, without any key
+    assert "JSON nested deeper than 128 levels" in reply.json()["detail"]
+    deep = b'{"a":' * 200 + b"1" + b"}" * 200
+    reply = target.send(deep, kind="store")
+    assert reply.status == 400
+    assert reply.json()["detail"] == "the event: JSON nested deeper than 128 levels"
+    assert target.server.collector.metrics.rejected_by_reason()["too_deep"] == 1
+
+
+def test_lone_surrogates_are_replaced(target: Any, make_event: Callable[..., Event]) -> None:
+    # Was a 500: SQLite cannot encode them. Relay replaces them with U+FFFD, and so do we.
+    event = make_event(exception=None, message="half an emoji \ud83d", release="\udc00")
+    assert target.send(json.dumps(event).encode(), kind="store").status == 200
+    stored = target.server.storage.event(target.project.id, event["event_id"])
+    assert json.loads(stored.payload)["message"] == "half an emoji \ufffd"
+    assert stored.release == "\ufffd"
+    # An invalid event_id in the envelope header is not echoed back.
+    reply = target.send(b'{"event_id": "\\ud800' + b"x" * 1000 + b'"}\n')
+    assert reply.status == 200
+    assert reply.json() == {"id": None}
 
 
 def test_malformed_store_body_is_400(target: Any) -> None:

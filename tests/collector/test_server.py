@@ -18,6 +18,7 @@ import pytest
 import selfreport
 import selfreport.collector
 from selfreport.cli import main
+from selfreport.collector.limits import HttpLimits
 from selfreport.collector.server import (
     DATABASE_NAME,
     MAX_DEFAULT_STORAGE,
@@ -244,3 +245,38 @@ def test_the_default_size_limit_is_half_the_disk_at_most_2gb(tmp_path: Path) -> 
         assert server.storage.max_storage_bytes == default_max_storage(tmp_path / "d")
     finally:
         server.stop()
+
+
+def test_the_cli_passes_the_client_limits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from selfreport.collector import server as server_module
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(server_module, "serve", lambda **kwargs: seen.update(kwargs) or 0)
+    argv = ["serve", "--max-connections", "50", "--header-timeout", "2.5", "--body-timeout", "9"]
+    assert main(argv) == 0
+    assert seen["limits"] == HttpLimits(max_connections=50, header_timeout=2.5, body_timeout=9.0)
+    assert main(["serve"]) == 0
+    assert seen["limits"] == HttpLimits()
+    for bad in (["--header-timeout", "0"], ["--max-connections", "many"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", *bad])
+        assert exit_info.value.code == 2
+        assert "must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "(default: 10.0)" in capsys.readouterr().out
+
+
+def test_the_cli_imports_no_web_stack() -> None:
+    import subprocess
+
+    code = (
+        "import sys, selfreport.cli; "
+        "print(sorted(m for m in ('starlette', 'uvicorn', 'jinja2') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import time
+import tracemalloc
+import uuid
 from typing import Any, Callable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selfreport.collector.events import prepare_event
-from selfreport.collector.web import SECURITY_HEADERS, _ago, _when, event_view
+from selfreport.collector.web import MAX_LIMIT, SECURITY_HEADERS, _ago, _when, event_view
 
 Event = dict[str, Any]
 
@@ -51,10 +55,28 @@ def test_the_issue_list_filters_and_searches(target: Any, make_event: Callable[.
     assert re.findall(r'<a href="/issues/\d+">([^<]+)</a>', warn.text) == ["slow query"]
     search = target.get("/?q=QUERY&sort=count")
     assert re.findall(r'<a href="/issues/\d+">([^<]+)</a>', search.text) == ["slow query"]
-    env = target.get("/?environment=prod&project=1&level=bogus&page=x")
+    env = target.get("/?environment=prod&project=1&level=bogus")
     assert re.findall(r'<a href="/issues/\d+">([^<]+)</a>', env.text) == ["ValueError: bad input"]
     none = target.get("/?q=nothing-matches")
     assert "No issues match these filters" in none.text
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "page=x",
+        "page=0",
+        "page=99999999999999999999999",  # was a 500: too large for SQLite
+        "page=%D9%A1",  # an Arabic-Indic one, which int() takes
+        "project=-1",
+        "project=1_0",
+    ],
+)
+def test_bad_page_parameters_are_a_400_with_a_message(target: Any, query: str) -> None:
+    for path in ("/", "/api/0/issues/"):
+        reply = target.get(f"{path}?{query}")
+        assert reply.status == 400
+        assert "must be a whole number from 1 to" in reply.text
 
 
 def test_pagination(target: Any, make_event: Callable[..., Event]) -> None:
@@ -161,6 +183,44 @@ def test_the_json_api(target: Any, make_event: Callable[..., Event]) -> None:
     assert status["processing_ms_overall"] > 0
     assert status["internal_project"] == {"id": 2, "name": "selfreport-internal"}
     assert status["reporter"]["sent"] == 0
+
+
+@pytest.mark.parametrize("limit", ["0", "101", "100000", "abc", "%D9%A1", "-1"])
+def test_the_api_limit_is_capped(target: Any, make_event: Callable[..., Event], limit: str):
+    fill(target, make_event)
+    issue = target.get("/api/0/issues/?q=bad").json()["issues"][0]
+    reply = target.get(f"/api/0/issues/{issue['id']}/?limit={limit}")
+    assert reply.status == 400  # was: any limit, every payload in memory at once
+    assert reply.json()["detail"] == f"limit must be a whole number from 1 to {MAX_LIMIT}"
+    full = target.get(f"/api/0/issues/{issue['id']}/?limit={MAX_LIMIT}").json()
+    assert len(full["events"]) == 2
+
+
+def test_api_responses_hold_one_payload_in_memory_at_a_time(
+    target: Any, make_event: Callable[..., Event]
+) -> None:
+    # About 800 KB each after the collector's trimming (100 breadcrumbs of 8,000 characters).
+    big = make_event(exception=None, message="big")
+    big["breadcrumbs"] = {"values": [{"message": "x" * 8000} for _ in range(100)]}
+    for _ in range(24):
+        big["event_id"] = uuid.uuid4().hex
+        assert target.send(json.dumps(big).encode(), kind="store").status == 200
+    issue = target.get("/api/0/issues/?q=big").json()["issues"][0]
+    conn = http.client.HTTPConnection("127.0.0.1", target.port, timeout=30)
+    received = 0
+    tracemalloc.start()
+    try:
+        conn.request("GET", f"/api/0/issues/{issue['id']}/?limit={MAX_LIMIT}")
+        response = conn.getresponse()
+        while chunk := response.read(65536):  # read and dropped: only the server's memory counts
+            received += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        conn.close()
+    assert response.status == 200
+    assert received > 24 * 800_000
+    assert peak < 12 * 2**20  # was over 100 MiB: every payload parsed, then the whole reply
 
 
 def test_time_formatting() -> None:

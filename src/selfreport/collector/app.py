@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,10 +27,13 @@ from . import auth as _auth
 from . import web
 from .health import HealthChecks, default_checks, upstream_reachable
 from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
+from .limits import LogThrottle
 from .metrics import CONTENT_TYPE, CollectorMetrics
 from .storage import Project, Storage
 
 __all__ = ["Collector", "CollectorApp", "create_app"]
+
+logger = logging.getLogger("selfreport.collector")
 
 
 @dataclass
@@ -162,7 +168,7 @@ def create_app(
             Middleware(SelfreportMiddleware, client=reporter),
             Middleware(_auth.AuthMiddleware, policy=policy),
         ],
-        exception_handlers={Exception: _internal_error},
+        exception_handlers={Exception: _internal_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
     site.router.redirect_slashes = False
@@ -192,6 +198,8 @@ class CollectorApp:
             "store": SelfreportMiddleware(store, client=reporter),
         }
         # What Starlette's router would put in the scope: reports of failures name the route.
+        # Whatever requests make fail, and whoever sends them: one log line a second at most.
+        self._errors = LogThrottle()
         self._routes = {
             "envelope": _IngestRoute("/api/{project_id}/envelope/", envelope),
             "store": _IngestRoute("/api/{project_id}/store/", store),
@@ -210,9 +218,9 @@ class CollectorApp:
                 route = self._routes[kind]
                 scope["path_params"] = {"project_id": match.group(1)}
                 scope["route"], scope["endpoint"] = route, route.endpoint
-                await _answer_500_on_error(self._ingest[kind], scope, receive, send)
+                await _answer_500_on_error(self._ingest[kind], scope, receive, send, self._errors)
                 return
-        await self.site(scope, receive, send)
+        await _answer_500_on_error(self.site, scope, receive, send, self._errors)
 
 
 class _IngestRoute(NamedTuple):
@@ -220,9 +228,11 @@ class _IngestRoute(NamedTuple):
     endpoint: IngestEndpoint
 
 
-async def _answer_500_on_error(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Like Starlette's ServerErrorMiddleware: a 500 if nothing was sent yet, then re-raise
-    (the server logs it; the middleware inside has reported it)."""
+async def _answer_500_on_error(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, errors: LogThrottle
+) -> None:
+    """Like Starlette's ServerErrorMiddleware: a 500 if nothing was sent yet; then one log line
+    a second at most (the middleware inside has reported the error with its traceback)."""
     started = False
 
     async def tracking_send(message: Message) -> None:
@@ -247,7 +257,20 @@ async def _answer_500_on_error(app: ASGIApp, scope: Scope, receive: Receive, sen
                 }
             )
             await send({"type": "http.response.body", "body": body})
-        raise
+        error = sys.exc_info()[1]
+        errors.log(
+            logger,
+            logging.ERROR,
+            "%s %s failed: %s",
+            scope.get("method", ""),
+            str(scope.get("path", ""))[:200],
+            _describe(error),
+        )
+
+
+def _describe(error: Optional[BaseException]) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 300 else text[:299] + "\u2026"
 
 
 def collector_of(request: Request) -> Collector:
@@ -270,6 +293,16 @@ async def metrics(request: Request) -> Response:
 
 
 _INTERNAL_ERROR = "internal error (the collector reports its own errors to its internal project)"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Refusals (400 for a bad parameter, 404, 405) with their message: JSON for the API."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/"):
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

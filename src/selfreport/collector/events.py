@@ -10,7 +10,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+from selfreport._json import loads
 
 __all__ = [
     "LEVELS",
@@ -19,7 +21,9 @@ __all__ = [
     "event_fingerprint",
     "exception_values",
     "json_type",
+    "normalize_event_id",
     "parse_event_json",
+    "parse_id",
     "prepare_event",
     "trim_event",
 ]
@@ -78,6 +82,16 @@ def _optional_text(value: object, limit: int) -> Optional[str]:
     if value is None or value == "":
         return None
     return _text(value, limit)
+
+
+def parse_id(text: str) -> Optional[int]:
+    """A database id written in ASCII digits, small enough for SQLite; else None.
+
+    (``int()`` also takes other scripts' digits, spaces and underscores.)
+    """
+    if 0 < len(text) <= 18 and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def normalize_event_id(value: object) -> str:
@@ -239,9 +253,10 @@ def _reject_constant(name: str) -> Any:
     raise EventError(f"{name} is not a JSON number")
 
 
-def parse_event_json(text: str) -> Any:
-    """``json.loads`` that refuses NaN and Infinity (Python accepts them, JSON does not)."""
-    return json.loads(text, parse_constant=_reject_constant)
+def parse_event_json(text: Union[str, bytes], repair: bool = True) -> Any:
+    """Untrusted JSON (see :func:`selfreport._json.loads`: bounded depth, lone surrogates
+    replaced), refusing NaN and Infinity (Python accepts them, JSON does not)."""
+    return loads(text, parse_constant=_reject_constant, repair=repair)
 
 
 def prepare_event(

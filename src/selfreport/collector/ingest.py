@@ -17,9 +17,19 @@ from starlette.types import Receive, Scope, Send
 from selfreport._dsn import parse_dsn
 from selfreport._envelope import EnvelopeError, parse_envelope
 from selfreport._guard import is_reporting
+from selfreport._json import JSONDepthError, repair_surrogates
 from selfreport.exceptions import ConfigError
 
-from .events import EventError, PreparedEvent, json_type, parse_event_json, prepare_event
+from .events import (
+    EventError,
+    PreparedEvent,
+    json_type,
+    normalize_event_id,
+    parse_event_json,
+    parse_id,
+    prepare_event,
+)
+from .limits import DEFAULT_MAX_BODY
 from .metrics import CollectorMetrics
 from .storage import Project, Storage, StorageError, StorageFull
 
@@ -37,8 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("selfreport.collector")
-
-DEFAULT_MAX_BODY = 20 * 1024 * 1024
 
 # ``processor(event, project) -> event or None``: runs on every event before it is stored.
 Processor = Callable[[dict[str, Any], Project], Optional[dict[str, Any]]]
@@ -307,9 +315,9 @@ class IngestEndpoint:
         kept = [event for event in events if event is not None]
         if len(kept) < len(events):
             self.metrics.rejected("filtered", len(events) - len(kept))
-        first_id = kept[0].event_id if kept else envelope_event_id
         if not kept:
-            return 200, {"id": first_id}
+            return 200, {"id": _valid_event_id(envelope_event_id)}
+        first_id = kept[0].event_id
         try:
             stored = await self.storage.store_async(project.id, kept)
         except StorageFull as exc:
@@ -326,9 +334,12 @@ class IngestEndpoint:
     ) -> Optional[PreparedEvent]:
         where = f"item {index} (event)" if self.kind == "envelope" else "the event"
         try:
-            text = payload.decode("utf-8")
-            event = parse_event_json(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+            # Repaired here, so the text stored as is (``original``) has no lone surrogate.
+            text = repair_surrogates(payload.decode("utf-8"))
+            event = parse_event_json(text, repair=False)
+        except JSONDepthError as exc:
+            raise IngestError(400, "too_deep", f"{where}: {exc}") from None
+        except ValueError as exc:  # UnicodeDecodeError is one
             raise IngestError(400, "malformed", f"{where} is not valid JSON: {exc}") from None
         if not isinstance(event, dict):
             kind = json_type(event)
@@ -410,9 +421,18 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 def _project_id(scope: Scope) -> int:
     raw = str(scope.get("path_params", {}).get("project_id", ""))
-    if not raw.isdigit() or len(raw) > 18:
+    project_id = parse_id(raw)
+    if project_id is None:
         raise IngestError(404, "unknown_project", f"there is no project {raw[:40]!r}")
-    return int(raw)
+    return project_id
+
+
+def _valid_event_id(value: Optional[str]) -> Optional[str]:
+    """The envelope header's event_id, echoed only when it is one (it is not checked else)."""
+    try:
+        return None if value is None else normalize_event_id(value)
+    except EventError:
+        return None
 
 
 def _key_from_request(scope: Scope, headers: Mapping[str, str]) -> Optional[str]:

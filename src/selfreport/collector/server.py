@@ -25,6 +25,7 @@ from . import auth as _auth
 from .app import Collector, CollectorApp, create_app
 from .forward import Forwarder
 from .ingest import DEFAULT_MAX_BODY, Processor
+from .limits import HttpLimits, ThrottleFilter, loop_exception_handler, protocol_class
 from .storage import MIN_STORAGE_BYTES, Project, Storage, StorageError
 
 __all__ = [
@@ -87,7 +88,9 @@ class CollectorServer:
 
     With ``self_report=True`` it calls :func:`selfreport.init` with the internal project's DSN
     on this server (so this process's errors land there) and closes that client on stop.
-    ``reporter_options`` are passed to that ``init``.
+    ``reporter_options`` are passed to that ``init``. ``limits`` bound what clients may send
+    (sizes, timeouts, connections; see :class:`HttpLimits`); ``max_body`` is a shorthand for
+    its ``max_body`` when ``limits`` is not given.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class CollectorServer:
         public_url: Optional[str] = None,
         allowed_hosts: Sequence[str] = (),
         metrics_public: bool = False,
+        limits: Optional[HttpLimits] = None,
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         self.forwarder: Optional[Forwarder] = None
@@ -156,10 +160,11 @@ class CollectorServer:
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         self.port: int = self._socket.getsockname()[1]
         self.public_url = public_url or self.url
+        self.limits = limits or HttpLimits(max_body=max_body)
         self.app: CollectorApp = create_app(
             self.storage,
             processors=processors,
-            max_body=max_body,
+            max_body=self.limits.max_body,
             upstream=upstream,
             login=self.login,
             public_url=self.public_url,
@@ -178,7 +183,12 @@ class CollectorServer:
             lifespan="on",
             server_header=False,
             timeout_graceful_shutdown=5,
+            http=protocol_class(self.limits, self.collector.metrics.rejected) or "h11",
+            h11_max_incomplete_event_size=self.limits.max_header_bytes,
+            timeout_keep_alive=self.limits.keep_alive_timeout,
+            ws="none",
         )
+        _throttle_uvicorn_log(install=True)
         self._server = uvicorn.Server(self._config)
         self._thread: Optional[threading.Thread] = None
         self._reporting = False
@@ -228,7 +238,7 @@ class CollectorServer:
         """Serve in this thread until interrupted (Ctrl-C, SIGTERM) or :meth:`stop`."""
         self._start_reporting()
         try:
-            self._server.run(sockets=[self._socket])
+            asyncio.run(self._serve())
         finally:
             self._stop_reporting()
             self._close_resources()
@@ -249,7 +259,11 @@ class CollectorServer:
         return self
 
     def _serve_in_thread(self) -> None:
-        asyncio.run(self._server.serve(sockets=[self._socket]))
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
+        await self._server.serve(sockets=[self._socket])
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving, flush the self-reporter, close the database."""
@@ -266,6 +280,7 @@ class CollectorServer:
         if self._closed:
             return
         self._closed = True
+        _throttle_uvicorn_log(install=False)
         self._socket.close()
         if self.forwarder is not None:
             self.forwarder.close(timeout=2.0)
@@ -307,6 +322,24 @@ def _login_mode(host: str, login: str, storage: Storage) -> str:
     return login
 
 
+# uvicorn logs a line (with a traceback, for an app failure) per bad request: while any
+# collector runs in this process, its warnings and errors are throttled to one a second.
+_uvicorn_filter = ThrottleFilter()
+_uvicorn_filter_users = 0
+_uvicorn_filter_lock = threading.Lock()
+
+
+def _throttle_uvicorn_log(install: bool) -> None:
+    global _uvicorn_filter_users
+    with _uvicorn_filter_lock:
+        _uvicorn_filter_users += 1 if install else -1
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if _uvicorn_filter_users > 0:
+            uvicorn_log.addFilter(_uvicorn_filter)
+        else:
+            uvicorn_log.removeFilter(_uvicorn_filter)
+
+
 def serve(
     *,
     host: str = "127.0.0.1",
@@ -322,6 +355,7 @@ def serve(
     allowed_hosts: Sequence[str] = (),
     metrics_public: bool = False,
     max_storage: Optional[int] = None,
+    limits: Optional[HttpLimits] = None,
 ) -> int:
     """``selfreport serve``: run until interrupted; prints the web page and the default DSN.
     A problem starting (the database, the data directory, the port) is one line on stderr
@@ -349,6 +383,7 @@ def serve(
             allowed_hosts=allowed_hosts,
             metrics_public=metrics_public,
             storage_options=None if max_storage is None else {"max_storage_bytes": max_storage},
+            limits=limits,
         )
     except (ConfigError, StorageError, ValueError) as exc:
         print(f"selfreport: {exc}", file=sys.stderr)
@@ -386,9 +421,14 @@ def serve(
     # trades a little throughput for much shorter tails.
     previous = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
+    # The collector's own lines (a failing request, accept() failing) beside uvicorn's.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-9s selfreport: %(message)s"))
+    logger.addHandler(handler)
     try:
         server.run()
     finally:
+        logger.removeHandler(handler)
         sys.setswitchinterval(previous)
     return 0
 

@@ -1167,12 +1167,14 @@ class Storage:
             ).fetchall()
         return Issue(*rows[0]) if rows else None
 
-    def events(self, issue_id: int, limit: int = 50) -> list[Event]:
-        """The newest events of an issue, newest first."""
+    def events(self, issue_id: int, limit: int = 50, payloads: bool = True) -> list[Event]:
+        """The newest events of an issue, newest first; with ``payloads=False`` their
+        ``payload`` is ``""`` (lists need no payload, which may be megabytes each)."""
+        payload = "payload" if payloads else "''"
         with self._reader() as conn:
             rows = conn.execute(
                 "SELECT id, project_id, issue_id, event_id, received, timestamp, level,"
-                " environment, release, payload FROM events WHERE issue_id = ?"
+                f" environment, release, {payload} FROM events WHERE issue_id = ?"
                 " ORDER BY id DESC LIMIT ?",
                 (issue_id, limit),
             ).fetchall()

@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import jinja2
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .auth import page_context
-from .events import LEVELS, exception_values, frames_of
+from .events import LEVELS, exception_values, frames_of, parse_id
 from .storage import Event, Issue, Project
 
 if TYPE_CHECKING:
     from .app import Collector
 
-__all__ = ["event_view", "render", "routes"]
+__all__ = ["MAX_LIMIT", "event_view", "render", "routes"]
 
 PAGE_SIZE = 50
+# The most events one API response carries; they are streamed one at a time, never all loaded.
+MAX_LIMIT = 100
+_MAX_PAGE = 1_000_000
+_MAX_ID = 10**18 - 1
 
 # Defence in depth: the templates escape everything, and the pages need no script at all.
 SECURITY_HEADERS = {
@@ -82,13 +88,19 @@ def _collector(request: Request) -> Collector:
     return collector
 
 
-def _int(value: Optional[str], default: Optional[int] = None) -> Optional[int]:
-    if value is None or value == "":
+def _query_int(request: Request, name: str, default: Optional[int], maximum: int) -> Optional[int]:
+    """A whole-number query parameter from 1 to ``maximum``; anything else is a 400."""
+    raw = request.query_params.get(name, "")
+    if raw == "":
         return default
-    try:
-        return int(value)
-    except ValueError:
-        return default
+    value = parse_id(raw)
+    if value is None or not 1 <= value <= maximum:
+        raise HTTPException(400, f"{name} must be a whole number from 1 to {maximum}")
+    return value
+
+
+def _path_id(request: Request, name: str) -> Optional[int]:
+    return parse_id(str(request.path_params.get(name, "")))
 
 
 def _base_url(request: Request) -> str:
@@ -217,11 +229,11 @@ def _filters(request: Request) -> dict[str, Any]:
     sort = params.get("sort", "last_seen")
     return {
         "q": params.get("q", "")[:200],
-        "project": _int(params.get("project")),
+        "project": _query_int(request, "project", None, _MAX_ID),
         "level": level if level in LEVELS else "",
         "environment": params.get("environment", "")[:64],
         "sort": sort if sort in ("last_seen", "first_seen", "count") else "last_seen",
-        "page": max(1, _int(params.get("page"), 1) or 1),
+        "page": _query_int(request, "page", 1, _MAX_PAGE),
     }
 
 
@@ -256,19 +268,20 @@ def issues_page(request: Request) -> Response:
 
 def issue_page(request: Request) -> Response:
     collector = _collector(request)
-    issue_id = _int(request.path_params.get("issue_id"))
+    issue_id = _path_id(request, "issue_id")
     issue = collector.storage.issue(issue_id) if issue_id is not None else None
     if issue is None:
         return render(request, "missing.html", 404, what="issue")
-    events = collector.storage.events(issue.id, limit=50)
-    chosen_id = request.query_params.get("event")
-    chosen: Optional[Event] = next((e for e in events if e.event_id == chosen_id), None)
-    if chosen is None and chosen_id:
-        chosen = collector.storage.event(issue.project_id, chosen_id)
+    # The list needs no payloads: only the chosen event's (up to the body limit) is loaded.
+    events = collector.storage.events(issue.id, limit=PAGE_SIZE, payloads=False)
+    chosen_id = request.query_params.get("event") or (events[0].event_id if events else "")
+    chosen: Optional[Event] = None
+    if chosen_id:
+        chosen = collector.storage.event(issue.project_id, chosen_id[:64])
         if chosen is not None and chosen.issue_id != issue.id:
             chosen = None
-    if chosen is None and events:
-        chosen = events[0]
+    if chosen is None and events and chosen_id != events[0].event_id:
+        chosen = collector.storage.event(issue.project_id, events[0].event_id)
     return render(
         request,
         "issue.html",
@@ -347,8 +360,9 @@ def _issue_json(issue: Issue) -> dict[str, Any]:
     }
 
 
-def _event_json(event: Event) -> dict[str, Any]:
-    return {
+def _event_json(event: Event) -> str:
+    """An event as JSON text; its stored payload (valid JSON) is spliced in, not re-parsed."""
+    fields = {
         "event_id": event.event_id,
         "project_id": event.project_id,
         "issue_id": event.issue_id,
@@ -356,8 +370,8 @@ def _event_json(event: Event) -> dict[str, Any]:
         "level": event.level,
         "environment": event.environment,
         "release": event.release,
-        "event": json.loads(event.payload),
     }
+    return f'{json.dumps(fields)[:-1]}, "event": {event.payload}}}'
 
 
 def _project_json(project: Project, base: str, count: int) -> dict[str, Any]:
@@ -380,20 +394,35 @@ def issues_api(request: Request) -> Response:
 
 def issue_api(request: Request) -> Response:
     storage = _collector(request).storage
-    issue = storage.issue(_int(request.path_params.get("issue_id"), 0) or 0)
+    issue_id = _path_id(request, "issue_id")
+    issue = storage.issue(issue_id) if issue_id is not None else None
     if issue is None:
         return JSONResponse({"detail": "no such issue"}, status_code=404)
-    events = storage.events(issue.id, limit=_int(request.query_params.get("limit"), 50) or 50)
-    return JSONResponse({**_issue_json(issue), "events": [_event_json(e) for e in events]})
+    limit = _query_int(request, "limit", PAGE_SIZE, MAX_LIMIT) or PAGE_SIZE
+    listed = storage.events(issue.id, limit=limit, payloads=False)
+
+    def stream() -> Iterator[str]:
+        # One payload in memory at a time (each up to the body limit), written as it is read.
+        yield f'{json.dumps(_issue_json(issue))[:-1]}, "events": ['
+        separator = ""
+        for item in listed:
+            event = storage.event(item.project_id, item.event_id)
+            if event is not None:  # else removed by retention since it was listed
+                yield separator + _event_json(event)
+                separator = ", "
+        yield "]}"
+
+    return StreamingResponse(stream(), media_type="application/json")
 
 
 def event_api(request: Request) -> Response:
     storage = _collector(request).storage
-    project_id = _int(request.path_params.get("project_id"), 0) or 0
-    event = storage.event(project_id, str(request.path_params.get("event_id", "")).lower())
+    project_id = _path_id(request, "project_id")
+    event_id = str(request.path_params.get("event_id", "")).lower()[:64]
+    event = storage.event(project_id, event_id) if project_id is not None else None
     if event is None:
         return JSONResponse({"detail": "no such event"}, status_code=404)
-    return JSONResponse(_event_json(event))
+    return Response(_event_json(event), media_type="application/json")
 
 
 def projects_api(request: Request) -> Response:
