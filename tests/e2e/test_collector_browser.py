@@ -459,11 +459,12 @@ class AttackerSite:
             f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
             for k, v in fields.items()
         )
-        self.pages[f"/{name}"] = (
+        # Not the collector's path: waiting for the collector's page must not match this one.
+        self.pages[f"/attack-{name}"] = (
             f'<!doctype html><form id="f" method="post" action="{html.escape(action)}">'
             f"{inputs}</form><script>document.getElementById('f').submit()</script>"
         ).encode()
-        return f"{self.url}/{name}"
+        return f"{self.url}/attack-{name}"
 
     def close(self) -> None:
         self.server.shutdown()
