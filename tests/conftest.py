@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -31,6 +32,16 @@ FAST_OPTIONS: dict[str, Any] = {
     "http_timeout": 2.0,
     "shutdown_timeout": 2.0,
 }
+
+
+def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``done`` until it is true or ``timeout`` seconds passed; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return done()
+        time.sleep(0.02)
+    return True
 
 
 @pytest.fixture

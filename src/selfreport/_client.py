@@ -69,6 +69,7 @@ STAT_KEYS = (
     "replayed",  # of sent: delivered later from the spool
     "dropped_spool_full",  # the oldest spooled envelopes, dropped to stay under spool_max_bytes
     "dropped_spool_expired",  # spooled envelopes older than spool_max_age
+    "quarantined",  # spooled envelopes refused for good, or failing again and again (5xx)
     "queue_size",
 )
 

@@ -41,9 +41,18 @@ DESTINATION_STAT_KEYS = (
     "replayed",  # of sent: delivered from the spool
     "dropped_spool_full",  # the oldest spooled envelopes, dropped to stay under max bytes
     "dropped_spool_expired",  # spooled envelopes older than the spool's max age
+    "quarantined",  # spooled envelopes refused for good or failing again and again (5xx)
     "queue_size",
     "spool_size",
 )
+
+
+# What the spool's drops are counted as.
+_SPOOL_DROPS = {
+    "full": "dropped_spool_full",
+    "expired": "dropped_spool_expired",
+    "quarantined": "quarantined",
+}
 
 
 def plain_copy(value: Any, depth: int = 0) -> Any:
@@ -96,7 +105,7 @@ class Uplink:
             max_bytes,
             max_age,
             diagnostics=diagnostics,
-            on_drop=lambda reason, amount: count("dropped_spool_" + reason, amount),
+            on_drop=lambda reason, amount: count(_SPOOL_DROPS[reason], amount),
         )
         self.replayer = Replayer(
             self.spool,
@@ -138,13 +147,15 @@ class Uplink:
         if 200 <= status < 300:
             return Outcome.SENT
         self.limits.update(status, response.headers)
-        if status == 429 or status >= 500:
+        if status >= 500:
+            return Outcome.FAILED
+        if status == 429:
             return Outcome.RETRY
-        self._count("send_failed", 1)
         self.diagnostics.warn(
-            f"replay_http_{status}", f"the upstream refused a spooled envelope with HTTP {status}"
+            f"replay_http_{status}",
+            f"the upstream refused a spooled envelope with HTTP {status}: quarantined",
         )
-        return Outcome.REJECTED
+        return Outcome.REJECTED  # counted as quarantined
 
     def close(self, timeout: float) -> bool:
         finished = self.replayer.stop(timeout)
@@ -243,6 +254,7 @@ class Destination:
         self.tags = (f"destination:{name}",)
         self.http_timeout = float(http_timeout)
         self.max_retries = max_retries
+        self.max_queue = max_queue
         self.retry_backoff = float(retry_backoff)
         self._scrub = resolve_scrub(scrub)
         self._bucket = TokenBucket(rate_limit, rate_burst)
@@ -381,8 +393,15 @@ class Destination:
             self._count("dropped_rate_limited")
             return
         body = self._envelope(event)
-        if body is not None:
+        if body is None:
+            return
+        try:
             self._deliver(body)
+        except Exception as error:  # a transport answering nonsense: counted, never lost quietly
+            self._count("send_failed")
+            self.diagnostics.warn(
+                f"destination_deliver:{self.name}", f"{self.name}: delivery raised {error!r}"
+            )
 
     def _deliver(self, body: bytes) -> None:
         self._delivery.deliver(body)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport import ConfigError, Destination
-from selfreport.collector.forward import Forwarder
+from selfreport.collector.forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from selfreport.collector.server import CollectorServer
 from selfreport.testing import FakeCollector
 
@@ -22,7 +24,7 @@ def upstream() -> Any:
 
 def _attach(server: CollectorServer, forwarder: Forwarder) -> Forwarder:
     server.collector.on_stored.append(forwarder)
-    return forwarder
+    return forwarder.start(server.storage, server.internal_project.id)
 
 
 def test_forwards_new_events_scrubbed(
@@ -96,10 +98,7 @@ def test_a_down_upstream_spools_and_never_blocks_ingestion(
         for _ in range(5):
             assert call(server.port, "POST", path, envelope_of(make_event()), auth).status == 200
         assert time.monotonic() - started < 5.0
-        deadline = time.monotonic() + 5
-        while forwarder.stats()["spooled"] < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert forwarder.stats()["spooled"] == 5
+        assert wait_until(lambda: forwarder.stats()["spooled"] == 5)
     finally:
         forwarder.close(timeout=0.5)
 
@@ -145,3 +144,138 @@ def test_serve_refuses_bad_forwarding_options(tmp_path: Path, capsys: Any) -> No
     code = main(["serve", "--data", str(tmp_path), "--port", "0", "--upstream", "not a dsn"])
     assert code == 2
     assert "dsn:" in capsys.readouterr().err
+
+
+def test_every_accepted_event_reaches_the_upstream(
+    make_server: Callable[..., CollectorServer],
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    call: Any,
+) -> None:
+    # No token bucket on forwarding: a burst of 500 all goes on (the SDK default let 116 by).
+    server = make_server(upstream=upstream.dsn)
+    assert server.forwarder is not None
+    auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
+    path = f"/api/{server.default_project.id}/envelope/"
+    sent = set()
+    for _ in range(50):
+        events = [make_event() for _ in range(10)]
+        sent.update(e["event_id"] for e in events)
+        assert call(server.port, "POST", path, envelope_of(*events), auth).status == 200
+    assert upstream.wait_for(500, timeout=60)
+    assert {e["event_id"] for e in upstream.events} == sent
+    forwarder = server.forwarder
+    assert wait_until(lambda: forwarder.stats()["waiting"] == 0)
+    stats = forwarder.stats()
+    assert stats["sent"] == 500
+    assert all(value == 0 for key, value in stats.items() if key.startswith("dropped"))
+
+
+def test_forwarding_resumes_after_the_saved_cursor(
+    make_server: Callable[..., CollectorServer],
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    call: Any,
+    tmp_path: Path,
+) -> None:
+    server = make_server()
+    auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
+    path = f"/api/{server.default_project.id}/envelope/"
+    before = make_event(message="stored before forwarding was set up")
+    assert call(server.port, "POST", path, envelope_of(before), auth).status == 200
+    forwarder = _attach(server, Forwarder(upstream.dsn))
+    first = make_event(message="first")
+    assert call(server.port, "POST", path, envelope_of(first), auth).status == 200
+    assert upstream.wait_for(1)
+    forwarder.close()
+    server.collector.on_stored.remove(forwarder)
+    missed = make_event(message="stored while not forwarding")
+    assert call(server.port, "POST", path, envelope_of(missed), auth).status == 200
+    forwarder = _attach(server, Forwarder(upstream.dsn))
+    try:
+        assert upstream.wait_for(2)
+        assert [e["message"] for e in upstream.events] == ["first", missed["message"]]
+    finally:
+        forwarder.close()
+
+
+def test_what_is_dropped_anyway_is_counted_in_metrics_and_status(
+    make_server: Callable[..., CollectorServer],
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    call: Any,
+    tmp_path: Path,
+) -> None:
+    server = make_server()
+    dead = "http://key@127.0.0.1:9/1"  # the discard port: nothing listens there
+    # A spool too small for any of these events: each is dropped, and counted as such.
+    forwarder = Forwarder(dead, spool_dir=str(tmp_path / "spool"), spool_max_bytes=1024)
+    _attach(server, forwarder)
+    server.collector.forwarding = forwarder.stats
+    try:
+        auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
+        path = f"/api/{server.default_project.id}/envelope/"
+        for _ in range(3):
+            body = envelope_of(make_event(extra={"blob": "x" * 4000}))
+            assert call(server.port, "POST", path, body, auth).status == 200
+        assert wait_until(lambda: forwarder.stats()["dropped_spool_full"] == 3)
+        assert wait_until(lambda: forwarder.stats()["waiting"] == 0)
+        metrics = call(server.port, "GET", "/metrics").text
+        assert 'selfreport_collector_forward_events_total{outcome="dropped_spool_full"} 3.0' in (
+            metrics
+        )
+        assert "selfreport_collector_forward_waiting 0.0" in metrics
+        status = call(server.port, "GET", "/api/0/status/").json()
+        assert status["forwarding"]["dropped_spool_full"] == 3
+        page = call(server.port, "GET", "/status").text
+        assert "Forwarding upstream" in page
+        assert 'Not delivered: <b class="fail">3</b>' in page
+    finally:
+        forwarder.close(timeout=0.5)
+
+
+def test_no_forwarding_section_without_an_upstream(
+    make_server: Callable[..., CollectorServer], call: Any
+) -> None:
+    server = make_server()
+    assert call(server.port, "GET", "/api/0/status/").json()["forwarding"] is None
+    assert "selfreport_collector_forward" not in call(server.port, "GET", "/metrics").text
+
+
+def test_the_upstream_dsn_comes_from_an_option_a_file_or_the_environment(tmp_path: Path) -> None:
+    dsn = "https://key@vendor.example/42"
+    secret = tmp_path / "upstream"
+    secret.write_text(dsn + "\n")
+    os.chmod(secret, 0o600)
+    assert upstream_dsn(dsn, None, {}) == dsn
+    assert upstream_dsn(None, str(secret), {}) == dsn
+    assert upstream_dsn(None, None, {UPSTREAM_ENV: dsn}) == dsn
+    assert upstream_dsn(None, None, {}) is None
+    with pytest.raises(ConfigError, match="not both"):
+        upstream_dsn(dsn, str(secret), {})
+    os.chmod(secret, 0o640)
+    with pytest.raises(ConfigError, match="readable by other users"):
+        upstream_dsn(None, str(secret), {})
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    os.chmod(empty, 0o600)
+    with pytest.raises(ConfigError, match="empty"):
+        upstream_dsn(None, str(empty), {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        upstream_dsn(None, str(tmp_path / "missing"), {})
+
+
+def test_serve_refuses_an_upstream_file_others_can_read(tmp_path: Path, capsys: Any) -> None:
+    from selfreport.cli import main
+
+    secret = tmp_path / "upstream"
+    secret.write_text("https://key@vendor.example/42")
+    os.chmod(secret, 0o644)
+    args = ["serve", "--data", str(tmp_path / "data"), "--port", "0"]
+    assert main([*args, "--upstream-file", str(secret)]) == 2
+    err = capsys.readouterr().err
+    assert "readable by other users" in err
+    assert "chmod 600" in err
+    assert len(err.strip().splitlines()) == 1

@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -47,6 +47,8 @@ class Collector:
     processors: list[Processor] = field(default_factory=list)
     on_stored: list[OnStored] = field(default_factory=list)
     internal_project: Optional[Project] = None
+    # Forwarding's counters (Forwarder.stats) for /metrics and /status, when forwarding.
+    forwarding: Optional[Callable[[], dict[str, int]]] = None
 
     def reporter_stats(self) -> dict[str, int]:
         """The self-reporter's ``stats()`` (the given client's, else the global one's)."""
@@ -55,6 +57,10 @@ class Collector:
         from selfreport import stats
 
         return stats()
+
+    def forwarding_stats(self) -> Optional[dict[str, int]]:
+        """Forwarding's counters, or None when the collector does not forward."""
+        return None if self.forwarding is None else self.forwarding()
 
 
 def create_app(
@@ -101,6 +107,7 @@ def create_app(
         internal_project=internal,
     )
     metrics_.reporter_stats = collector.reporter_stats
+    metrics_.forward_stats = collector.forwarding_stats
 
     def ingest(kind: str) -> IngestEndpoint:
         return IngestEndpoint(

@@ -19,7 +19,7 @@ from selfreport._version import __version__
 from selfreport.exceptions import ConfigError
 
 from .app import Collector, CollectorApp, create_app
-from .forward import Forwarder
+from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
 from .storage import Project, Storage
 
@@ -83,14 +83,11 @@ class CollectorServer:
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         self.forwarder: Optional[Forwarder] = None
-        if upstream is not None:
-            self.forwarder = Forwarder(
-                upstream,
-                mode=forward,
-                scrub=scrub,
-                spool_dir=None if spool_dir is None else str(spool_dir),
-            )
         self.data_dir = Path(data_dir)
+        if upstream is not None:
+            # What the upstream cannot take now waits on disk: in the data folder by default.
+            spool = self.data_dir / "spool" if spool_dir is None else Path(spool_dir)
+            self.forwarder = Forwarder(upstream, mode=forward, scrub=scrub, spool_dir=str(spool))
         self.host = host
         self.self_report = self_report
         self.reporter_options = dict(reporter_options or {})
@@ -109,6 +106,8 @@ class CollectorServer:
         except OSError:
             self._socket.close()
             self.storage.close()
+            if self.forwarder is not None:
+                self.forwarder.close(timeout=0.5)
             raise
         self.port: int = self._socket.getsockname()[1]
         self.app: CollectorApp = create_app(
@@ -116,6 +115,8 @@ class CollectorServer:
         )
         if self.forwarder is not None:
             self.collector.on_stored.append(self.forwarder)
+            self.collector.forwarding = self.forwarder.stats
+            self.forwarder.start(self.storage, self.internal_project.id)
         self._config = uvicorn.Config(
             self.app,
             # The standard event loop even where uvloop is installed: selfreport's guard
@@ -235,13 +236,26 @@ def serve(
     forward: str = "all",
     scrub: bool = False,
     spool_dir: Optional[str] = None,
+    upstream_file: Optional[str] = None,
 ) -> int:
     """``selfreport serve``: run until interrupted; prints the web page and the default DSN."""
     out = out or sys.stdout
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
-    if upstream is None and (scrub or spool_dir is not None or forward != "all"):
+    try:
+        dsn = upstream_dsn(upstream, upstream_file, os.environ)
+    except ConfigError as exc:
+        print(f"selfreport: {exc}", file=sys.stderr)
+        return 2
+    if dsn is None and (scrub or spool_dir is not None or forward != "all"):
         print("selfreport: --scrub, --spool and --forward need --upstream DSN", file=sys.stderr)
         return 2
+    if upstream is not None:
+        print(
+            "selfreport: note: --upstream on the command line is visible to other users of "
+            f"this machine; prefer --upstream-file or ${UPSTREAM_ENV}",
+            file=sys.stderr,
+        )
+    upstream = dsn
     try:
         server = CollectorServer(
             directory,
