@@ -679,3 +679,15 @@ def test_a_delivery_that_raises_is_counted(destinations: Any) -> None:
     assert upstream.send_event(event(1))
     assert upstream.flush(5)
     assert upstream.stats()["send_failed"] == 1
+
+
+def test_a_scrubber_raising_system_exit_drops_and_counts(destinations: Any) -> None:
+    def scrub(event: Any) -> Any:
+        raise SystemExit("in the scrubber")
+
+    transport = MemoryTransport()
+    upstream = destinations(transport=transport, scrub=scrub)
+    assert upstream.send_event(event(1))
+    assert upstream.flush(5)
+    assert transport.events == []
+    assert upstream.stats()["dropped_error"] == 1

@@ -379,7 +379,7 @@ class Destination:
                     if not isinstance(prepared, Mapping):
                         raise TypeError(f"the scrubber returned {type(prepared).__name__}")
                 return serialize_envelope(prepared, self.dsn, _now_iso())
-        except Exception as error:
+        except BaseException as error:  # a scrubber's, on our own thread: counted, not lost
             self._count("dropped_error")
             self.diagnostics.warn(
                 f"destination_prepare:{self.name}",
@@ -397,7 +397,7 @@ class Destination:
             return
         try:
             self._deliver(body)
-        except Exception as error:  # a transport answering nonsense: counted, never lost quietly
+        except BaseException as error:  # a transport answering nonsense: counted, not lost
             self._count("send_failed")
             self.diagnostics.warn(
                 f"destination_deliver:{self.name}", f"{self.name}: delivery raised {error!r}"
