@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -478,11 +478,17 @@ def test_replay_honours_retry_after(tmp_path: Path) -> None:
         replayer.stop(5)
 
 
+def spool_of(count: int, directory: Path, **options: Any) -> Spool:
+    """A spool holding envelopes 0 to ``count - 1``, oldest first."""
+    spool = Spool(directory, **options)
+    for n in range(count):
+        assert spool.put(envelope(n))
+    return spool
+
+
 def test_a_refused_envelope_is_quarantined_at_once_and_blocks_nothing(tmp_path: Path) -> None:
     dropped: list[tuple[str, int]] = []
-    spool = Spool(tmp_path, on_drop=lambda reason, n: dropped.append((reason, n)))
-    for n in range(21):
-        spool.put(envelope(n))
+    spool = spool_of(21, tmp_path, on_drop=lambda reason, n: dropped.append((reason, n)))
     upstream = Upstream(lambda call: Outcome.REJECTED if call == 1 else Outcome.SENT)
     sent: list[int] = []
     replayer = make_replayer(spool, upstream, on_sent=lambda: sent.append(1))
@@ -501,9 +507,7 @@ def test_a_refused_envelope_is_quarantined_at_once_and_blocks_nothing(tmp_path: 
 
 
 def test_an_envelope_failing_with_5xx_is_passed_over_then_quarantined(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    for n in range(21):
-        spool.put(envelope(n))
+    spool = spool_of(21, tmp_path)
     poison = envelope(0)
 
     def answer(call: int) -> Outcome:
@@ -524,9 +528,7 @@ def test_an_envelope_failing_with_5xx_is_passed_over_then_quarantined(tmp_path: 
 
 
 def test_an_outage_answering_5xx_quarantines_nothing(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    for n in range(3):
-        spool.put(envelope(n))
+    spool = spool_of(3, tmp_path)
     upstream = Upstream(lambda call: Outcome.FAILED if call <= 20 else Outcome.SENT)
     replayer = make_replayer(spool, upstream, max_attempts=2)
     replayer.start()

@@ -15,6 +15,8 @@ from selfreport.collector.forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from selfreport.collector.server import CollectorServer
 from selfreport.testing import FakeCollector
 
+from .conftest import Target
+
 
 @pytest.fixture
 def upstream() -> Any:
@@ -81,6 +83,9 @@ def test_own_mode_forwards_only_the_collectors_self_reports(
         forwarder.close()
 
 
+DEAD = "http://key@127.0.0.1:9/1"  # the discard port: nothing listens there
+
+
 def test_a_down_upstream_spools_and_never_blocks_ingestion(
     make_server: Callable[..., CollectorServer],
     make_event: Callable[..., dict[str, Any]],
@@ -89,8 +94,7 @@ def test_a_down_upstream_spools_and_never_blocks_ingestion(
     tmp_path: Path,
 ) -> None:
     server = make_server()
-    dead = "http://key@127.0.0.1:9/1"  # the discard port: nothing listens there
-    forwarder = _attach(server, Forwarder(dead, spool_dir=str(tmp_path / "spool")))
+    forwarder = _attach(server, Forwarder(DEAD, spool_dir=str(tmp_path / "spool")))
     try:
         auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
         path = f"/api/{server.default_project.id}/envelope/"
@@ -151,21 +155,18 @@ def test_every_accepted_event_reaches_the_upstream(
     upstream: FakeCollector,
     make_event: Callable[..., dict[str, Any]],
     envelope_of: Callable[..., bytes],
-    call: Any,
 ) -> None:
     # No token bucket on forwarding: a burst of 500 all goes on (the SDK default let 116 by).
     server = make_server(upstream=upstream.dsn)
-    assert server.forwarder is not None
-    auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
-    path = f"/api/{server.default_project.id}/envelope/"
+    forwarder = server.forwarder
+    assert forwarder is not None
     sent = set()
     for _ in range(50):
         events = [make_event() for _ in range(10)]
         sent.update(e["event_id"] for e in events)
-        assert call(server.port, "POST", path, envelope_of(*events), auth).status == 200
+        assert Target(server).send(envelope_of(*events)).status == 200
     assert upstream.wait_for(500, timeout=60)
     assert {e["event_id"] for e in upstream.events} == sent
-    forwarder = server.forwarder
     assert wait_until(lambda: forwarder.stats()["waiting"] == 0)
     stats = forwarder.stats()
     assert stats["sent"] == 500
@@ -177,26 +178,19 @@ def test_forwarding_resumes_after_the_saved_cursor(
     upstream: FakeCollector,
     make_event: Callable[..., dict[str, Any]],
     envelope_of: Callable[..., bytes],
-    call: Any,
-    tmp_path: Path,
 ) -> None:
-    server = make_server()
-    auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
-    path = f"/api/{server.default_project.id}/envelope/"
-    before = make_event(message="stored before forwarding was set up")
-    assert call(server.port, "POST", path, envelope_of(before), auth).status == 200
-    forwarder = _attach(server, Forwarder(upstream.dsn))
-    first = make_event(message="first")
-    assert call(server.port, "POST", path, envelope_of(first), auth).status == 200
+    target = Target(make_server())
+    assert target.send(envelope_of(make_event(message="before forwarding"))).status == 200
+    forwarder = _attach(target.server, Forwarder(upstream.dsn))
+    assert target.send(envelope_of(make_event(message="first"))).status == 200
     assert upstream.wait_for(1)
     forwarder.close()
-    server.collector.on_stored.remove(forwarder)
-    missed = make_event(message="stored while not forwarding")
-    assert call(server.port, "POST", path, envelope_of(missed), auth).status == 200
-    forwarder = _attach(server, Forwarder(upstream.dsn))
+    target.server.collector.on_stored.remove(forwarder)
+    assert target.send(envelope_of(make_event(message="while not forwarding"))).status == 200
+    forwarder = _attach(target.server, Forwarder(upstream.dsn))
     try:
         assert upstream.wait_for(2)
-        assert [e["message"] for e in upstream.events] == ["first", missed["message"]]
+        assert [e["message"] for e in upstream.events] == ["first", "while not forwarding"]
     finally:
         forwarder.close()
 
@@ -205,43 +199,35 @@ def test_what_is_dropped_anyway_is_counted_in_metrics_and_status(
     make_server: Callable[..., CollectorServer],
     make_event: Callable[..., dict[str, Any]],
     envelope_of: Callable[..., bytes],
-    call: Any,
     tmp_path: Path,
 ) -> None:
-    server = make_server()
-    dead = "http://key@127.0.0.1:9/1"  # the discard port: nothing listens there
+    target = Target(make_server())
     # A spool too small for any of these events: each is dropped, and counted as such.
-    forwarder = Forwarder(dead, spool_dir=str(tmp_path / "spool"), spool_max_bytes=1024)
-    _attach(server, forwarder)
-    server.collector.forwarding = forwarder.stats
+    forwarder = Forwarder(DEAD, spool_dir=str(tmp_path / "spool"), spool_max_bytes=1024)
+    _attach(target.server, forwarder)
+    target.server.collector.forwarding = forwarder.stats
     try:
-        auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
-        path = f"/api/{server.default_project.id}/envelope/"
         for _ in range(3):
             body = envelope_of(make_event(extra={"blob": "x" * 4000}))
-            assert call(server.port, "POST", path, body, auth).status == 200
+            assert target.send(body).status == 200
         assert wait_until(lambda: forwarder.stats()["dropped_spool_full"] == 3)
         assert wait_until(lambda: forwarder.stats()["waiting"] == 0)
-        metrics = call(server.port, "GET", "/metrics").text
+        metrics = target.get("/metrics").text
         assert 'selfreport_collector_forward_events_total{outcome="dropped_spool_full"} 3.0' in (
             metrics
         )
         assert "selfreport_collector_forward_waiting 0.0" in metrics
-        status = call(server.port, "GET", "/api/0/status/").json()
-        assert status["forwarding"]["dropped_spool_full"] == 3
-        page = call(server.port, "GET", "/status").text
+        assert target.get("/api/0/status/").json()["forwarding"]["dropped_spool_full"] == 3
+        page = target.get("/status").text
         assert "Forwarding upstream" in page
         assert 'Not delivered: <b class="fail">3</b>' in page
     finally:
         forwarder.close(timeout=0.5)
 
 
-def test_no_forwarding_section_without_an_upstream(
-    make_server: Callable[..., CollectorServer], call: Any
-) -> None:
-    server = make_server()
-    assert call(server.port, "GET", "/api/0/status/").json()["forwarding"] is None
-    assert "selfreport_collector_forward" not in call(server.port, "GET", "/metrics").text
+def test_no_forwarding_section_without_an_upstream(target: Target) -> None:
+    assert target.get("/api/0/status/").json()["forwarding"] is None
+    assert "selfreport_collector_forward" not in target.get("/metrics").text
 
 
 def test_the_upstream_dsn_comes_from_an_option_a_file_or_the_environment(tmp_path: Path) -> None:
