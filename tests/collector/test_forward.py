@@ -147,7 +147,17 @@ def test_serve_refuses_bad_forwarding_options(tmp_path: Path, capsys: Any) -> No
     assert "--scrub, --spool and --forward need --upstream DSN" in capsys.readouterr().err
     code = main(["serve", "--data", str(tmp_path), "--port", "0", "--upstream", "not a dsn"])
     assert code == 2
-    assert "dsn:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dsn:" in err
+    assert "--upstream on the command line is visible to other users" in err
+
+
+def test_the_default_spool_is_private_in_the_data_folder(
+    make_server: Callable[..., CollectorServer], upstream: FakeCollector
+) -> None:
+    server = make_server(upstream=upstream.dsn)
+    assert server.data_dir.stat().st_mode & 0o777 == 0o700
+    assert (server.data_dir / "spool").stat().st_mode & 0o777 == 0o700
 
 
 def test_every_accepted_event_reaches_the_upstream(
@@ -244,6 +254,10 @@ def test_the_upstream_dsn_comes_from_an_option_a_file_or_the_environment(tmp_pat
     os.chmod(secret, 0o640)
     with pytest.raises(ConfigError, match="readable by other users"):
         upstream_dsn(None, str(secret), {})
+    own = Forwarder(dsn, mode="own")
+    with pytest.raises(ConfigError, match="internal project"):
+        own.start(None, None)  # type: ignore[arg-type]
+    own.close()
     empty = tmp_path / "empty"
     empty.write_text("")
     os.chmod(empty, 0o600)

@@ -15,6 +15,7 @@ from typing import Any, Optional, TextIO, Union
 
 import uvicorn
 
+from selfreport._dsn import parse_dsn
 from selfreport._version import __version__
 from selfreport.exceptions import ConfigError
 
@@ -85,8 +86,12 @@ class CollectorServer:
         self.forwarder: Optional[Forwarder] = None
         self.data_dir = Path(data_dir)
         if upstream is not None:
-            # What the upstream cannot take now waits on disk: in the data folder by default.
+            # What the upstream cannot take now waits on disk: in the data folder by default,
+            # created private (as the spool is) if this is the first thing to create it.
             spool = self.data_dir / "spool" if spool_dir is None else Path(spool_dir)
+            if spool_dir is None:
+                parse_dsn(upstream)  # a bad DSN fails before anything is created
+                self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.forwarder = Forwarder(upstream, mode=forward, scrub=scrub, spool_dir=str(spool))
         self.host = host
         self.self_report = self_report
