@@ -11,8 +11,10 @@ import pytest
 from tests.conftest import wait_until
 
 from selfreport import ConfigError, Destination
+from selfreport.collector.events import prepare_event
 from selfreport.collector.forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from selfreport.collector.server import CollectorServer
+from selfreport.collector.storage import Storage
 from selfreport.testing import FakeCollector
 
 from .conftest import Target
@@ -279,3 +281,25 @@ def test_serve_refuses_an_upstream_file_others_can_read(tmp_path: Path, capsys: 
     assert "readable by other users" in err
     assert "chmod 600" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_database_gone_away_pauses_forwarding_without_losing_the_thread(
+    storage: Storage,
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage.start()
+    forwarder = Forwarder(upstream.dsn, save_interval=3600).start(storage)
+    try:
+        storage.store(1, [prepare_event(make_event())]).result(5)
+        forwarder(None)  # type: ignore[arg-type]  # the on_stored hook wakes it
+        assert upstream.wait_for(1)
+        assert wait_until(lambda: forwarder.cursor == 1)
+        storage.close()  # the cursor is not saved yet (save_interval), and now cannot be
+        forwarder(None)  # type: ignore[arg-type]
+        assert wait_until(lambda: "forwarding paused" in caplog.text)
+        assert forwarder.stats()["sent"] == 1  # the destination's counters still count
+    finally:
+        forwarder.close(timeout=1.0)
+    assert "could not save the forwarding cursor" in caplog.text
