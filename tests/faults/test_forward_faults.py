@@ -92,12 +92,23 @@ def temporaries(spool: Path) -> list[Path]:
     return [p for p in spool.rglob("*") if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("senders", [1, 4])
-def test_kill_9_with_the_upstream_down_loses_nothing_acknowledged(
-    tmp_path: Path, senders: int
+@pytest.mark.parametrize(
+    ("trouble", "senders", "linger"),
+    [("down", 1, 0.0), ("down", 4, 0.0), ("down", 4, 0.2), ("429", 4, 0.0), ("503", 4, 0.1)],
+)
+def test_kill_9_with_the_upstream_in_trouble_loses_nothing_acknowledged(
+    tmp_path: Path, trouble: str, senders: int, linger: float
 ) -> None:
-    port = free_port()  # nothing listens there until the second run
+    """Killed right after the last acknowledgement (or a moment later, mid-spooling) while the
+    upstream is down or refuses; restarted with the upstream back: every acknowledged event
+    arrives, at most twice."""
+    port = free_port()
     upstream_dsn = f"http://public@127.0.0.1:{port}/1"
+    refusing: Optional[FakeCollector] = None
+    if trouble != "down":  # else nothing listens there until the second run
+        refusing = FakeCollector(port=port).start()
+        refusing.status = int(trouble)
+        refusing.response_headers = {"Retry-After": "60"}
     proc, dsn = start_serve(tmp_path, upstream_dsn)
     acked: list[str] = []
     lock = threading.Lock()
@@ -110,8 +121,11 @@ def test_kill_9_with_the_upstream_down_loses_nothing_acknowledged(
             thread.start()
         for thread in threads:
             thread.join(120)
+        time.sleep(linger)  # kill -9 at another point of forwarding's work
     finally:
-        stop(proc, signal.SIGKILL)  # right after the last acknowledgement
+        stop(proc, signal.SIGKILL)
+        if refusing is not None:
+            refusing.stop()
     assert len(acked) == 200
     spool = tmp_path / "spool"
     # What a crash in the middle of spooling leaves behind: cleaned at the next start.
