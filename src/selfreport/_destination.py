@@ -322,6 +322,18 @@ class Destination:
         out["spool_size"] = len(self._uplink.spool) if self._uplink is not None else 0
         return out
 
+    def spool_nearly_full(self) -> bool:
+        """Whether the spool is past 90% of its size bound, or two more envelopes of the
+        average size would not fit: a sender that can keep events itself (a forwarding
+        collector) should hold them back rather than make the spool drop its oldest."""
+        uplink = self._uplink
+        if uplink is None:
+            return False
+        stats = uplink.spool.stats()
+        used, files = stats["bytes"], stats["files"]
+        room = uplink.spool.max_bytes - used
+        return used >= 0.9 * uplink.spool.max_bytes or (files > 0 and room < 2 * used / files)
+
     def _observe(self, seconds: float) -> None:
         latency = self.latency
         if latency is not None:

@@ -243,19 +243,16 @@ class Spool:
             try:
                 # Locked while being written: a process starting meanwhile leaves it alone,
                 # and one that finds it unlocked knows its writer died (kill -9) mid-write.
+                # (Unlocked before the rename, so the spooled file is free for replay at once.)
                 _try_lock(fd)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
-                if _WINDOWS:  # pragma: no cover - an open file cannot be renamed there
-                    os.close(fd)
-                    fd = -1
-                self._make_room(len(data))
-                os.replace(temporary, os.path.join(self.directory, name))
             finally:
-                if fd >= 0:
-                    os.close(fd)
+                os.close(fd)
+            self._make_room(len(data))
+            os.replace(temporary, os.path.join(self.directory, name))
             self._sync_directory()
         except OSError as exc:
             try:

@@ -303,3 +303,25 @@ def test_a_database_gone_away_pauses_forwarding_without_losing_the_thread(
     finally:
         forwarder.close(timeout=1.0)
     assert "could not save the forwarding cursor" in caplog.text
+
+
+def test_with_the_spool_nearly_full_events_wait_in_the_database(
+    make_server: Callable[..., CollectorServer],
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    target = Target(make_server())
+    forwarder = Forwarder(DEAD, spool_dir=str(tmp_path / "spool"), spool_max_bytes=8192)
+    _attach(target.server, forwarder)
+    try:
+        for _ in range(20):
+            body = envelope_of(make_event(extra={"blob": "x" * 500}))
+            assert target.send(body).status == 200
+        assert wait_until(lambda: forwarder.stats()["spooled"] >= 1)
+        assert wait_until(lambda: forwarder.stats()["waiting"] + forwarder.stats()["spooled"] == 20)
+        stats = forwarder.stats()
+        assert stats["waiting"] > 0  # held back, not pushed into a full spool
+        assert stats["dropped_spool_full"] == 0
+    finally:
+        forwarder.close(timeout=0.5)

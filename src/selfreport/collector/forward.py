@@ -74,9 +74,10 @@ class Forwarder:
     internal project (its self-reports). Only events stored for the first time go on, so a
     collector forwarding into itself, or a replayed duplicate, cannot loop. The destination has
     no rate limit: what the upstream cannot take now waits in the spool (``spool_dir``), or,
-    without one, is retried a few times and then counted as ``send_failed``. Everything that
-    is dropped is counted in :meth:`stats`, as is every event retention deleted before it
-    could be forwarded (``dropped_retention``).
+    without one, is retried a few times and then counted as ``send_failed``; once the spool is
+    nearly full, the events wait in the database instead. Everything that is dropped is
+    counted in :meth:`stats`, as is every event retention deleted before it could be forwarded
+    (``dropped_retention``).
 
     Call :meth:`start` with the storage; it is also an ``on_stored`` hook, which wakes the
     forwarding thread when new events were committed.
@@ -186,19 +187,36 @@ class Forwarder:
         """Hand on the next events; True when there may be more right away."""
         storage = self.storage
         assert storage is not None
+        destination = self.destination
         rows, upto = storage.events_to_forward(self.cursor, self.batch_size, self.project_id)
-        for _, payload in rows:
+        handed = self.cursor
+        for row_id, payload in rows:
+            # One at a time (the destination sends one at a time anyway), and not into a
+            # nearly full spool: the database keeps them meanwhile (retention counts what it
+            # deletes first).
+            if destination.spool_nearly_full():
+                break
             try:
                 event = json.loads(payload)
             except ValueError:  # pragma: no cover - stored payloads are JSON the collector wrote
                 event = None
-            self.destination.send_event(event)  # anything not queued is counted there
-        # Sent, spooled or counted: only then may the cursor move past these events.
+            destination.send_event(event)  # anything not queued is counted there
+            # Sent, spooled or counted: only then may the cursor move past it.
+            if not self._flushed():
+                break
+            handed = row_id
+        else:
+            handed = upto  # past other projects' events too
+        self.cursor = handed
+        return handed == upto and len(rows) == self.batch_size
+
+    def _flushed(self) -> bool:
+        """Wait until the destination sent, spooled or counted all it was given; False when
+        stopping first."""
         while not self.destination.flush(1.0):
             if self._stopping.is_set():
                 return False
-        self.cursor = upto
-        return len(rows) == self.batch_size
+        return True
 
     def _save(self, force: bool = False, timeout: float = 5.0) -> None:
         """Save the cursor, at most once per ``save_interval`` (a crash in between only sends
