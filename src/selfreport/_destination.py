@@ -254,7 +254,6 @@ class Destination:
         self.tags = (f"destination:{name}",)
         self.http_timeout = float(http_timeout)
         self.max_retries = max_retries
-        self.max_queue = max_queue
         self.retry_backoff = float(retry_backoff)
         self._scrub = resolve_scrub(scrub)
         self._bucket = TokenBucket(rate_limit, rate_burst)

@@ -105,7 +105,7 @@ class Forwarder:
             self.destination = Destination(
                 upstream, name="upstream", scrub=scrub, spool_dir=spool_dir, **options
             )
-        self.batch_size = max(1, min(batch_size, self.destination.max_queue))
+        self.batch_size = max(1, batch_size)  # events read from the database at a time
         self.save_interval = save_interval
         self.storage: Optional[Storage] = None
         self.project_id: Optional[int] = None
