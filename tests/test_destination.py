@@ -691,3 +691,19 @@ def test_a_scrubber_raising_system_exit_drops_and_counts(destinations: Any) -> N
     assert upstream.flush(5)
     assert transport.events == []
     assert upstream.stats()["dropped_error"] == 1
+
+
+def test_an_envelope_refused_at_once_is_quarantined_when_there_is_a_spool(
+    collector: FakeCollector, destinations: Any, tmp_path: Path
+) -> None:
+    collector.status = 400
+    upstream = destinations(collector.dsn, spool_dir=tmp_path)
+    upstream.send_event(event(1))
+    upstream.send_event(event(2))
+    assert upstream.flush(5)
+    stats = upstream.stats()
+    assert (stats["quarantined"], stats["send_failed"], stats["spool_size"]) == (2, 0, 0)
+    kept = sorted((tmp_path / "quarantine").iterdir())
+    assert len(kept) == 2
+    assert kept[0].stat().st_mode & 0o777 == 0o600
+    assert Spool(tmp_path).pending() == []  # kept aside, never replayed

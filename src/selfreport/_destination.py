@@ -132,6 +132,10 @@ class Uplink:
         elif self.spool.fits(body):  # too big for the spool is counted as dropped_spool_full
             self._count("send_failed", 1)
 
+    def reject(self, body: bytes, status: int) -> None:
+        """``body`` was refused for good (a 4xx other than 429): quarantined, for inspection."""
+        self.spool.quarantine_body(body, f"the upstream refused it with HTTP {status}")
+
     def _replayed(self) -> None:
         self._count("sent", 1)
         self._count("replayed", 1)

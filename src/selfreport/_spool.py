@@ -237,6 +237,24 @@ class Spool:
             self._warn("spool_full", f"an envelope of {len(data)} bytes exceeds spool_max_bytes")
             return False
         name = self._new_name()
+        if not self._write(data, name, self.directory):
+            return False
+        with self._lock:
+            self._index[name] = len(data)
+            self._counts["spooled"] += 1
+        return True
+
+    def quarantine_body(self, body: bytes, reason: str) -> None:
+        """Keep an envelope the upstream refused for good in ``quarantine/``, counted."""
+        name = self._new_name()
+        if self._write(_encode(body), name, self.quarantine_dir):
+            self._count("quarantined")
+            self._notify("quarantined", 1)
+            self._trim_quarantine()
+            self._warn("spool_quarantine", f"quarantined an envelope ({reason}) as {name}")
+
+    def _write(self, data: bytes, name: str, folder: str) -> bool:
+        """Write ``data`` as ``folder/name``, atomically and durably; False: counted, logged."""
         temporary = os.path.join(self._tmp_dir, name + ".tmp")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o600)
@@ -251,8 +269,9 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._make_room(len(data))
-            os.replace(temporary, os.path.join(self.directory, name))
+            if folder == self.directory:
+                self._make_room(len(data))
+            os.replace(temporary, os.path.join(folder, name))
             self._sync_directory()
         except OSError as exc:
             try:
@@ -262,9 +281,6 @@ class Spool:
             self._count("write_failed")
             self._warn("spool_write", f"could not write to the spool {self.directory!r}: {exc!r}")
             return False
-        with self._lock:
-            self._index[name] = len(data)
-            self._counts["spooled"] += 1
         return True
 
     def _sync_directory(self) -> None:
