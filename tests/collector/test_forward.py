@@ -88,6 +88,16 @@ def test_own_mode_forwards_only_the_collectors_self_reports(
 DEAD = "http://key@127.0.0.1:9/1"  # the discard port: nothing listens there
 
 
+def _forwarding_to_nowhere(
+    server: CollectorServer, tmp_path: Path, spool_max_bytes: int
+) -> tuple[Target, Forwarder]:
+    """``server`` forwarding (as ``serve`` wires it) to an upstream that is down."""
+    forwarder = Forwarder(DEAD, spool_dir=str(tmp_path / "spool"), spool_max_bytes=spool_max_bytes)
+    _attach(server, forwarder)
+    server.collector.forwarding = forwarder.stats
+    return Target(server), forwarder
+
+
 def test_a_down_upstream_spools_and_never_blocks_ingestion(
     make_server: Callable[..., CollectorServer],
     make_event: Callable[..., dict[str, Any]],
@@ -213,11 +223,8 @@ def test_what_is_dropped_anyway_is_counted_in_metrics_and_status(
     envelope_of: Callable[..., bytes],
     tmp_path: Path,
 ) -> None:
-    target = Target(make_server())
     # A spool too small for any of these events: each is dropped, and counted as such.
-    forwarder = Forwarder(DEAD, spool_dir=str(tmp_path / "spool"), spool_max_bytes=1024)
-    _attach(target.server, forwarder)
-    target.server.collector.forwarding = forwarder.stats
+    target, forwarder = _forwarding_to_nowhere(make_server(), tmp_path, spool_max_bytes=1024)
     try:
         for _ in range(3):
             body = envelope_of(make_event(extra={"blob": "x" * 4000}))
@@ -311,9 +318,7 @@ def test_with_the_spool_nearly_full_events_wait_in_the_database(
     envelope_of: Callable[..., bytes],
     tmp_path: Path,
 ) -> None:
-    target = Target(make_server())
-    forwarder = Forwarder(DEAD, spool_dir=str(tmp_path / "spool"), spool_max_bytes=8192)
-    _attach(target.server, forwarder)
+    target, forwarder = _forwarding_to_nowhere(make_server(), tmp_path, spool_max_bytes=8192)
     try:
         for _ in range(20):
             body = envelope_of(make_event(extra={"blob": "x" * 500}))
