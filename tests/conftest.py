@@ -40,6 +40,16 @@ FAST_OPTIONS: dict[str, Any] = {
 }
 
 
+def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``done`` until it is true or ``timeout`` seconds passed; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return done()
+        time.sleep(0.02)
+    return True
+
+
 @pytest.fixture
 def collector() -> Iterator[FakeCollector]:
     """A started FakeCollector on 127.0.0.1, always stopped afterwards."""
@@ -136,21 +146,6 @@ def write_lock_held() -> Callable[[Path], ContextManager[None]]:
     """``with write_lock_held(path):`` another process holds that SQLite database's write
     lock (``BEGIN IMMEDIATE``) until the block ends."""
     return _write_lock_held
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-@pytest.fixture
-def wait_until() -> Callable[..., bool]:
-    """``wait_until(condition, timeout=15.0)``: poll until true; False at the deadline."""
-    return _wait_until
 
 
 class StoreLoad:

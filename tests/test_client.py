@@ -427,6 +427,21 @@ def test_full_queue_never_blocks(
     assert client.stats()["dropped_closed"] == 2
 
 
+def test_the_close_summary_of_a_huge_message_names_its_beginning(
+    make_client: ClientFactory,
+) -> None:
+    client, transport = memory_client(make_client, dedupe_window=60)
+    text = "payload " + "z" * (100 * 1024)
+    for _ in range(3):
+        client.capture_message(text)
+    client.close(timeout=5)
+    summary = transport.events[-1]
+    assert summary["extra"]["selfreport_repeats"] == 2
+    message = summary["logentry"]["message"]
+    assert "'payload zzz" in message
+    assert len(message) < 400  # dedupe kept a bounded prefix, not the whole text
+
+
 def test_dedupe_folds_repeats_into_the_next_event_and_a_close_summary(
     make_client: ClientFactory,
 ) -> None:

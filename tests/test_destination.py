@@ -288,7 +288,7 @@ def test_429_goes_to_the_spool_and_waits_for_retry_after(
     assert time.monotonic() - started >= 0.9
 
 
-def test_a_spooled_envelope_the_upstream_refuses_is_dropped(
+def test_a_spooled_envelope_the_upstream_refuses_is_quarantined_and_counted(
     collector: FakeCollector, destinations: Any, tmp_path: Path
 ) -> None:
     collector.status = 503
@@ -297,7 +297,8 @@ def test_a_spooled_envelope_the_upstream_refuses_is_dropped(
     assert upstream.flush(5)
     collector.status = 400
     assert wait_until(lambda: upstream.stats()["spool_size"] == 0)
-    assert upstream.stats()["send_failed"] == 1
+    assert upstream.stats()["quarantined"] == 1
+    assert len(list((tmp_path / "quarantine").iterdir())) == 1
     assert upstream.stats()["replayed"] == 0
 
 
@@ -661,3 +662,48 @@ def test_resetting_after_a_fork(
     assert upstream.flush(5)
     assert collector.wait_for(1)
     assert upstream.stats()["sent"] == 1
+
+
+class NonsenseTransport:
+    """Answers with something that is not a Response."""
+
+    def send(self, body: bytes, timeout: float) -> Response:
+        return object()  # type: ignore[return-value]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_delivery_that_raises_is_counted(destinations: Any) -> None:
+    upstream = destinations(transport=NonsenseTransport())
+    assert upstream.send_event(event(1))
+    assert upstream.flush(5)
+    assert upstream.stats()["send_failed"] == 1
+
+
+def test_a_scrubber_raising_system_exit_drops_and_counts(destinations: Any) -> None:
+    def scrub(event: Any) -> Any:
+        raise SystemExit("in the scrubber")
+
+    transport = MemoryTransport()
+    upstream = destinations(transport=transport, scrub=scrub)
+    assert upstream.send_event(event(1))
+    assert upstream.flush(5)
+    assert transport.events == []
+    assert upstream.stats()["dropped_error"] == 1
+
+
+def test_an_envelope_refused_at_once_is_quarantined_when_there_is_a_spool(
+    collector: FakeCollector, destinations: Any, tmp_path: Path
+) -> None:
+    collector.status = 400
+    upstream = destinations(collector.dsn, spool_dir=tmp_path)
+    upstream.send_event(event(1))
+    upstream.send_event(event(2))
+    assert upstream.flush(5)
+    stats = upstream.stats()
+    assert (stats["quarantined"], stats["send_failed"], stats["spool_size"]) == (2, 0, 0)
+    kept = sorted((tmp_path / "quarantine").iterdir())
+    assert len(kept) == 2
+    assert kept[0].stat().st_mode & 0o777 == 0o600
+    assert Spool(tmp_path).pending() == []  # kept aside, never replayed

@@ -187,3 +187,70 @@ def test_a_record_logged_while_another_handler_formats_is_dropped(
 def test_handler_level_accepts_names(make_client: ClientFactory) -> None:
     client: Any = make_client(transport=MemoryTransport())
     assert LoggingHandler("CRITICAL", client=client).level == logging.CRITICAL
+
+
+class Unprintable:
+    """An argument whose rendering raises what ``except Exception`` does not catch."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        self.error = error
+        self.armed = True  # disarmed before the asserts, so pytest can show a failure
+
+    def __str__(self) -> str:
+        if self.armed:
+            raise self.error("from __str__")
+        return "Unprintable"
+
+    def __repr__(self) -> str:
+        if self.armed:
+            raise self.error("from __repr__")
+        return "Unprintable()"
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise SystemExit("from the exception's __str__")
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_a_base_exception_from_rendering_an_argument_never_escapes(
+    make_client: ClientFactory, error: type[BaseException]
+) -> None:
+    # Plain logging with a NullHandler renders nothing, so raises nothing: neither may we.
+    transport = MemoryTransport()
+    client = make_client(transport=transport, include_locals=True)
+    logger = logging.Logger("isolated")  # no parent: no handler of pytest's formats records
+    logger.addHandler(LoggingHandler(client=client))
+    evil = Unprintable(error)
+    try:
+        logger.error("value %s", evil, extra={"payload": evil})
+        logger.error("mapping %(a)s", {"a": evil})
+        try:
+            raise UnprintableError()
+        except UnprintableError:
+            logger.exception("local %s", "ok")  # `evil` is a local of this frame
+        captured = client.capture_message(evil)  # type: ignore[arg-type]
+        assert client.flush(5)
+    finally:
+        evil.armed = False
+    assert captured is not None
+    assert len(transport.events) == 4
+    first = transport.events[0]
+    assert first["logentry"]["message"] == "value %s"
+    assert "unrepresentable Unprintable" in str(first["logentry"]["params"])
+    assert "unrepresentable Unprintable" in str(first["extra"]["payload"])
+    third = transport.events[2]
+    assert "unprintable UnprintableError: SystemExit" in third["exception"]["values"][0]["value"]
+    assert "unrepresentable Unprintable" in str(third["exception"]["values"][0]["stacktrace"])
+
+
+def test_a_before_send_raising_system_exit_drops_and_counts(make_client: ClientFactory) -> None:
+    def before_send(event: Any, hint: Any) -> Any:
+        raise SystemExit("in before_send")
+
+    transport = MemoryTransport()
+    client = make_client(transport=transport, before_send=before_send)
+    client.capture_message("dropped, counted")
+    assert client.flush(5)
+    assert transport.events == []
+    assert client.stats()["dropped_error"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
@@ -10,7 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selfreport._ratelimit import Deduper, TokenBucket, UpstreamLimits, parse_retry_after
+from selfreport._ratelimit import (
+    LABEL_CHARS,
+    Deduper,
+    TokenBucket,
+    UpstreamLimits,
+    parse_retry_after,
+)
 
 
 class FakeClock:
@@ -146,6 +153,40 @@ def test_dedupe_pending_reports_and_clears(clock: FakeClock) -> None:
     assert dedupe.pending() == {}
     clock.advance(61)
     assert dedupe.admit("a") == 0  # already reported by pending(): not carried twice
+
+
+def test_dedupe_memory_is_bounded_in_bytes_not_only_in_keys(clock: FakeClock) -> None:
+    dedupe = Deduper(window=60, clock=clock)
+    body = "x" * (100 * 1024)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(10_000):
+            fingerprint = ("app.jobs", f"{n:05d} {body}", ValueError, "app/jobs.py", 12)
+            dedupe.admit(fingerprint)
+            dedupe.admit(fingerprint)  # a repeat, for the summary
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 10,000 distinct 100 KiB messages: about 1 GB when the texts were kept.
+    assert held < 5 * 1024 * 1024
+    pending = dedupe.pending()
+    assert len(pending) == 10_000
+    label = next(iter(pending))
+    assert isinstance(label, tuple)
+    assert label[1] == f"00000 {body}"[:LABEL_CHARS]
+    assert label[2] is ValueError
+
+
+def test_dedupe_tells_long_fingerprints_apart_by_digest(clock: FakeClock) -> None:
+    dedupe = Deduper(window=60, clock=clock)
+    common = "y" * 10_000
+    assert dedupe.admit(("app", common + "a")) == 0
+    assert dedupe.admit(("app", common + "b")) == 0  # same first 200 characters: still another
+    assert dedupe.admit(("app", common + "a")) is None
+    assert dedupe.admit("a") == 0
+    assert dedupe.admit(("a",)) == 0  # a tuple is not its only element
+    assert dedupe.pending() == {("app", common[:LABEL_CHARS]): 1}
 
 
 def test_dedupe_forget_lets_the_next_occurrence_through_with_the_count(clock: FakeClock) -> None:

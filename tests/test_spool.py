@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -290,17 +291,42 @@ def test_quarantine_keeps_only_the_newest(tmp_path: Path, clock: Clock) -> None:
     ]
 
 
-def test_leftovers_of_a_crash_mid_write_are_cleaned_up(tmp_path: Path, clock: Clock) -> None:
+def test_leftovers_of_a_crash_mid_write_are_cleaned_up_at_start(
+    tmp_path: Path, clock: Clock
+) -> None:
     Spool(tmp_path, clock=clock)
-    stale = tmp_path / "tmp" / "stale.tmp"
-    fresh = tmp_path / "tmp" / "fresh.tmp"
-    stale.write_bytes(b"half")
-    fresh.write_bytes(b"being written")
-    os.utime(stale, (time.time() - 3600, time.time() - 3600))
-    spool = Spool(tmp_path, clock=clock)
-    assert not stale.exists()
-    assert fresh.exists()  # another process may be writing it right now
-    assert spool.pending() == []  # temporaries are never replayed
+    left = tmp_path / "tmp" / "left-by-kill-9.env.tmp"  # fresh, but its writer is gone
+    being_written = tmp_path / "tmp" / "being-written.env.tmp"
+    left.write_bytes(b"half")
+    being_written.write_bytes(b"half")
+    fd = os.open(being_written, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a writer in another process holds it
+        spool = Spool(tmp_path, clock=clock)
+        assert not left.exists()
+        assert being_written.exists()
+        assert spool.pending() == []  # temporaries are never replayed
+    finally:
+        os.close(fd)
+    Spool(tmp_path, clock=clock)
+    assert not being_written.exists()
+
+
+def test_spool_files_and_folders_are_private(tmp_path: Path, clock: Clock) -> None:
+    previous = os.umask(0)
+    try:
+        spool = Spool(tmp_path / "spool", clock=clock)
+        assert spool.put(envelope(1))
+    finally:
+        os.umask(previous)
+    for folder in (
+        tmp_path / "spool",
+        tmp_path / "spool" / "tmp",
+        tmp_path / "spool" / "quarantine",
+    ):
+        assert folder.stat().st_mode & 0o777 == 0o700
+    (name,) = spool.pending()
+    assert (tmp_path / "spool" / name).stat().st_mode & 0o777 == 0o600
 
 
 def test_write_failures_are_counted_not_raised(
@@ -365,11 +391,13 @@ class Upstream:
         self.bodies: list[bytes] = []
         self.in_path: list[bool] = []
         self.calls = 0
+        self.current = b""
         self.cond = threading.Condition()
 
     def __call__(self, body: bytes) -> Outcome:
         with self.cond:
             self.calls += 1
+            self.current = body
             outcome = self.answers(self.calls)
             self.in_path.append(is_reporting())
             if outcome is not Outcome.RETRY:
@@ -450,19 +478,66 @@ def test_replay_honours_retry_after(tmp_path: Path) -> None:
         replayer.stop(5)
 
 
-def test_rejected_envelopes_are_removed_without_counting_as_sent(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    spool.put(envelope(1))
-    spool.put(envelope(2))
+def spool_of(count: int, directory: Path, **options: Any) -> Spool:
+    """A spool holding envelopes 0 to ``count - 1``, oldest first."""
+    spool = Spool(directory, **options)
+    for n in range(count):
+        assert spool.put(envelope(n))
+    return spool
+
+
+def test_a_refused_envelope_is_quarantined_at_once_and_blocks_nothing(tmp_path: Path) -> None:
+    dropped: list[tuple[str, int]] = []
+    spool = spool_of(21, tmp_path, on_drop=lambda reason, n: dropped.append((reason, n)))
     upstream = Upstream(lambda call: Outcome.REJECTED if call == 1 else Outcome.SENT)
     sent: list[int] = []
     replayer = make_replayer(spool, upstream, on_sent=lambda: sent.append(1))
     replayer.start()
     try:
-        assert upstream.wait(lambda: len(upstream.bodies) == 2)
+        assert upstream.wait(lambda: len(upstream.bodies) == 21)
         assert wait_until(replayer.idle)
         assert spool.pending() == []
-        assert sent == [1]
+        assert len(sent) == 20
+        (kept,) = (tmp_path / "quarantine").iterdir()
+        assert kept.read_bytes().endswith(envelope(0))
+        assert spool.stats()["quarantined"] == 1
+        assert dropped == [("quarantined", 1)]
+    finally:
+        replayer.stop(5)
+
+
+def test_an_envelope_failing_with_5xx_is_passed_over_then_quarantined(tmp_path: Path) -> None:
+    spool = spool_of(21, tmp_path)
+    poison = envelope(0)
+
+    def answer(call: int) -> Outcome:
+        return Outcome.FAILED if upstream.current == poison else Outcome.SENT
+
+    upstream = Upstream(answer)
+    replayer = make_replayer(spool, upstream, max_attempts=3)
+    replayer.start()
+    try:
+        # The 20 behind it go at the first round, long before it is given up.
+        assert upstream.wait(lambda: len([b for b in upstream.bodies if b != poison]) == 20)
+        assert upstream.wait(lambda: spool.stats()["quarantined"] == 1)
+        assert upstream.bodies.count(poison) == 3
+        assert wait_until(replayer.idle)
+        assert spool.pending() == []
+    finally:
+        replayer.stop(5)
+
+
+def test_an_outage_answering_5xx_quarantines_nothing(tmp_path: Path) -> None:
+    spool = spool_of(3, tmp_path)
+    upstream = Upstream(lambda call: Outcome.FAILED if call <= 20 else Outcome.SENT)
+    replayer = make_replayer(spool, upstream, max_attempts=2)
+    replayer.start()
+    try:
+        assert upstream.wait(lambda: upstream.calls > 20)
+        assert wait_until(replayer.idle)
+        # Two failures in a row stop a round: the third envelope was never tried meanwhile.
+        assert upstream.bodies[-3:] == [envelope(n) for n in range(3)]
+        assert spool.stats()["quarantined"] == 0
     finally:
         replayer.stop(5)
 

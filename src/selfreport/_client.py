@@ -26,6 +26,7 @@ from ._event import (
     capture_from_message,
     capture_from_record,
     fingerprint_of,
+    safe_repr,
     safe_str,
 )
 from ._guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
@@ -69,6 +70,7 @@ STAT_KEYS = (
     "replayed",  # of sent: delivered later from the spool
     "dropped_spool_full",  # the oldest spooled envelopes, dropped to stay under spool_max_bytes
     "dropped_spool_expired",  # spooled envelopes older than spool_max_age
+    "quarantined",  # spooled envelopes refused for good, or failing again and again (5xx)
     "queue_size",
 )
 
@@ -362,7 +364,7 @@ class Client:
         if is_reporting():
             self._drop_reentrant("message")
             return None
-        text = message if isinstance(message, str) else repr(message)
+        text = message if isinstance(message, str) else safe_repr(message)
         return self._admit(
             None,
             lambda: (None, text, level),
@@ -487,7 +489,7 @@ class Client:
                 event = self._scrub(event)
             sent_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             body = serialize_envelope(event, self.dsn, sent_at)
-        except Exception as error:
+        except BaseException as error:
             self._count("dropped_error")
             self.diagnostics.warn(
                 "prepare_error",

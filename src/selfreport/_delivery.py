@@ -126,11 +126,14 @@ class Delivery:
                         )
                     return
                 if status < 500:
-                    self._count("send_failed")
                     self._diagnostics.warn(
                         f"http_{status}:{self._name}",
                         f"{self._name} refused an event with HTTP {status}",
                     )
+                    if uplink is not None:
+                        uplink.reject(body, status)  # kept in quarantine/, counted there
+                    else:
+                        self._count("send_failed")
                     return
                 problem = f"{self._name} answered HTTP {status}"
             if attempt >= retries or self.closed.is_set():

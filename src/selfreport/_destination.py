@@ -41,9 +41,18 @@ DESTINATION_STAT_KEYS = (
     "replayed",  # of sent: delivered from the spool
     "dropped_spool_full",  # the oldest spooled envelopes, dropped to stay under max bytes
     "dropped_spool_expired",  # spooled envelopes older than the spool's max age
+    "quarantined",  # spooled envelopes refused for good or failing again and again (5xx)
     "queue_size",
     "spool_size",
 )
+
+
+# What the spool's drops are counted as.
+_SPOOL_DROPS = {
+    "full": "dropped_spool_full",
+    "expired": "dropped_spool_expired",
+    "quarantined": "quarantined",
+}
 
 
 def plain_copy(value: Any, depth: int = 0) -> Any:
@@ -96,7 +105,7 @@ class Uplink:
             max_bytes,
             max_age,
             diagnostics=diagnostics,
-            on_drop=lambda reason, amount: count("dropped_spool_" + reason, amount),
+            on_drop=lambda reason, amount: count(_SPOOL_DROPS[reason], amount),
         )
         self.replayer = Replayer(
             self.spool,
@@ -123,6 +132,10 @@ class Uplink:
         elif self.spool.fits(body):  # too big for the spool is counted as dropped_spool_full
             self._count("send_failed", 1)
 
+    def reject(self, body: bytes, status: int) -> None:
+        """``body`` was refused for good (a 4xx other than 429): quarantined, for inspection."""
+        self.spool.quarantine_body(body, f"the upstream refused it with HTTP {status}")
+
     def _replayed(self) -> None:
         self._count("sent", 1)
         self._count("replayed", 1)
@@ -138,13 +151,15 @@ class Uplink:
         if 200 <= status < 300:
             return Outcome.SENT
         self.limits.update(status, response.headers)
-        if status == 429 or status >= 500:
+        if status >= 500:
+            return Outcome.FAILED
+        if status == 429:
             return Outcome.RETRY
-        self._count("send_failed", 1)
         self.diagnostics.warn(
-            f"replay_http_{status}", f"the upstream refused a spooled envelope with HTTP {status}"
+            f"replay_http_{status}",
+            f"the upstream refused a spooled envelope with HTTP {status}: quarantined",
         )
-        return Outcome.REJECTED
+        return Outcome.REJECTED  # counted as quarantined
 
     def close(self, timeout: float) -> bool:
         finished = self.replayer.stop(timeout)
@@ -310,6 +325,18 @@ class Destination:
         out["spool_size"] = len(self._uplink.spool) if self._uplink is not None else 0
         return out
 
+    def spool_nearly_full(self) -> bool:
+        """Whether the spool is past 90% of its size bound, or two more envelopes of the
+        average size would not fit: a sender that can keep events itself (a forwarding
+        collector) should hold them back rather than make the spool drop its oldest."""
+        uplink = self._uplink
+        if uplink is None:
+            return False
+        stats = uplink.spool.stats()
+        used, files = stats["bytes"], stats["files"]
+        room = uplink.spool.max_bytes - used
+        return used >= 0.9 * uplink.spool.max_bytes or (files > 0 and room < 2 * used / files)
+
     def _observe(self, seconds: float) -> None:
         latency = self.latency
         if latency is not None:
@@ -367,7 +394,7 @@ class Destination:
                     if not isinstance(prepared, Mapping):
                         raise TypeError(f"the scrubber returned {type(prepared).__name__}")
                 return serialize_envelope(prepared, self.dsn, _now_iso())
-        except Exception as error:
+        except BaseException as error:  # a scrubber's, on our own thread: counted, not lost
             self._count("dropped_error")
             self.diagnostics.warn(
                 f"destination_prepare:{self.name}",
@@ -381,8 +408,15 @@ class Destination:
             self._count("dropped_rate_limited")
             return
         body = self._envelope(event)
-        if body is not None:
+        if body is None:
+            return
+        try:
             self._deliver(body)
+        except BaseException as error:  # a transport answering nonsense: counted, not lost
+            self._count("send_failed")
+            self.diagnostics.warn(
+                f"destination_deliver:{self.name}", f"{self.name}: delivery raised {error!r}"
+            )
 
     def _deliver(self, body: bytes) -> None:
         self._delivery.deliver(body)

@@ -54,19 +54,26 @@ _RECORD_ATTRS = frozenset(
 )
 
 
+# _RENDERING: a user's __str__ or __repr__ may raise anything, SystemExit and KeyboardInterrupt
+# included. Plain logging with a handler that renders nothing (NullHandler) would not have
+# raised, so neither does selfreport: the object is shown as unprintable. (logging's own
+# handlers catch only Exception, but they render for the application, not for a reporter.)
+
+
 def safe_str(value: object, limit: int = MAX_STRING) -> str:
     """``str(value)``, never raising, cut to ``limit`` characters."""
     try:
         text = value if isinstance(value, str) else str(value)
-    except Exception as exc:  # a broken __str__ must not break reporting
+    except BaseException as exc:
         text = f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def safe_repr(value: object, limit: int = 1024) -> str:
+    """``repr(value)``, never raising, cut to ``limit`` characters."""
     try:
         text = repr(value)
-    except Exception as exc:
+    except BaseException as exc:
         text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -213,7 +220,7 @@ def capture_from_record(record: logging.LogRecord, include_locals: bool = False)
     capture.message = safe_str(template)
     try:
         capture.formatted = safe_str(record.getMessage())
-    except Exception:
+    except BaseException:
         capture.formatted = capture.message
     args = record.args
     if args:

@@ -268,7 +268,7 @@ def _compact(key: str) -> str:
 def _safe_text(value: object) -> str:
     try:
         return str(value)
-    except Exception as exc:
+    except BaseException as exc:
         return f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
 
 

@@ -101,6 +101,11 @@ class Claim:
         self._spool._remove(self.name)
         self.release()
 
+    def quarantine(self, reason: str) -> None:
+        """Refused for good, or failed too often: move the file aside, then let go of it."""
+        self._spool._quarantine(self.name, reason)
+        self.release()
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
@@ -197,6 +202,9 @@ class Spool:
 
     def _dropped(self, reason: str, amount: int) -> None:
         self._count("dropped_" + reason, amount)
+        self._notify(reason, amount)
+
+    def _notify(self, reason: str, amount: int) -> None:
         if self._on_drop is not None:
             try:
                 self._on_drop(reason, amount)
@@ -229,18 +237,41 @@ class Spool:
             self._warn("spool_full", f"an envelope of {len(data)} bytes exceeds spool_max_bytes")
             return False
         name = self._new_name()
+        if not self._write(data, name, self.directory):
+            return False
+        with self._lock:
+            self._index[name] = len(data)
+            self._counts["spooled"] += 1
+        return True
+
+    def quarantine_body(self, body: bytes, reason: str) -> None:
+        """Keep an envelope the upstream refused for good in ``quarantine/``, counted."""
+        name = self._new_name()
+        if self._write(_encode(body), name, self.quarantine_dir):
+            self._count("quarantined")
+            self._notify("quarantined", 1)
+            self._trim_quarantine()
+            self._warn("spool_quarantine", f"quarantined an envelope ({reason}) as {name}")
+
+    def _write(self, data: bytes, name: str, folder: str) -> bool:
+        """Write ``data`` as ``folder/name``, atomically and durably; False: counted, logged."""
         temporary = os.path.join(self._tmp_dir, name + ".tmp")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o600)
             try:
+                # Locked while being written: a process starting meanwhile leaves it alone,
+                # and one that finds it unlocked knows its writer died (kill -9) mid-write.
+                # (Unlocked before the rename, so the spooled file is free for replay at once.)
+                _try_lock(fd)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._make_room(len(data))
-            os.replace(temporary, os.path.join(self.directory, name))
+            if folder == self.directory:
+                self._make_room(len(data))
+            os.replace(temporary, os.path.join(folder, name))
             self._sync_directory()
         except OSError as exc:
             try:
@@ -250,9 +281,6 @@ class Spool:
             self._count("write_failed")
             self._warn("spool_write", f"could not write to the spool {self.directory!r}: {exc!r}")
             return False
-        with self._lock:
-            self._index[name] = len(data)
-            self._counts["spooled"] += 1
         return True
 
     def _sync_directory(self) -> None:
@@ -385,6 +413,7 @@ class Spool:
             message = f"could not quarantine spool file {source} ({reason}): {exc!r}; skipping it"
         else:
             self._count("quarantined")
+            self._notify("quarantined", 1)
             message = f"quarantined spool file {source} ({reason}) into {self.quarantine_dir}"
             self._trim_quarantine()
         # One line per file (on stderr and the selfreport logger); each file only once.
@@ -399,13 +428,22 @@ class Spool:
             pass
 
     def _remove_stale_temporaries(self) -> None:
+        """Remove what writers that died mid-write left (their lock died with them)."""
         now = time.time()
         try:
             with os.scandir(self._tmp_dir) as entries:
                 for entry in entries:
                     try:
-                        if now - entry.stat().st_mtime > _STALE_TMP:
-                            os.unlink(entry.path)
+                        if _WINDOWS:  # pragma: no cover - no lock on the file being written
+                            if now - entry.stat().st_mtime > _STALE_TMP:
+                                os.unlink(entry.path)
+                            continue
+                        fd = os.open(entry.path, os.O_RDONLY)
+                        try:
+                            if _try_lock(fd):  # no writer holds it: abandoned (or just renamed)
+                                os.unlink(entry.path)
+                        finally:
+                            os.close(fd)
                     except OSError:  # pragma: no cover - finished or removed meanwhile
                         continue
         except OSError:  # pragma: no cover - the folder was just created
@@ -416,8 +454,9 @@ class Outcome(enum.Enum):
     """What became of one replayed envelope."""
 
     SENT = "sent"  # acknowledged: remove it
-    REJECTED = "rejected"  # refused for good (4xx other than 429): remove it
-    RETRY = "retry"  # the upstream is still unavailable (connection error, 5xx, 429): keep it
+    REJECTED = "rejected"  # refused for good (4xx other than 429): quarantine it at once
+    FAILED = "failed"  # this envelope failed (5xx): keep it, quarantined after max_attempts
+    RETRY = "retry"  # the upstream is unavailable (connection error, 429): keep it, wait
 
 
 class Replayer:
@@ -428,6 +467,12 @@ class Replayer:
     upstream that just failed) and calls :meth:`spooled` after each write, which starts the
     thread if needed and, after a failure, marks the upstream down so the next attempt waits
     ``backoff`` seconds, doubling up to ``max_backoff`` (or longer if ``retry_after()`` says).
+
+    One bad envelope never holds up the others: one the upstream refuses for good (4xx) is
+    quarantined at once; one that fails (5xx) is passed over for the next, and quarantined once
+    it failed ``max_attempts`` times while the upstream took other envelopes (so an outage
+    quarantines nothing). Two failures in a row, a connection error or a 429 mean the upstream
+    itself is unavailable: the round stops there and the next one waits.
     """
 
     def __init__(
@@ -441,9 +486,11 @@ class Replayer:
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         idle_interval: float = 30.0,
+        max_attempts: int = 5,
         name: str = "selfreport-replay",
     ) -> None:
         self.spool = spool
+        self.max_attempts = max_attempts
         self._send = send
         self._retry_after = retry_after
         self._on_sent = on_sent
@@ -462,6 +509,9 @@ class Replayer:
         self._down = False
         self._delay = self.backoff
         self._busy = False
+        # spool file -> [failed attempts (5xx), envelopes answered when it first failed]
+        self._failures: dict[str, list[int]] = {}
+        self._answers = 0  # envelopes the upstream took or refused
 
     def after_fork_in_child(self) -> None:
         self._reset()
@@ -564,8 +614,14 @@ class Replayer:
         return max(delay, hinted)
 
     def _drain(self) -> bool:
-        """Send what is spooled, oldest first; False when the upstream failed again."""
-        for name in self.spool.pending():
+        """Send what is spooled, oldest first; False when something is left to retry."""
+        failed: list[str] = []  # 5xx this round
+        in_a_row = 0
+        pending = self.spool.pending()
+        if self._failures:  # forget files sent, dropped or expired meanwhile
+            names = set(pending)
+            self._failures = {n: f for n, f in self._failures.items() if n in names}
+        for name in pending:
             if self._stopping:
                 return False
             claim = self.spool.claim(name)
@@ -575,13 +631,44 @@ class Replayer:
                 outcome = self._send(claim.body)
             except Exception:  # pragma: no cover - send functions classify their own errors
                 outcome = Outcome.RETRY
-            if outcome is Outcome.RETRY:
+            if outcome is Outcome.RETRY or outcome is Outcome.FAILED:
                 claim.release()
-                self._down = True
-                return False
+                if outcome is Outcome.FAILED:
+                    failed.append(name)
+                    self._failures.setdefault(name, [0, self._answers])
+                in_a_row += 1
+                # Unavailable, or two failures in a row: the upstream itself is in trouble.
+                if outcome is Outcome.RETRY or in_a_row >= 2:
+                    break
+                continue
+            in_a_row = 0
+            self._answers += 1
+            self._failures.pop(name, None)
+            if outcome is Outcome.REJECTED:
+                claim.quarantine("the upstream refused it")
+                continue
             claim.ack()
-            if outcome is Outcome.SENT:
-                self._down = False
-                self._delay = self.backoff
-                self._on_sent()
-        return True
+            self._down = False
+            self._delay = self.backoff
+            self._on_sent()
+        else:
+            if not failed:
+                return True
+        for name in failed:
+            self._failed_once(name)
+        self._down = True
+        return False
+
+    def _failed_once(self, name: str) -> None:
+        """Count a 5xx of ``name`` if the upstream took other envelopes since it first failed
+        (so an outage counts nothing); quarantine it after ``max_attempts``."""
+        entry = self._failures[name]
+        if self._answers == entry[1]:
+            return
+        entry[0] += 1
+        if entry[0] < self.max_attempts:
+            return
+        del self._failures[name]
+        claim = self.spool.claim(name)
+        if claim is not None:
+            claim.quarantine(f"the upstream failed on it {self.max_attempts} times")

@@ -101,7 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{what} (default: %(default)s)",
         )
     forwarding = serve.add_argument_group("forwarding upstream")
-    forwarding.add_argument("--upstream", metavar="DSN", help="forward stored events to this DSN")
+    forwarding.add_argument(
+        "--upstream",
+        metavar="DSN",
+        help="forward stored events to this DSN (visible to other users in ps: prefer "
+        "--upstream-file or $SELFREPORT_UPSTREAM_DSN)",
+    )
+    forwarding.add_argument(
+        "--upstream-file",
+        metavar="PATH",
+        help="read the upstream DSN from this file (mode 600)",
+    )
     forwarding.add_argument(
         "--forward",
         choices=("all", "own"),
@@ -112,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scrub", action="store_true", help="remove secrets and personal data before forwarding"
     )
     forwarding.add_argument(
-        "--spool", metavar="DIR", help="keep what cannot be forwarded on disk and replay it"
+        "--spool",
+        metavar="DIR",
+        help="where what the upstream cannot take yet waits (default: DATA/spool)",
     )
     project = sub.add_parser("project", help="manage the collector's projects and keys")
     actions = project.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -182,6 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 port=args.port,
                 data_dir=args.data,
                 upstream=args.upstream,
+                upstream_file=args.upstream_file,
                 forward=args.forward,
                 scrub=args.scrub,
                 spool_dir=args.spool,

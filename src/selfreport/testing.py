@@ -149,9 +149,10 @@ class FakeCollector:
     and never answer. ``on_envelope(request)`` runs inside each request's handling.
     """
 
-    def __init__(self, project_id: str = "1", public_key: str = "public") -> None:
+    def __init__(self, project_id: str = "1", public_key: str = "public", port: int = 0) -> None:
         self.project_id = project_id
         self.public_key = public_key
+        self._port = port
         self.status = 200
         self.response_headers: dict[str, str] = {}
         self.delay = 0.0
@@ -166,7 +167,8 @@ class FakeCollector:
     # --- lifecycle ---
 
     def start(self) -> FakeCollector:
-        """Listen on a free port of 127.0.0.1 and serve on a daemon thread; returns self."""
+        """Listen on 127.0.0.1 (on ``port``, default a free one) and serve on a daemon thread;
+        returns self."""
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -183,7 +185,7 @@ class FakeCollector:
                 except ConnectionError:  # the client gave up (timeout, close): its business
                     self.close_connection = True
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever,

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport import ConfigError, Destination
-from selfreport.collector.forward import Forwarder
+from selfreport.collector.events import prepare_event
+from selfreport.collector.forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from selfreport.collector.server import CollectorServer
+from selfreport.collector.storage import Storage
 from selfreport.testing import FakeCollector
+
+from .conftest import Target
 
 
 @pytest.fixture
@@ -22,7 +28,7 @@ def upstream() -> Any:
 
 def _attach(server: CollectorServer, forwarder: Forwarder) -> Forwarder:
     server.collector.on_stored.append(forwarder)
-    return forwarder
+    return forwarder.start(server.storage, server.internal_project.id)
 
 
 def test_forwards_new_events_scrubbed(
@@ -79,6 +85,19 @@ def test_own_mode_forwards_only_the_collectors_self_reports(
         forwarder.close()
 
 
+DEAD = "http://key@127.0.0.1:9/1"  # the discard port: nothing listens there
+
+
+def _forwarding_to_nowhere(
+    server: CollectorServer, tmp_path: Path, spool_max_bytes: int
+) -> tuple[Target, Forwarder]:
+    """``server`` forwarding (as ``serve`` wires it) to an upstream that is down."""
+    forwarder = Forwarder(DEAD, spool_dir=str(tmp_path / "spool"), spool_max_bytes=spool_max_bytes)
+    _attach(server, forwarder)
+    server.collector.forwarding = forwarder.stats
+    return Target(server), forwarder
+
+
 def test_a_down_upstream_spools_and_never_blocks_ingestion(
     make_server: Callable[..., CollectorServer],
     make_event: Callable[..., dict[str, Any]],
@@ -87,8 +106,7 @@ def test_a_down_upstream_spools_and_never_blocks_ingestion(
     tmp_path: Path,
 ) -> None:
     server = make_server()
-    dead = "http://key@127.0.0.1:9/1"  # the discard port: nothing listens there
-    forwarder = _attach(server, Forwarder(dead, spool_dir=str(tmp_path / "spool")))
+    forwarder = _attach(server, Forwarder(DEAD, spool_dir=str(tmp_path / "spool")))
     try:
         auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
         path = f"/api/{server.default_project.id}/envelope/"
@@ -96,10 +114,7 @@ def test_a_down_upstream_spools_and_never_blocks_ingestion(
         for _ in range(5):
             assert call(server.port, "POST", path, envelope_of(make_event()), auth).status == 200
         assert time.monotonic() - started < 5.0
-        deadline = time.monotonic() + 5
-        while forwarder.stats()["spooled"] < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert forwarder.stats()["spooled"] == 5
+        assert wait_until(lambda: forwarder.stats()["spooled"] == 5)
     finally:
         forwarder.close(timeout=0.5)
 
@@ -144,4 +159,174 @@ def test_serve_refuses_bad_forwarding_options(tmp_path: Path, capsys: Any) -> No
     assert "--scrub, --spool and --forward need --upstream DSN" in capsys.readouterr().err
     code = main(["serve", "--data", str(tmp_path), "--port", "0", "--upstream", "not a dsn"])
     assert code == 2
-    assert "dsn:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dsn:" in err
+    assert "--upstream on the command line is visible to other users" in err
+
+
+def test_the_default_spool_is_private_in_the_data_folder(
+    make_server: Callable[..., CollectorServer], upstream: FakeCollector
+) -> None:
+    server = make_server(upstream=upstream.dsn)
+    assert server.data_dir.stat().st_mode & 0o777 == 0o700
+    assert (server.data_dir / "spool").stat().st_mode & 0o777 == 0o700
+
+
+def test_every_accepted_event_reaches_the_upstream(
+    make_server: Callable[..., CollectorServer],
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+) -> None:
+    # No token bucket on forwarding: a burst of 500 all goes on (the SDK default let 116 by).
+    server = make_server(upstream=upstream.dsn)
+    forwarder = server.forwarder
+    assert forwarder is not None
+    sent = set()
+    for _ in range(50):
+        events = [make_event() for _ in range(10)]
+        sent.update(e["event_id"] for e in events)
+        assert Target(server).send(envelope_of(*events)).status == 200
+    assert upstream.wait_for(500, timeout=60)
+    assert {e["event_id"] for e in upstream.events} == sent
+    assert wait_until(lambda: forwarder.stats()["waiting"] == 0)
+    stats = forwarder.stats()
+    assert stats["sent"] == 500
+    assert all(value == 0 for key, value in stats.items() if key.startswith("dropped"))
+
+
+def test_forwarding_resumes_after_the_saved_cursor(
+    make_server: Callable[..., CollectorServer],
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+) -> None:
+    target = Target(make_server())
+    assert target.send(envelope_of(make_event(message="before forwarding"))).status == 200
+    forwarder = _attach(target.server, Forwarder(upstream.dsn))
+    assert target.send(envelope_of(make_event(message="first"))).status == 200
+    assert upstream.wait_for(1)
+    forwarder.close()
+    target.server.collector.on_stored.remove(forwarder)
+    assert target.send(envelope_of(make_event(message="while not forwarding"))).status == 200
+    forwarder = _attach(target.server, Forwarder(upstream.dsn))
+    try:
+        assert upstream.wait_for(2)
+        assert [e["message"] for e in upstream.events] == ["first", "while not forwarding"]
+    finally:
+        forwarder.close()
+
+
+def test_what_is_dropped_anyway_is_counted_in_metrics_and_status(
+    make_server: Callable[..., CollectorServer],
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    # A spool too small for any of these events: each is dropped, and counted as such.
+    target, forwarder = _forwarding_to_nowhere(make_server(), tmp_path, spool_max_bytes=1024)
+    try:
+        for _ in range(3):
+            body = envelope_of(make_event(extra={"blob": "x" * 4000}))
+            assert target.send(body).status == 200
+        assert wait_until(lambda: forwarder.stats()["dropped_spool_full"] == 3)
+        assert wait_until(lambda: forwarder.stats()["waiting"] == 0)
+        metrics = target.get("/metrics").text
+        assert 'selfreport_collector_forward_events_total{outcome="dropped_spool_full"} 3.0' in (
+            metrics
+        )
+        assert "selfreport_collector_forward_waiting 0.0" in metrics
+        assert target.get("/api/0/status/").json()["forwarding"]["dropped_spool_full"] == 3
+        page = target.get("/status").text
+        assert "Forwarding upstream" in page
+        assert 'Not delivered: <b class="fail">3</b>' in page
+    finally:
+        forwarder.close(timeout=0.5)
+
+
+def test_no_forwarding_section_without_an_upstream(target: Target) -> None:
+    assert target.get("/api/0/status/").json()["forwarding"] is None
+    assert "selfreport_collector_forward" not in target.get("/metrics").text
+
+
+def test_the_upstream_dsn_comes_from_an_option_a_file_or_the_environment(tmp_path: Path) -> None:
+    dsn = "https://key@vendor.example/42"
+    secret = tmp_path / "upstream"
+    secret.write_text(dsn + "\n")
+    os.chmod(secret, 0o600)
+    assert upstream_dsn(dsn, None, {}) == dsn
+    assert upstream_dsn(None, str(secret), {}) == dsn
+    assert upstream_dsn(None, None, {UPSTREAM_ENV: dsn}) == dsn
+    assert upstream_dsn(None, None, {}) is None
+    with pytest.raises(ConfigError, match="not both"):
+        upstream_dsn(dsn, str(secret), {})
+    os.chmod(secret, 0o640)
+    with pytest.raises(ConfigError, match="readable by other users"):
+        upstream_dsn(None, str(secret), {})
+    own = Forwarder(dsn, mode="own")
+    with pytest.raises(ConfigError, match="internal project"):
+        own.start(None, None)  # type: ignore[arg-type]
+    own.close()
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    os.chmod(empty, 0o600)
+    with pytest.raises(ConfigError, match="empty"):
+        upstream_dsn(None, str(empty), {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        upstream_dsn(None, str(tmp_path / "missing"), {})
+
+
+def test_serve_refuses_an_upstream_file_others_can_read(tmp_path: Path, capsys: Any) -> None:
+    from selfreport.cli import main
+
+    secret = tmp_path / "upstream"
+    secret.write_text("https://key@vendor.example/42")
+    os.chmod(secret, 0o644)
+    args = ["serve", "--data", str(tmp_path / "data"), "--port", "0"]
+    assert main([*args, "--upstream-file", str(secret)]) == 2
+    err = capsys.readouterr().err
+    assert "readable by other users" in err
+    assert "chmod 600" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_database_gone_away_pauses_forwarding_without_losing_the_thread(
+    storage: Storage,
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage.start()
+    forwarder = Forwarder(upstream.dsn, save_interval=3600).start(storage)
+    try:
+        storage.store(1, [prepare_event(make_event())]).result(5)
+        forwarder(None)  # type: ignore[arg-type]  # the on_stored hook wakes it
+        assert upstream.wait_for(1)
+        assert wait_until(lambda: forwarder.cursor == 1)
+        storage.close()  # the cursor is not saved yet (save_interval), and now cannot be
+        forwarder(None)  # type: ignore[arg-type]
+        assert wait_until(lambda: "forwarding paused" in caplog.text)
+        assert forwarder.stats()["sent"] == 1  # the destination's counters still count
+    finally:
+        forwarder.close(timeout=1.0)
+    assert "could not save the forwarding cursor" in caplog.text
+
+
+def test_with_the_spool_nearly_full_events_wait_in_the_database(
+    make_server: Callable[..., CollectorServer],
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    target, forwarder = _forwarding_to_nowhere(make_server(), tmp_path, spool_max_bytes=8192)
+    try:
+        for _ in range(20):
+            body = envelope_of(make_event(extra={"blob": "x" * 500}))
+            assert target.send(body).status == 200
+        assert wait_until(lambda: forwarder.stats()["spooled"] >= 1)
+        assert wait_until(lambda: forwarder.stats()["waiting"] + forwarder.stats()["spooled"] == 20)
+        stats = forwarder.stats()
+        assert stats["waiting"] > 0  # held back, not pushed into a full spool
+        assert stats["dropped_spool_full"] == 0
+    finally:
+        forwarder.close(timeout=0.5)

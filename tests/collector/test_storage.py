@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport.collector.events import PreparedEvent, prepare_event
 from selfreport.collector.health import default_checks, writer_alive
@@ -503,9 +504,7 @@ async def test_a_failing_writer_is_restarted_and_health_says_why(
 
 
 @pytest.mark.asyncio
-async def test_a_writer_failing_again_and_again_gives_up_with_the_reason(
-    tmp_path: Path, wait_until: Callable[..., bool]
-) -> None:
+async def test_a_writer_failing_again_and_again_gives_up_with_the_reason(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "g.db", max_writer_restarts=2)
     storage.ensure_defaults()
 
@@ -578,9 +577,7 @@ def test_retention_by_bytes_keeps_the_database_under_the_limit(
     assert storage.size_bytes() <= limit
 
 
-def test_a_lowered_size_limit_shrinks_the_file(
-    tmp_path: Path, make_event: Any, wait_until: Callable[..., bool]
-) -> None:
+def test_a_lowered_size_limit_shrinks_the_file(tmp_path: Path, make_event: Any) -> None:
     path = tmp_path / "s.db"
     with Storage(path) as storage:
         storage.ensure_defaults()
@@ -626,3 +623,62 @@ def test_a_directory_that_cannot_be_made_is_a_storage_error(tmp_path: Path) -> N
     (tmp_path / "file").write_text("")
     with pytest.raises(StorageError, match="Not a directory"):
         Storage(tmp_path / "file" / "data" / "x.db")
+
+
+# --- forwarding cursor ---------------------------------------------------------------------
+
+
+def test_the_forwarding_cursor_starts_at_the_newest_event_and_only_moves_forward(
+    tmp_path: Path, make_event: Any
+) -> None:
+    storage = Storage(tmp_path / "f.db", retention_interval=3600)
+    storage.ensure_defaults()
+    try:
+        storage.start()
+        storage.store(1, [prepared(make_event)]).result(5)
+        cursor = storage.forwarding_start()
+        assert cursor == 1  # what was there before forwarding is not forwarded
+        storage.store(1, [prepared(make_event), prepared(make_event)]).result(5)
+        storage.store(2, [prepared(make_event)]).result(5)
+        rows, upto = storage.events_to_forward(cursor, 10)
+        assert [row[0] for row in rows] == [2, 3, 4]
+        assert upto == 4
+        rows, upto = storage.events_to_forward(cursor, 2)
+        assert ([row[0] for row in rows], upto) == ([2, 3], 3)
+        rows, upto = storage.events_to_forward(cursor, 10, project_id=2)
+        assert ([row[0] for row in rows], upto) == ([4], 4)
+        rows, upto = storage.events_to_forward(cursor, 1, project_id=1)
+        assert ([row[0] for row in rows], upto) == ([2], 2)
+        storage.save_forward_cursor(3).result(5)
+        storage.save_forward_cursor(2).result(5)  # never back
+        assert storage.forwarding_start() == 3
+        assert storage.forwarding_state(3)["waiting"] == 1
+        assert storage.forwarding_state(3, project_id=1)["waiting"] == 0
+    finally:
+        storage.close()
+
+
+def test_retention_counts_events_deleted_before_they_were_forwarded(
+    tmp_path: Path, make_event: Any
+) -> None:
+    storage = Storage(tmp_path / "r.db", max_events_per_project=2, retention_interval=3600)
+    storage.ensure_defaults()
+    try:
+        storage.start()
+        storage.store(1, [prepared(make_event, 1000.0)]).result(5)
+        storage.store(2, [prepared(make_event, 1000.0)]).result(5)
+        assert storage.forwarding_start(project_id=1) == 2
+        for index in range(4):
+            storage.store(1, [prepared(make_event, 1001.0 + index)]).result(5)
+        storage.store(2, [prepared(make_event, 1001.0), prepared(make_event, 1002.0)]).result(5)
+        storage.save_forward_cursor(3).result(5)  # event 3 went on, 4 to 6 did not yet
+        # Deleted: 1 (before forwarding), 3 (forwarded), 4 (not yet: lost), and project 2's
+        # oldest (not forwarded in this scope).
+        assert storage.apply_retention() == 4
+        assert storage.forwarding_state(3, project_id=1) == {
+            "cursor": 3,
+            "waiting": 2,
+            "dropped_retention": 1,
+        }
+    finally:
+        storage.close()

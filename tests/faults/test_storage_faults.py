@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport._dsn import Dsn, parse_dsn
 
@@ -121,7 +122,7 @@ def test_health_probes_during_a_lock_held_by_another_process(
 
 
 def test_kill_9_at_random_points_under_load_loses_nothing_acknowledged(
-    tmp_path: Path, store_load: Callable[[str, int], Any], wait_until: Callable[..., bool]
+    tmp_path: Path, store_load: Callable[[str, int], Any]
 ) -> None:
     seed = random.randrange(2**32)
     chance = random.Random(seed)
@@ -166,7 +167,7 @@ def small_tmpfs(size: str) -> Iterator[Path]:
         mountpoint.rmdir()
 
 
-def test_a_full_disk_is_answered_503_and_recovers(wait_until: Callable[..., bool]) -> None:
+def test_a_full_disk_is_answered_503_and_recovers() -> None:
     with small_tmpfs("2m") as disk, serving(disk / "data", "--max-storage", "64MB") as server:
         assert server.store({"message": "fits"}) == 200
         filler = disk / "filler"

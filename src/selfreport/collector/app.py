@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -57,6 +57,8 @@ class Collector:
     # Who may read (pages, the JSON API, /metrics) and the URL DSNs are built from.
     auth: Optional[_auth.AuthPolicy] = None
     public_url: str = _auth.DEFAULT_PUBLIC_URL
+    # Forwarding's counters (Forwarder.stats) for /metrics and /status, when forwarding.
+    forwarding: Optional[Callable[[], dict[str, int]]] = None
 
     def reporter_stats(self) -> dict[str, int]:
         """The self-reporter's ``stats()`` (the given client's, else the global one's)."""
@@ -65,6 +67,10 @@ class Collector:
         from selfreport import stats
 
         return stats()
+
+    def forwarding_stats(self) -> Optional[dict[str, int]]:
+        """Forwarding's counters, or None when the collector does not forward."""
+        return None if self.forwarding is None else self.forwarding()
 
 
 def create_app(
@@ -135,6 +141,7 @@ def create_app(
         public_url=public_url,
     )
     metrics_.reporter_stats = collector.reporter_stats
+    metrics_.forward_stats = collector.forwarding_stats
 
     def ingest(kind: str) -> IngestEndpoint:
         return IngestEndpoint(

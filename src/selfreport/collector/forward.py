@@ -1,27 +1,86 @@
-"""Forwarding what the collector stores upstream, through a scrubbing, spooling Destination."""
+"""Forwarding what the collector stored upstream: from the database, through a Destination."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 from selfreport._destination import Destination
+from selfreport._guard import enter_thread_for_life, reporting_path
 from selfreport.exceptions import ConfigError
 
 from .ingest import StoredEnvelope
+from .storage import Storage, StorageError
 
-__all__ = ["FORWARD_MODES", "Forwarder"]
+__all__ = ["FORWARD_MODES", "UPSTREAM_ENV", "Forwarder", "upstream_dsn"]
 
 FORWARD_MODES = ("all", "own")
+UPSTREAM_ENV = "SELFREPORT_UPSTREAM_DSN"
+logger = logging.getLogger("selfreport.collector")
+
+
+def upstream_dsn(
+    argument: Optional[str], path: Optional[str], environ: Mapping[str, str]
+) -> Optional[str]:
+    """The upstream DSN from ``--upstream``, ``--upstream-file`` or ``$SELFREPORT_UPSTREAM_DSN``
+    (in that order; giving both options is an error). A DSN carries a secret, so the file must
+    not be readable by group or others.
+
+    Raises:
+        ConfigError: both options, an unreadable or too open file, an empty one.
+    """
+    if argument is not None and path is not None:
+        raise ConfigError("upstream", "give --upstream or --upstream-file, not both")
+    if argument is not None:
+        return argument
+    if path is None:
+        return environ.get(UPSTREAM_ENV) or None
+    try:
+        with open(path, encoding="utf-8") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if os.name == "posix" and mode & 0o077:
+                raise ConfigError(
+                    "upstream-file",
+                    f"{path} is readable by other users (mode {stat.S_IMODE(mode):04o}): "
+                    f"it holds a secret, chmod 600 it",
+                )
+            text = file.read(4096).strip()
+    except OSError as exc:
+        raise ConfigError("upstream-file", f"cannot read {path}: {exc.strerror or exc}") from None
+    if not text:
+        raise ConfigError("upstream-file", f"{path} is empty")
+    return text
 
 
 class Forwarder:
-    """An ``on_stored`` hook sending newly stored events on to an upstream.
+    """Sends what the collector committed on to an upstream, without ever losing it.
 
-    ``mode="all"`` forwards every project's events, ``"own"`` only the collector's own
-    self-reports (its internal project). Only events stored for the first time go on, so a
-    collector forwarding into itself, or a replayed duplicate, cannot loop. Forwarding never
-    blocks ingestion: the destination queues, scrubs, rate limits and spools on its own thread.
+    Forwarding is driven from the database, not from the request: a thread reads the events
+    stored after a cursor (the last event id handed on, kept in the database), gives them to
+    a :class:`~selfreport.Destination` and moves the cursor only once the upstream took them
+    or the destination's spool holds them on disk. So ingestion acknowledges an event as soon
+    as it is committed and pays nothing more for forwarding, and a crash (even ``kill -9``)
+    loses nothing: after a restart, forwarding resumes after the saved cursor (an event handed
+    on since the last save is sent once more; collectors deduplicate by ``event_id``).
+
+    ``mode="all"`` forwards every project's events, ``"own"`` only those of the collector's
+    internal project (its self-reports). Only events stored for the first time go on, so a
+    collector forwarding into itself, or a replayed duplicate, cannot loop. The destination has
+    no rate limit: what the upstream cannot take now waits in the spool (``spool_dir``), or,
+    without one, is retried a few times and then counted as ``send_failed``; once the spool is
+    nearly full, the events wait in the database instead. Everything that is dropped is
+    counted in :meth:`stats`, as is every event retention deleted before it could be forwarded
+    (``dropped_retention``).
+
+    Call :meth:`start` with the storage; it is also an ``on_stored`` hook, which wakes the
+    forwarding thread when new events were committed.
     """
 
     def __init__(
@@ -31,6 +90,8 @@ class Forwarder:
         mode: str = "all",
         scrub: bool = False,
         spool_dir: Optional[str] = None,
+        batch_size: int = 100,
+        save_interval: float = 1.0,
         **options: Any,
     ) -> None:
         if mode not in FORWARD_MODES:
@@ -39,19 +100,138 @@ class Forwarder:
         if isinstance(upstream, Destination):
             self.destination = upstream
         else:
+            # No token bucket: every stored event goes on, the spool takes what cannot yet.
+            options.setdefault("rate_limit", 0.0)
             self.destination = Destination(
                 upstream, name="upstream", scrub=scrub, spool_dir=spool_dir, **options
             )
+        self.batch_size = max(1, batch_size)  # events read from the database at a time
+        self.save_interval = save_interval
+        self.storage: Optional[Storage] = None
+        self.project_id: Optional[int] = None
+        self.cursor = 0  # every event up to here was sent, spooled or counted as dropped
+        self._saved = 0
+        self._saved_at = 0.0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, storage: Storage, internal_project_id: Optional[int] = None) -> Forwarder:
+        """Resume after the saved cursor in ``storage`` (whose writer must run)."""
+        if self.mode == "own":
+            if internal_project_id is None:
+                raise ConfigError("forward", "'own' needs the collector's internal project")
+            self.project_id = internal_project_id
+        self.storage = storage
+        self.cursor = self._saved = storage.forwarding_start(self.project_id)
+        self._saved_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="selfreport-forwarder", daemon=True)
+        self._thread.start()
+        return self
 
     def __call__(self, stored: StoredEnvelope) -> None:
-        if self.mode == "own" and not (stored.own_report or stored.project.internal):
-            return
-        for event, is_new in zip(stored.events, stored.stored):
-            if is_new:
-                self.destination.send_event(json.loads(event.payload))
-
-    def stats(self) -> dict[str, int]:
-        return self.destination.stats()
+        """The ``on_stored`` hook: new events are committed."""
+        self._wake.set()
 
     def close(self, timeout: float = 2.0) -> None:
-        self.destination.close(timeout)
+        """Stop forwarding, save the cursor, close the destination (queued events are spooled)."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        self._stopping.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            # Half the time for the events in flight; the rest for the destination's close.
+            thread.join(max(0.0, timeout / 2))
+            if not thread.is_alive():
+                self._save(force=True, timeout=max(0.1, deadline - time.monotonic()))
+        self.destination.close(max(0.0, deadline - time.monotonic()))
+
+    # --- stats -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """The destination's counters, plus ``waiting`` (stored events not yet handed on) and
+        ``dropped_retention`` (deleted by retention before they were forwarded)."""
+        out = self.destination.stats()
+        out["waiting"] = 0
+        out["dropped_retention"] = 0
+        storage = self.storage
+        if storage is not None:
+            try:
+                state = storage.forwarding_state(self.cursor, self.project_id)
+            except (StorageError, sqlite3.Error):  # closed: the counters above still count
+                return out
+            out["waiting"] = state["waiting"]
+            out["dropped_retention"] = state["dropped_retention"]
+        return out
+
+    # --- the forwarding thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        enter_thread_for_life()
+        while not self._stopping.is_set():
+            try:
+                more = self._forward_batch()
+            except Exception as error:  # the database is busy, closed or broken: try again
+                with reporting_path():
+                    logger.warning("forwarding paused: %r", error)
+                more = False
+                self._stopping.wait(1.0)
+            self._save()
+            if not more:
+                self._wake.wait(1.0)
+                self._wake.clear()
+
+    def _forward_batch(self) -> bool:
+        """Hand on the next events; True when there may be more right away."""
+        storage = self.storage
+        assert storage is not None
+        destination = self.destination
+        rows, upto = storage.events_to_forward(self.cursor, self.batch_size, self.project_id)
+        handed = self.cursor
+        for row_id, payload in rows:
+            # One at a time (the destination sends one at a time anyway), and not into a
+            # nearly full spool: the database keeps them meanwhile (retention counts what it
+            # deletes first).
+            if destination.spool_nearly_full():
+                break
+            try:
+                event = json.loads(payload)
+            except ValueError:  # pragma: no cover - stored payloads are JSON the collector wrote
+                event = None
+            destination.send_event(event)  # anything not queued is counted there
+            # Sent, spooled or counted: only then may the cursor move past it.
+            if not self._flushed():
+                break
+            handed = row_id
+        else:
+            handed = upto  # past other projects' events too
+        self.cursor = handed
+        return handed == upto and len(rows) == self.batch_size
+
+    def _flushed(self) -> bool:
+        """Wait until the destination sent, spooled or counted all it was given; False when
+        stopping first."""
+        while not self.destination.flush(1.0):
+            if self._stopping.is_set():
+                return False
+        return True
+
+    def _save(self, force: bool = False, timeout: float = 5.0) -> None:
+        """Save the cursor, at most once per ``save_interval`` (a crash in between only sends
+        the events since the last save once more)."""
+        storage = self.storage
+        cursor = self.cursor
+        if storage is None or cursor == self._saved:
+            return
+        if not force and time.monotonic() - self._saved_at < self.save_interval:
+            return
+        try:
+            storage.save_forward_cursor(cursor).result(timeout)
+        except Exception as error:  # full, stalled or closed: saved next time
+            with reporting_path():
+                logger.warning("could not save the forwarding cursor: %r", error)
+            return
+        self._saved = cursor
+        self._saved_at = time.monotonic()

@@ -70,6 +70,7 @@ class CollectorMetrics:
         self.registry = CollectorRegistry()
         self.storage = storage
         self.reporter_stats = reporter_stats
+        self.forward_stats: Callable[[], Optional[dict[str, int]]] = lambda: None
         self.started = time.time()
         self.window = RateWindow()
         self.events_received = Counter(
@@ -187,6 +188,7 @@ class _LiveValues(Collector):
                 "Size of the SQLite database, WAL included.",
                 value=storage.size_bytes(),
             )
+        yield from _forwarding(self.metrics.forward_stats())
         source = self.metrics.reporter_stats
         if source is None:
             return
@@ -204,4 +206,31 @@ class _LiveValues(Collector):
             "selfreport_reporter_queue_size",
             "Events waiting in the self-reporter's queue.",
             value=stats.get("queue_size", 0),
+        )
+
+
+# Forwarder.stats() keys that are levels, not counts.
+_FORWARD_GAUGES = {
+    "queue_size": "Events waiting in the forwarding destination's queue.",
+    "spool_size": "Envelopes waiting in the forwarding spool.",
+    "waiting": "Stored events not yet handed on to the upstream (sent or spooled).",
+}
+
+
+def _forwarding(stats: Optional[dict[str, int]]) -> Iterator[Metric]:
+    """Forwarding upstream: events by outcome (every ``dropped_*`` has its reason), levels."""
+    if stats is None:
+        return
+    counters = CounterMetricFamily(
+        "selfreport_collector_forward_events",
+        "Forwarding upstream: events by outcome (dropped_* and send_failed were not delivered).",
+        labels=["outcome"],
+    )
+    for key, value in stats.items():
+        if key not in _FORWARD_GAUGES:
+            counters.add_metric([key], float(value))
+    yield counters
+    for key, help_text in _FORWARD_GAUGES.items():
+        yield GaugeMetricFamily(
+            f"selfreport_collector_forward_{key}", help_text, value=stats.get(key, 0)
         )

@@ -18,12 +18,13 @@ from typing import Any, Optional, TextIO, Union
 
 import uvicorn
 
+from selfreport._dsn import parse_dsn
 from selfreport._version import __version__
 from selfreport.exceptions import ConfigError
 
 from . import auth as _auth
 from .app import Collector, CollectorApp, create_app
-from .forward import Forwarder
+from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
 from .limits import HttpLimits, ThrottleFilter, loop_exception_handler, protocol_class
 from .storage import MIN_STORAGE_BYTES, Project, Storage, StorageError
@@ -117,25 +118,31 @@ class CollectorServer:
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         self.forwarder: Optional[Forwarder] = None
-        if upstream is not None:
-            self.forwarder = Forwarder(
-                upstream,
-                mode=forward,
-                scrub=scrub,
-                spool_dir=None if spool_dir is None else str(spool_dir),
-            )
         try:
             public_url = None if public_url is None else _auth.check_public_url(public_url)
         except ValueError as exc:
             raise ConfigError("public_url", str(exc)) from None
         self.data_dir = Path(data_dir)
+        if upstream is not None:
+            # What the upstream cannot take now waits on disk: in the data folder by default,
+            # created private (as the spool is) if this is the first thing to create it.
+            spool = self.data_dir / "spool" if spool_dir is None else Path(spool_dir)
+            if spool_dir is None:
+                parse_dsn(upstream)  # a bad DSN fails before anything is created
+                self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.forwarder = Forwarder(upstream, mode=forward, scrub=scrub, spool_dir=str(spool))
         self.host = host
         self.self_report = self_report
         self.reporter_options = dict(reporter_options or {})
         storage_options = dict(storage_options or {})
         if "max_storage_bytes" not in storage_options:
             storage_options["max_storage_bytes"] = default_max_storage(self.data_dir)
-        self.storage = open_storage(self.data_dir, **storage_options)
+        try:
+            self.storage = open_storage(self.data_dir, **storage_options)
+        except BaseException:
+            if self.forwarder is not None:
+                self.forwarder.close(timeout=0)
+            raise
         self.first_start = self.storage.created
         self.default_project, self.internal_project = self.storage.ensure_defaults()
         try:
@@ -157,6 +164,8 @@ class CollectorServer:
         except OSError as exc:
             self._socket.close()
             self.storage.close()
+            if self.forwarder is not None:
+                self.forwarder.close(timeout=0.5)
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         self.port: int = self._socket.getsockname()[1]
         self.public_url = public_url or self.url
@@ -173,6 +182,8 @@ class CollectorServer:
         )
         if self.forwarder is not None:
             self.collector.on_stored.append(self.forwarder)
+            self.collector.forwarding = self.forwarder.stats
+            self.forwarder.start(self.storage, self.internal_project.id)
         self._config = uvicorn.Config(
             self.app,
             # The standard event loop even where uvloop is installed: selfreport's guard
@@ -356,18 +367,31 @@ def serve(
     metrics_public: bool = False,
     max_storage: Optional[int] = None,
     limits: Optional[HttpLimits] = None,
+    upstream_file: Optional[str] = None,
 ) -> int:
     """``selfreport serve``: run until interrupted; prints the web page and the default DSN.
     A problem starting (the database, the data directory, the port) is one line on stderr
     and exit code 2."""
     out = out or sys.stdout
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
-    if upstream is None and (scrub or spool_dir is not None or forward != "all"):
+    try:
+        dsn = upstream_dsn(upstream, upstream_file, os.environ)
+    except ConfigError as exc:
+        print(f"selfreport: {exc}", file=sys.stderr)
+        return 2
+    if dsn is None and (scrub or spool_dir is not None or forward != "all"):
         print("selfreport: --scrub, --spool and --forward need --upstream DSN", file=sys.stderr)
         return 2
     if max_storage is not None and max_storage < MIN_STORAGE_BYTES:
         print("selfreport: --max-storage must be at least 1MiB", file=sys.stderr)
         return 2
+    if upstream is not None:
+        print(
+            "selfreport: note: --upstream on the command line is visible to other users of "
+            f"this machine; prefer --upstream-file or ${UPSTREAM_ENV}",
+            file=sys.stderr,
+        )
+    upstream = dsn
     try:
         server = CollectorServer(
             directory,

@@ -111,6 +111,16 @@ CREATE TABLE IF NOT EXISTS api_tokens (
 );
 """
 
+# Counts events deleted before the forwarder handed them on (see Storage.forwarding_start).
+_FORWARD_TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS forward_lost AFTER DELETE ON events
+WHEN old.id > CAST((SELECT value FROM meta WHERE key = 'forward_cursor') AS INTEGER)
+ AND (SELECT value FROM meta WHERE key = 'forward_scope') IN ('all', CAST(old.project_id AS TEXT))
+BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'forward_lost';
+END
+"""
+
 _ISSUE_COLUMNS = (
     "i.id, i.project_id, p.name, i.title, i.culprit, i.level, i.environment, i.release,"
     " i.first_seen, i.last_seen, i.times_seen, i.last_event_id"
@@ -1215,6 +1225,97 @@ class Storage:
             with contextlib.suppress(OSError):
                 total += os.path.getsize(str(self.path) + suffix)
         return total
+
+    # --- forwarding: a cursor over the events table ----------------------------------------
+    # The forwarder hands on what was committed, in id order (one writer: ids commit in
+    # order), and keeps in ``meta`` the last id the upstream took or the spool holds. A
+    # trigger counts events deleted (by retention) before the forwarder got to them.
+
+    def forwarding_start(self, project_id: Optional[int] = None) -> int:
+        """Set up forwarding (of every project, or of ``project_id`` only) and return the
+        cursor; the first time, the newest event: only what arrives from now on goes on."""
+        scope = "all" if project_id is None else str(project_id)
+        conn = self._connect()
+        try:
+            with _transaction(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(_FORWARD_TRIGGER)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta SELECT 'forward_cursor',"
+                    " CAST(coalesce(max(id), 0) AS TEXT) FROM events"
+                )
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('forward_lost', '0')")
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('forward_scope', ?)", (scope,))
+                row = conn.execute("SELECT value FROM meta WHERE key = 'forward_cursor'").fetchone()
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return int(row[0])
+
+    def events_to_forward(
+        self, after: int, limit: int, project_id: Optional[int] = None
+    ) -> tuple[list[tuple[int, str]], int]:
+        """Up to ``limit`` events after id ``after`` (of ``project_id`` only, if given), oldest
+        first, and the id the cursor may move to once they went on (past events of other
+        projects too)."""
+        with self._reader() as conn:
+            conn.execute("BEGIN")  # one snapshot for both queries
+            try:
+                if project_id is None:
+                    rows = conn.execute(
+                        "SELECT id, payload FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                        (after, limit),
+                    ).fetchall()
+                else:
+                    rows = conn.execute(
+                        "SELECT id, payload FROM events WHERE project_id = ? AND id > ?"
+                        " ORDER BY id LIMIT ?",
+                        (project_id, after, limit),
+                    ).fetchall()
+                if len(rows) < limit:
+                    newest = conn.execute("SELECT max(id) FROM events").fetchone()[0]
+                    upto = max(after, int(newest or 0))
+                else:
+                    upto = int(rows[-1][0])
+            finally:
+                conn.execute("COMMIT")
+        return [(int(i), str(p)) for i, p in rows], upto
+
+    def forwarding_state(self, after: int, project_id: Optional[int] = None) -> dict[str, int]:
+        """Events waiting after id ``after``, the saved cursor, and the events retention
+        deleted before they were forwarded."""
+        with self._reader() as conn:
+            values = dict(
+                conn.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('forward_cursor', 'forward_lost')"
+                ).fetchall()
+            )
+            cursor = int(values.get("forward_cursor", 0))
+            sql = "SELECT count(*) FROM events WHERE id > ?"
+            params: tuple[int, ...] = (after,)
+            if project_id is not None:
+                sql += " AND project_id = ?"
+                params += (project_id,)
+            waiting = conn.execute(sql, params).fetchone()[0]
+        return {
+            "cursor": cursor,
+            "waiting": int(waiting),
+            "dropped_retention": int(values.get("forward_lost", 0)),
+        }
+
+    def save_forward_cursor(self, cursor: int) -> Future[None]:
+        """Move the saved cursor forward to ``cursor`` (never back), through the writer."""
+
+        def write(conn: sqlite3.Connection, batch: _Batch) -> None:
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'forward_cursor'"
+                " AND CAST(value AS INTEGER) < ?",
+                (str(cursor), cursor),
+            )
+
+        future: Future[None] = Future()
+        self._submit(_Write(write, _ThreadDone(future)))
+        return future
 
     # --- lifecycle -----------------------------------------------------------------------
 

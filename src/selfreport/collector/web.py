@@ -330,6 +330,7 @@ async def status_data(request: Request) -> dict[str, Any]:
         **metrics.totals(),
         "rejected": metrics.rejected_by_reason(),
         "reporter": stats,
+        "forwarding": collector.forwarding_stats(),
         "internal_project": None
         if internal is None
         else {"id": internal.id, "name": internal.name},
