@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -100,7 +101,8 @@ def ensure_venv(version: str, python: str, log: Path) -> Path:
     want = f"{python}\n{hashlib.sha256(PYPROJECT.read_bytes()).hexdigest()}\n"
     if stamp.is_file() and stamp.read_text() == want and (venv / "bin" / "python").exists():
         return venv
-    print(f"  installing '.[dev]' into {venv.name} (log: {log})", flush=True)
+    print(f"installing '.[dev]' into {venv.name}", flush=True)
+    started = time.monotonic()
     shutil.rmtree(venv, ignore_errors=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     ok = (
@@ -111,6 +113,7 @@ def ensure_venv(version: str, python: str, log: Path) -> Path:
     if not ok:
         raise RuntimeError(f"installing into {venv.name} failed: see {log}")
     stamp.write_text(want)
+    print(f"installed into {venv.name} in {time.monotonic() - started:.0f} s", flush=True)
     return venv
 
 
@@ -125,11 +128,22 @@ def _counts(junit: Path) -> tuple[int, int, int, int]:
     return totals[0], totals[1], totals[2], totals[3]
 
 
-def run_suite(version: str, full: str, venv: Path, pytest_args: list[str], work: Path) -> Outcome:
+def run_suite(
+    version: str, full: str, venv: Path, pytest_args: list[str], work: Path, parallel: bool
+) -> Outcome:
     junit = work / f"junit-{version}.xml"
     started = time.monotonic()
     command = [str(venv / "bin" / "python"), "-m", "pytest", "-q", f"--junitxml={junit}"]
-    code = subprocess.run([*command, *pytest_args], cwd=ROOT).returncode
+    if parallel:  # interleaved dots say nothing: keep each run's output, show it once done
+        log = work / f"pytest-{version}.log"
+        with log.open("w") as out:
+            code = subprocess.run(
+                [*command, *pytest_args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            ).returncode
+        print(f"=== pytest on Python {full}\n{log.read_text()}", end="", flush=True)
+    else:
+        print(f"=== pytest on Python {full}", flush=True)
+        code = subprocess.run([*command, *pytest_args], cwd=ROOT).returncode
     seconds = time.monotonic() - started
     if not junit.is_file():
         return Outcome(version, full, 0, 0, 0, 0, seconds, f"pytest exited {code}, no report")
@@ -170,6 +184,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         action="store_true",
         help="fail when a supported version is not found (CI)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="versions whose suites run at once (installs always run side by side)",
+    )
     parser.add_argument("pytest_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -188,43 +209,57 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(flush=True)
 
     started = time.monotonic()
-    outcomes: list[Outcome] = []
+    todo = {v: p for v, p in found.items() if p is not None and v not in args.skip}
+    outcomes: dict[str, Outcome] = {}
     typed = True
     with tempfile.TemporaryDirectory(prefix="selfreport-test-all-") as tmp:
         work = Path(tmp)
-        for version in versions:
-            where = found[version]
-            if where is None or version in args.skip:
-                continue
-            python, full = where
-            print(f"=== Python {full} ({python})", flush=True)
+
+        def install(version: str) -> Optional[Path]:
+            python, full = todo[version]
             log = work / f"install-{version}.log"
             try:
-                venv = ensure_venv(version, python, log)
+                return ensure_venv(version, python, log)
             except RuntimeError as exc:
                 print(log.read_text()[-3000:], flush=True)
-                outcomes.append(Outcome(version, full, 0, 0, 0, 0, 0.0, str(exc)))
-                continue
-            if version == versions[0]:
-                typed = typecheck(version, venv, work / f"mypy-{version}.log")
-            outcomes.append(run_suite(version, full, venv, args.pytest_args, work))
-            print(outcomes[-1].line(), flush=True)
+                outcomes[version] = Outcome(version, full, 0, 0, 0, 0, 0.0, str(exc))
+                return None
+
+        with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+            venvs = dict(zip(todo, pool.map(install, todo)))
+        if versions[0] in todo and venvs[versions[0]] is not None:
+            typed = typecheck(versions[0], venvs[versions[0]], work / "mypy.log")
+        else:
+            print(f"mypy --python-version {versions[0]} not run: no venv for it", flush=True)
+
+        def suite(version: str) -> None:
+            venv = venvs[version]
+            if venv is not None:
+                outcome = run_suite(
+                    version, todo[version][1], venv, args.pytest_args, work, args.jobs > 1
+                )
+                outcomes[version] = outcome
+                print(outcome.line(), flush=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(suite, todo))
 
     print("\n=== test-all summary")
-    for outcome in outcomes:
-        print(outcome.line())
+    for version in sorted(outcomes, key=versions.index):
+        print(outcomes[version].line())
     for version in missing:
         hint = f"pyenv install {version}, or put python{version} on PATH"
         print(f"Python {version:<8} not found ({hint})")
-    passed = sum(o.passed for o in outcomes)
-    failed = sum(o.failed for o in outcomes)
-    skipped = sum(o.skipped for o in outcomes)
-    ran_on = ", ".join(o.version for o in outcomes) or "no version"
+    done = [outcomes[v] for v in sorted(outcomes, key=versions.index)]
+    passed = sum(o.passed for o in done)
+    failed = sum(o.failed for o in done)
+    skipped = sum(o.skipped for o in done)
+    ran_on = ", ".join(o.version for o in done if o.ran) or "no version"
     print(f"ran on: {ran_on}, in {(time.monotonic() - started) / 60:.1f} min with installs")
     if not typed:
         print("mypy for the lowest version FAILED")
     print(f"test-all: {passed} passed, {failed} failed, {skipped} skipped")
-    if not outcomes or not all(o.ok for o in outcomes) or not typed:
+    if not done or not all(o.ok for o in done) or not typed:
         return 1
     if args.require_all and missing:
         print(f"test-all: --require-all and {', '.join(missing)} not found", file=sys.stderr)
