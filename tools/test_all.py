@@ -133,7 +133,8 @@ def run_suite(
 ) -> Outcome:
     junit = work / f"junit-{version}.xml"
     started = time.monotonic()
-    command = [str(venv / "bin" / "python"), "-m", "pytest", "-q", f"--junitxml={junit}"]
+    # -rfEs: failures, errors and why each skip skipped (Relay on 3.9, version-gated tests)
+    command = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-rfEs", f"--junitxml={junit}"]
     if parallel:  # interleaved dots say nothing: keep each run's output, show it once done
         log = work / f"pytest-{version}.log"
         with log.open("w") as out:
