@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest browser bench docs build clean
+.PHONY: demo test test-all lint typecheck pytest browser bench docs build clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/selfreport demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src
@@ -41,6 +41,12 @@ docs: $(STAMP)
 
 test: lint typecheck docs pytest
 
+# The suite on every CPython 3.9-3.13 found (pyenv's versions, or python3.X on PATH), each in
+# its own .venv-3.X; lint, typecheck and docs once with the main venv. TEST_ALL_ARGS: --skip 3.X,
+# --require-all; PYTEST_ARGS go to each pytest. It says which versions it ran and which it lacks.
+test-all: lint typecheck docs browser
+	$(BIN)/python tools/test_all.py $(TEST_ALL_ARGS) -- $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	@$(BIN)/python -c 'import matplotlib, pyperf, sentry_sdk' 2>/dev/null \
 		|| $(BIN)/python -m pip install --quiet -e '.[dev,bench]'
@@ -50,4 +56,4 @@ build: $(STAMP)
 	rm -rf dist && $(BIN)/python -m pip wheel --no-deps --quiet -w dist . && ls dist
 
 clean:
-	rm -rf $(VENV) dist .site .coverage* coverage.xml .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-3.* dist .site .coverage* coverage.xml .mypy_cache .ruff_cache

@@ -16,16 +16,21 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import pytest
 
 import selfreport
 from selfreport import Client
-from selfreport.testing import FakeCollector
+
+if TYPE_CHECKING:
+    from selfreport.testing import FakeCollector
 
 # The pytest11 entry point is disabled in addopts (it would import selfreport before coverage
-# starts); load the plugin, and so the ``selfreport_events`` fixture, from here instead.
+# starts); load the plugin, and so the ``selfreport_events`` fixture, from here instead. Nothing
+# in this module may import selfreport.testing at import time: pytest reads ``pytest_plugins``
+# only after the module ran, and pytest 8 aborts (under -W error) on a plugin it can no longer
+# rewrite because it was already imported.
 pytest_plugins = ("selfreport.testing", "pytester")
 
 ClientFactory = Callable[..., Client]
@@ -38,6 +43,19 @@ FAST_OPTIONS: dict[str, Any] = {
     "http_timeout": 2.0,
     "shutdown_timeout": 2.0,
 }
+
+RELAY_MISSING = "sentry-relay is not installed (its wheels need Python 3.10+ on x86_64 or aarch64)"
+
+
+def import_relay() -> Any:
+    """``sentry_relay.processing``, or skip the calling test saying why it is missing."""
+    return pytest.importorskip("sentry_relay.processing", reason=RELAY_MISSING)
+
+
+@pytest.fixture(scope="session")
+def relay() -> Any:
+    """Relay's normalizer and PII stripper: the tests that use it skip one by one without it."""
+    return import_relay()
 
 
 def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> bool:
@@ -53,6 +71,8 @@ def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> bool:
 @pytest.fixture
 def collector() -> Iterator[FakeCollector]:
     """A started FakeCollector on 127.0.0.1, always stopped afterwards."""
+    from selfreport.testing import FakeCollector
+
     fake = FakeCollector().start()
     try:
         yield fake

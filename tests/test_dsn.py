@@ -222,6 +222,8 @@ def _is_config_error_or_dsn(text: str) -> Optional[Dsn]:
 
 @given(st.text(max_size=80))
 @example("http://k@[fe80::1%25eth0]/1")
+@example("http://k@[\x7f::]/1")  # accepted by urlsplit before Python 3.11
+@example("http://k@[::1%\x7f]/1")
 @example("http://k@h/%zz/1")
 @example("http://k@ä.example/1")
 @example("http://k@h:/1")

@@ -32,9 +32,7 @@ from selfreport._event import (
 from selfreport._transport import serialize_envelope
 from selfreport.testing import FakeCollector
 
-from .conftest import ClientFactory
-
-relay = pytest.importorskip("sentry_relay.processing")
+from .conftest import ClientFactory, import_relay
 
 DSN = parse_dsn("https://public@sentry.example.com/1")
 SENT_AT = "2024-01-01T00:00:00.000000Z"
@@ -79,6 +77,7 @@ def assert_valid_for_sentry(event: dict[str, Any]) -> dict[str, Any]:
     assert parsed.headers["dsn"] == str(DSN)
     assert [item.type for item in parsed.items] == ["event"]
     assert parsed.get_event() == json.loads(json.dumps(event))
+    relay = import_relay()
     normalized = relay.StoreNormalizer(project_id=1).normalize_event(event)
     assert normalized.get("errors") is None, normalized["errors"]
     assert normalized.get("_meta") is None, normalized["_meta"]

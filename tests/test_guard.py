@@ -8,12 +8,12 @@ import contextvars
 import queue
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
-from selfreport import guarded, is_reporting, reporting_path
+from selfreport import _guard, guarded, is_reporting, reporting_path
 from selfreport._guard import (
     ReportingPath,
     enter_thread_for_life,
@@ -23,6 +23,8 @@ from selfreport._guard import (
     thread_is_reporting,
     uninstall_propagation,
 )
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -235,6 +237,48 @@ async def test_tasks_inherit_the_flag_through_their_context() -> None:
     outside = asyncio.ensure_future(check())
     assert await inside
     assert not await outside
+
+
+def run_in_a_new_loop(coro: Coroutine[Any, Any, T]) -> T:
+    # Not asyncio.run(): on 3.9 it leaves the policy without a loop for pytest-asyncio.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def test_the_running_loop_fallback_answers_like_the_private_getter() -> None:
+    assert _guard._running_loop_or_none() is None
+
+    async def inside() -> bool:
+        return _guard._running_loop_or_none() is asyncio.get_running_loop()
+
+    assert run_in_a_new_loop(inside())
+
+
+@pytest.mark.parametrize("getter", ["private", "fallback"])
+def test_the_thread_depth_is_only_used_outside_an_event_loop(
+    monkeypatch: pytest.MonkeyPatch, getter: str
+) -> None:
+    if getter == "fallback":
+        monkeypatch.setattr(_guard, "_get_running_loop", _guard._running_loop_or_none)
+    else:
+        assert _guard._get_running_loop is getattr(asyncio, "_get_running_loop", None)
+
+    def depth() -> int:
+        return int(getattr(_guard._local, "depth", 0))
+
+    with reporting_path():
+        assert depth() == 1
+
+    async def in_loop() -> int:
+        with reporting_path():
+            await asyncio.sleep(0)
+            return depth()
+
+    assert run_in_a_new_loop(in_loop()) == 0
+    assert depth() == 0
 
 
 # --- propagation into new work ---------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import sys
 import threading
@@ -13,7 +14,7 @@ from typing import Any, Optional
 import pytest
 
 from selfreport._guard import reporting_path
-from selfreport._hooks import Hooks
+from selfreport._hooks import Hooks, handle_context
 
 
 class Recorder:
@@ -231,6 +232,67 @@ def test_never_retrieved_task_exception_is_reported(hooks: Hooks, recorder: Reco
     exc, mechanism, meaningful = recorder.captured[0]
     assert (type(exc), mechanism, meaningful) == (KeyError, "asyncio", False)
     assert handled[0]["exception"] is exc
+
+
+def test_a_callback_scheduled_in_the_path_is_dropped_not_reported(
+    hooks: Hooks, recorder: Recorder
+) -> None:
+    handled: list[dict[str, Any]] = []
+
+    def fail() -> None:
+        raise ValueError("scheduled from the path")
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.set_exception_handler(lambda loop, context: handled.append(context))
+        with reporting_path():
+            loop.call_soon(fail)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert recorder.captured == []
+    assert recorder.reentrant == ["asyncio callback exception"]
+    assert [type(c["exception"]) for c in handled] == [ValueError]
+
+
+class PrivateContextHandle:
+    """An asyncio handle before Python 3.12: the context only in a private attribute."""
+
+    def __init__(self, context: object) -> None:
+        self._context = context
+
+
+class PublicContextHandle:
+    """An asyncio handle from Python 3.12 on: ``get_context()``."""
+
+    def __init__(self, context: object) -> None:
+        self._ctx = context
+
+    def get_context(self) -> object:
+        return self._ctx
+
+
+class BrokenContextHandle:
+    def get_context(self) -> object:
+        raise RuntimeError("a foreign event loop's handle")
+
+
+def test_handle_context_uses_the_public_accessor_and_falls_back() -> None:
+    context = contextvars.copy_context()
+    assert handle_context(PrivateContextHandle(context)) is context
+    assert handle_context(PublicContextHandle(context)) is context
+    assert handle_context(BrokenContextHandle()) is None
+    assert handle_context(object()) is None
+    assert handle_context(None) is None
+
+    loop = asyncio.new_event_loop()
+    try:
+        real = loop.call_soon(print, context=context)
+        real.cancel()
+    finally:
+        loop.close()
+    assert handle_context(real) is context  # whichever of the two this Python has
 
 
 def test_asyncio_control_flow_is_not_reported(hooks: Hooks, recorder: Recorder) -> None:

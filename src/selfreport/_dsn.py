@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -73,7 +74,7 @@ def parse_dsn(value: str) -> Dsn:
     text = value.strip()
     if not text:
         raise ConfigError("dsn", "is empty")
-    if any(ch.isspace() or ord(ch) < 32 for ch in text):
+    if any(ch.isspace() or ord(ch) < 32 or ch == "\x7f" for ch in text):
         raise ConfigError("dsn", "contains whitespace or control characters")
     try:
         parts = urlsplit(text)
@@ -113,7 +114,11 @@ def parse_dsn(value: str) -> Dsn:
 
 
 def _check_host(host: str) -> str:
-    if ":" in host:  # an IPv6 literal, which urlsplit has already checked
+    if ":" in host:  # an IPv6 literal: urlsplit checks it itself only from Python 3.11 on
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError("dsn", f"host {host!r} is not a valid IPv6 address") from None
         return host
     try:
         ascii_host = host.encode("idna").decode("ascii")

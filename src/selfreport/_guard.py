@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, cast
 
-import wrapt
+import wrapt  # its stubs cover Python 3.10+ only: mypy --python-version 3.9 sees no names
 
 from ._patching import Patches, Replace
 
@@ -46,7 +46,19 @@ _local = threading.local()
 # so a hook that runs later, outside the path, still recognises them.
 _MARK = "__selfreport_reporting_path__"
 
-_get_running_loop = asyncio._get_running_loop
+
+def _running_loop_or_none() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+# The private getter answers "no loop" without raising, which matters on a path taken for every
+# report; the public one is the fallback should an interpreter not have it.
+_get_running_loop: Callable[[], Optional[asyncio.AbstractEventLoop]] = getattr(
+    asyncio, "_get_running_loop", _running_loop_or_none
+)
 
 
 def is_reporting() -> bool:
@@ -160,7 +172,7 @@ def guarded(func: F) -> F:
         )
     if inspect.iscoroutinefunction(func):
 
-        @wrapt.decorator
+        @wrapt.decorator  # type: ignore[attr-defined,untyped-decorator,unused-ignore]
         async def async_wrapper(
             wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
         ) -> Any:
@@ -169,7 +181,7 @@ def guarded(func: F) -> F:
 
         return cast(F, async_wrapper(func))
 
-    @wrapt.decorator
+    @wrapt.decorator  # type: ignore[attr-defined,untyped-decorator,unused-ignore]
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         with ReportingPath():
             return wrapped(*args, **kwargs)

@@ -29,6 +29,19 @@ ReentrantFn = Callable[[str], None]
 _threading_default = getattr(threading, "__excepthook__", threading.excepthook)
 
 
+def handle_context(handle: object) -> object:
+    """The ``contextvars.Context`` an asyncio callback handle runs in, or None if unknown."""
+    # Handle.get_context() is public from Python 3.12 on; before, only the private attribute
+    # holds it. Neither may be there on other event loops (uvloop's handles differ), or later.
+    get_context = getattr(handle, "get_context", None)
+    if callable(get_context):
+        try:
+            return get_context()
+        except Exception:
+            return None
+    return getattr(handle, "_context", None)
+
+
 def _reportable(exc: Optional[BaseException]) -> bool:
     # KeyboardInterrupt, SystemExit and GeneratorExit are control flow, not errors.
     return isinstance(exc, Exception)
@@ -89,7 +102,7 @@ class Hooks:
         exc = context.get("exception") if isinstance(context, dict) else None
         if self.active and isinstance(exc, Exception):
             handle = context.get("handle")
-            if context_is_reporting(getattr(handle, "_context", None)):
+            if context_is_reporting(handle_context(handle)):
                 # A callback scheduled from the path (call_soon, call_later...): it ran in its
                 # own copy of the path's context, but the handler is called outside it. Tagged,
                 # so the "Exception in callback" record the default handler logs is dropped too.

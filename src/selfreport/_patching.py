@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Union
 
-import wrapt
+import wrapt  # its stubs cover Python 3.10+ only: mypy --python-version 3.9 sees no names
 
 __all__ = ["Patches", "Replace"]
 
@@ -52,7 +52,7 @@ class Patches:
                 if isinstance(wrapper, Replace):
                     ours = wrapper.factory(current)
                 else:
-                    ours = wrapt.FunctionWrapper(current, wrapper)
+                    ours = wrapt.FunctionWrapper(current, wrapper)  # type: ignore[attr-defined,unused-ignore]
                 self._applied[key] = (current, ours)
                 setattr(owner, name, ours)
 

@@ -334,7 +334,7 @@ def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         while True:
             try:
                 chunk = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
+            except (ConnectionResetError, socket.timeout):  # TimeoutError from 3.10 on
                 break
             if not chunk:
                 break

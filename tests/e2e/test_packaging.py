@@ -49,6 +49,21 @@ def test_wheel_and_sdist_install_and_run_in_a_fresh_venv(tmp_path: Path) -> None
         n.startswith("selfreport/collector/templates/") for n in names
     )
     assert not [n for n in names if n.startswith("tests/")]
+    # What the classifiers and license say reaches the metadata (hatchling < 1.27 wrote no
+    # License-Expression for this pyproject.toml)
+    metadata = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+        .decode()
+    )
+    assert "License-Expression: MIT" in metadata.splitlines()
+    assert "Requires-Python: >=3.9" in metadata.splitlines()
+    claimed = {
+        line.rsplit(" :: ", 1)[1]
+        for line in metadata.splitlines()
+        if line.startswith("Classifier: Programming Language :: Python :: 3.")
+    }
+    assert claimed == {"3.9", "3.10", "3.11", "3.12", "3.13"}
     with tarfile.open(sdist) as archive:
         members = archive.getnames()
     assert any(m.endswith("/tests/e2e/test_packaging.py") for m in members)

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route, Router
 
 import selfreport
 from selfreport import Client
@@ -185,6 +185,23 @@ def test_request_info_without_host_header_and_websockets() -> None:
     assert info["url"] == "ws://10.0.0.1:8080/base/socket"
     assert "route" not in info
     assert request_info({"type": "http"}, {})["url"] == "http://localhost"
+
+
+def test_the_route_is_found_by_matching_when_starlette_does_not_record_it() -> None:
+    # Starlette before 1.0 (all there is for Python 3.9) leaves scope["route"] unset.
+    router = Router(
+        routes=[Route("/fine", fine), Mount("/api", routes=[Route("/items/{item_id}", boom)])]
+    )
+    scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/api/items/3"}
+    scope["router"] = router
+    assert request_info(scope, {})["route"] == "/items/{item_id}"
+    assert request_info({**scope, "path": "/fine"}, {})["route"] == "/fine"
+    assert "route" not in request_info({**scope, "path": "/nowhere"}, {})
+
+    class Foreign:
+        routes = [object()]  # no matches(): the event goes out without a route
+
+    assert "route" not in request_info({**scope, "router": Foreign()}, {})
 
 
 def test_filters() -> None:

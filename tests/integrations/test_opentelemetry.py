@@ -26,8 +26,6 @@ from selfreport._transport import ORIGIN_HEADER, USER_AGENT, HttpTransport, Resp
 from selfreport.integrations import opentelemetry as otel_integration
 from selfreport.testing import FakeCollector
 
-relay = pytest.importorskip("sentry_relay.processing")
-
 ClientFactory = Callable[..., Client]
 
 
@@ -182,6 +180,7 @@ def test_events_carry_the_active_trace_and_span(
     collector: FakeCollector,
     make_client: ClientFactory,
     tracing: tuple[trace.Tracer, InMemorySpanExporter],
+    relay: Any,
 ) -> None:
     tracer, _ = tracing
     seen_by_before_send: list[Any] = []

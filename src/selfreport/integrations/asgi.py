@@ -72,6 +72,31 @@ class SelfreportMiddleware:
             raise
 
 
+def _matched_route_path(scope: Scope) -> Optional[str]:
+    """The path of the route a Starlette router matched, found again by matching.
+
+    Starlette records the matched route in ``scope["route"]`` only from 1.0 on, and its last
+    releases for Python 3.9 are older; they record the router, so match as Sentry's integration
+    does. The innermost route wins, as it does in ``scope["route"]``.
+    """
+    router = scope.get("router")
+    try:
+        for _ in range(8):  # mounts nest; a bound rather than recursion
+            for route in getattr(router, "routes", None) or ():
+                match, child = route.matches(scope)
+                if getattr(match, "name", None) == "FULL":
+                    break
+            else:
+                return None
+            if getattr(route, "routes", None) is None:  # not a Mount: the endpoint's route
+                path = getattr(route, "path", None)
+                return path if isinstance(path, str) else None
+            router, scope = route, {**scope, **child}
+    except Exception:  # a foreign router: no route rather than no event
+        return None
+    return None
+
+
 def request_info(scope: Scope, headers: dict[str, str]) -> dict[str, Any]:
     """Method, URL, route and filtered headers of an ASGI request, for an event."""
     scheme = scope.get("scheme") or "http"
@@ -87,8 +112,9 @@ def request_info(scope: Scope, headers: dict[str, str]) -> dict[str, Any]:
         "url": filter_url(url),
         "headers": filter_headers(headers.items()),
     }
-    route = scope.get("route")
-    route_path = getattr(route, "path", None)
+    route_path = getattr(scope.get("route"), "path", None)
+    if route_path is None:
+        route_path = _matched_route_path(scope)
     if isinstance(route_path, str):
         info["route"] = route_path
     endpoint = scope.get("endpoint")
