@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import socket
-import sqlite3
 import sys
 import threading
 import time
@@ -27,7 +26,8 @@ from .app import Collector, CollectorApp, create_app
 from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
 from .limits import HttpLimits, ThrottleFilter, loop_exception_handler, protocol_class
-from .storage import MIN_STORAGE_BYTES, Project, Storage, StorageError
+from .storage import MIN_STORAGE_BYTES, SqliteStorage
+from .store import Project, StorageError, Store
 
 __all__ = [
     "DATABASE_NAME",
@@ -67,9 +67,9 @@ def default_max_storage(data_dir: Union[str, os.PathLike[str]]) -> int:
     return max(16 * 2**20, min(MAX_DEFAULT_STORAGE, (free + used) // 2))
 
 
-def open_storage(data_dir: Union[str, os.PathLike[str]], **options: Any) -> Storage:
+def open_storage(data_dir: Union[str, os.PathLike[str]], **options: Any) -> Store:
     """The collector database in ``data_dir`` (created on first use, with its two projects)."""
-    storage = Storage(Path(data_dir) / DATABASE_NAME, **options)
+    storage = SqliteStorage(Path(data_dir) / DATABASE_NAME, **options)
     storage.ensure_defaults()
     return storage
 
@@ -318,7 +318,7 @@ def _login_notice(server: CollectorServer) -> str:
     return "the pages and the API need a login (users: `selfreport user list`)"
 
 
-def _login_mode(host: str, login: str, storage: Storage) -> str:
+def _login_mode(host: str, login: str, storage: Store) -> str:
     """``auto`` stays open until a user exists only on loopback; elsewhere a user must exist."""
     if login not in _auth.LOGIN_MODES:
         raise ConfigError("login", f"must be one of {', '.join(_auth.LOGIN_MODES)}, not {login!r}")
@@ -411,9 +411,6 @@ def serve(
         )
     except (ConfigError, StorageError, ValueError) as exc:
         print(f"selfreport: {exc}", file=sys.stderr)
-        return 2
-    except sqlite3.DatabaseError as exc:  # opened, then found damaged inside
-        print(f"selfreport: {directory / DATABASE_NAME}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
