@@ -97,9 +97,9 @@ class Store(Protocol):
     (:class:`~selfreport.collector.storage.SqliteStorage`) is the one backend today; the
     contract tests in ``tests/collector/test_store.py`` say what any backend must do.
 
-    Writes that ingestion waits on go through :meth:`store`/:meth:`store_async`, resolved
-    only once durable; errors of the backend reach callers as :class:`StorageError`
-    (:class:`StorageFull` when the caller should retry later).
+    Events are written by :meth:`store_async`, answered only once durable; the database's
+    failures reach callers as :class:`StorageError` (:class:`StorageFull` when the caller
+    should retry later).
     """
 
     # --- state, for the operator (health, metrics, status, start-up) --------------------------
@@ -163,19 +163,17 @@ class Store(Protocol):
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued writes (within ``timeout``) and release everything; idempotent."""
 
-    def store(self, project_id: int, events: Sequence[PreparedEvent]) -> Future[list[bool]]:
-        """Store ``events`` all together or none; per event, True if stored and False if its
-        event_id was stored before in this project."""
-
     async def store_async(self, project_id: int, events: Sequence[PreparedEvent]) -> list[bool]:
-        """:meth:`store` for a coroutine."""
+        """Store ``events`` all together or none, and answer once they are durable: per
+        event, True if stored and False if its event_id was stored before in this project."""
 
     def probe(self) -> Future[float]:
         """A tiny durable write: proves that writes get through; gives its time."""
 
     def apply_retention(self, limit: Optional[int] = None) -> int:
         """Delete what retention (by count, age and size) says is too much, oldest first, at
-        most ``limit`` events; returns how many. The backend also does this by itself."""
+        most ``limit`` events; returns how many. The backend does this by itself too; this
+        is for operators and for the contract tests."""
 
     # --- reads (pages and the JSON API) ---------------------------------------------------------
 
@@ -209,8 +207,6 @@ class Store(Protocol):
 
     def projects(self) -> list[Project]:
         """Every project with its first key, by id."""
-
-    def project(self, project_id: int) -> Optional[Project]: ...
 
     def keys(self) -> dict[str, int]:
         """Every public key and its project's id."""
