@@ -375,23 +375,10 @@ def serve(
     out = out or sys.stdout
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     try:
-        dsn = upstream_dsn(upstream, upstream_file, os.environ)
-    except ConfigError as exc:
+        upstream = _serve_upstream(upstream, upstream_file, forward, scrub, spool_dir, max_storage)
+    except ValueError as exc:  # ConfigError too
         print(f"selfreport: {exc}", file=sys.stderr)
         return 2
-    if dsn is None and (scrub or spool_dir is not None or forward != "all"):
-        print("selfreport: --scrub, --spool and --forward need --upstream DSN", file=sys.stderr)
-        return 2
-    if max_storage is not None and max_storage < MIN_STORAGE_BYTES:
-        print("selfreport: --max-storage must be at least 1MiB", file=sys.stderr)
-        return 2
-    if upstream is not None:
-        print(
-            "selfreport: note: --upstream on the command line is visible to other users of "
-            f"this machine; prefer --upstream-file or ${UPSTREAM_ENV}",
-            file=sys.stderr,
-        )
-    upstream = dsn
     try:
         server = CollectorServer(
             directory,
@@ -416,6 +403,58 @@ def serve(
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"selfreport: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    _print_banner(server, directory, out, forward, scrub)
+    _run_in_foreground(server)
+    return 0
+
+
+def _run_in_foreground(server: CollectorServer) -> None:
+    """Serve until interrupted, the collector's own log lines on stderr."""
+    # The event loop and the storage writer share the GIL; each time the writer wants it back
+    # (after every SQLite step) it may wait a whole switch interval (5 ms by default) while the
+    # loop runs, and so do the requests waiting for its commit. While serving, this process
+    # trades a little throughput for much shorter tails.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    # The collector's own lines (a failing request, accept() failing) beside uvicorn's.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-9s selfreport: %(message)s"))
+    logger.addHandler(handler)
+    try:
+        server.run()
+    finally:
+        logger.removeHandler(handler)
+        sys.setswitchinterval(previous)
+
+
+def _serve_upstream(
+    upstream: Optional[str],
+    upstream_file: Optional[str],
+    forward: str,
+    scrub: bool,
+    spool_dir: Optional[str],
+    max_storage: Optional[int],
+) -> Optional[str]:
+    """The DSN ``serve`` forwards to (from the option, the file or the environment), once its
+    options are checked; raises ValueError (ConfigError) naming the problem."""
+    dsn = upstream_dsn(upstream, upstream_file, os.environ)
+    if dsn is None and (scrub or spool_dir is not None or forward != "all"):
+        raise ValueError("--scrub, --spool and --forward need --upstream DSN")
+    if max_storage is not None and max_storage < MIN_STORAGE_BYTES:
+        raise ValueError("--max-storage must be at least 1MiB")
+    if upstream is not None:
+        print(
+            "selfreport: note: --upstream on the command line is visible to other users of "
+            f"this machine; prefer --upstream-file or ${UPSTREAM_ENV}",
+            file=sys.stderr,
+        )
+    return dsn
+
+
+def _print_banner(
+    server: CollectorServer, directory: Path, out: TextIO, forward: str, scrub: bool
+) -> None:
+    """What ``serve`` tells the operator once it is listening."""
     if server.first_start:
         print(f"Created the collector database in {directory}", file=out)
     if server.storage.warning:
@@ -436,22 +475,6 @@ def serve(
         print(f"forwarding {what}{scrubbed} to {server.forwarder.destination.name}", file=out)
     print(_login_notice(server), file=out)
     out.flush()
-    # The event loop and the storage writer share the GIL; each time the writer wants it back
-    # (after every SQLite step) it may wait a whole switch interval (5 ms by default) while the
-    # loop runs, and so do the requests waiting for its commit. While serving, this process
-    # trades a little throughput for much shorter tails.
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    # The collector's own lines (a failing request, accept() failing) beside uvicorn's.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)-9s selfreport: %(message)s"))
-    logger.addHandler(handler)
-    try:
-        server.run()
-    finally:
-        logger.removeHandler(handler)
-        sys.setswitchinterval(previous)
-    return 0
 
 
 def project_command(

@@ -530,12 +530,9 @@ class SqliteStorage:
 
     def ensure_defaults(self) -> tuple[Project, Project]:
         """The default project and the internal (self-monitoring) one, created if missing."""
-        try:
-            found = {p.name: p for p in self.projects()}
-            default = found.get(DEFAULT_PROJECT) or self.create_project(DEFAULT_PROJECT)
-            internal = found.get(INTERNAL_PROJECT) or self.create_project(INTERNAL_PROJECT, True)
-        except sqlite3.DatabaseError as exc:  # opened, then found damaged inside
-            raise StorageError(f"{self.path}: {exc}") from exc
+        found = {p.name: p for p in self.projects()}
+        default = found.get(DEFAULT_PROJECT) or self.create_project(DEFAULT_PROJECT)
+        internal = found.get(INTERNAL_PROJECT) or self.create_project(INTERNAL_PROJECT, True)
         return default, internal
 
     def projects(self) -> list[Project]:
