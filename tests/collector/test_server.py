@@ -182,7 +182,9 @@ def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 def test_the_package_imports_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
     assert selfreport.collector.CollectorServer is CollectorServer
-    assert selfreport.collector.Storage.__name__ == "Storage"
+    assert selfreport.collector.SqliteStorage.__name__ == "SqliteStorage"
+    assert selfreport.collector.Storage is selfreport.collector.SqliteStorage  # its old name
+    assert selfreport.collector.Store.__name__ == "Store"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         selfreport.collector.nothing  # noqa: B018
     monkeypatch.setitem(sys.modules, "jinja2", None)  # as if the extra were not installed

@@ -625,6 +625,34 @@ def test_a_directory_that_cannot_be_made_is_a_storage_error(tmp_path: Path) -> N
         Storage(tmp_path / "file" / "data" / "x.db")
 
 
+def test_a_database_damaged_after_opening_gives_storage_errors(tmp_path: Path) -> None:
+    """Callers of the Store catch StorageError only: SQLite's own errors stay inside."""
+    path = tmp_path / "d.db"
+    storage = Storage(path)
+    try:
+        path.write_bytes(b"this is not a database" * 100)
+        for call in (
+            storage.users,
+            storage.ensure_defaults,
+            lambda: storage.add_user("bob", "hash"),
+            lambda: storage.create_session("s", "bob", time.time() + 60),
+        ):
+            with pytest.raises(StorageError, match=r"d\.db: file is not a database"):
+                call()
+    finally:
+        storage.close()
+    storage = Storage(tmp_path / "gone" / "e.db")
+    try:
+        (tmp_path / "gone" / "e.db").unlink()
+        (tmp_path / "gone").rmdir()
+        with pytest.raises(StorageError, match="unable to open database file"):
+            storage.has_users()
+        with pytest.raises(StorageError, match="unable to open database file"):
+            storage.remove_user("bob")
+    finally:
+        storage.close()
+
+
 # --- forwarding cursor ---------------------------------------------------------------------
 
 

@@ -11,16 +11,28 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .app import Collector, create_app
     from .server import CollectorServer, serve
-    from .storage import Storage
+    from .storage import SqliteStorage, Storage
+    from .store import Store
 
-__all__ = ["Collector", "CollectorServer", "Storage", "create_app", "require_extra", "serve"]
+__all__ = [
+    "Collector",
+    "CollectorServer",
+    "SqliteStorage",
+    "Storage",
+    "Store",
+    "create_app",
+    "require_extra",
+    "serve",
+]
 
 _LAZY = {
     "Collector": "app",
     "create_app": "app",
     "CollectorServer": "server",
     "serve": "server",
+    "SqliteStorage": "storage",
     "Storage": "storage",
+    "Store": "store",
 }
 
 
@@ -41,7 +53,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if module != "storage":
+    if module not in ("storage", "store"):
         require_extra()
     from importlib import import_module
 

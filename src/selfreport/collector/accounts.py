@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO, Union
 
-from .storage import Storage
+from .store import Store
 
 __all__ = [
     "hash_password",
@@ -126,7 +126,7 @@ def read_password(stdin: Optional[TextIO] = None, *, confirm: bool = True) -> st
     return password
 
 
-def _storage(data_dir: Union[str, os.PathLike[str], None]) -> Storage:
+def _storage(data_dir: Union[str, os.PathLike[str], None]) -> Store:
     from .server import default_data_dir, open_storage  # lazily: server needs the web stack
 
     return open_storage(Path(data_dir) if data_dir is not None else default_data_dir())

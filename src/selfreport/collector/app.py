@@ -29,7 +29,7 @@ from .health import HealthChecks, default_checks, upstream_reachable
 from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
 from .limits import LogThrottle
 from .metrics import CONTENT_TYPE, CollectorMetrics
-from .storage import Project, Storage
+from .store import Project, Store
 
 __all__ = ["Collector", "CollectorApp", "create_app"]
 
@@ -46,7 +46,7 @@ class Collector:
     not block: queue the work. ``health`` takes more checks (``health.add(name, check)``).
     """
 
-    storage: Storage
+    storage: Store
     metrics: CollectorMetrics
     health: HealthChecks
     keys: KeyCache
@@ -74,7 +74,7 @@ class Collector:
 
 
 def create_app(
-    storage: Storage,
+    storage: Store,
     *,
     reporter: Optional[Client] = None,
     processors: Sequence[Processor] = (),

@@ -27,7 +27,7 @@ from selfreport._guard import reporting_path
 
 from .accounts import DUMMY_HASH, MAX_PASSWORD, hash_password, hash_secret, needs_rehash
 from .accounts import verify_password as _verify_password
-from .storage import Storage
+from .store import Store
 
 if TYPE_CHECKING:
     from .app import Collector
@@ -198,7 +198,7 @@ class AuthPolicy:
         metrics_public: ``/metrics`` needs no login.
     """
 
-    storage: Storage
+    storage: Store
     mode: str = "auto"
     hosts: Sequence[str] = LOOPBACK_NAMES
     public_url: str = DEFAULT_PUBLIC_URL

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import stat
 import threading
 import time
@@ -17,7 +16,7 @@ from selfreport._guard import enter_thread_for_life, reporting_path
 from selfreport.exceptions import ConfigError
 
 from .ingest import StoredEnvelope
-from .storage import Storage, StorageError
+from .store import StorageError, Store
 
 __all__ = ["FORWARD_MODES", "UPSTREAM_ENV", "Forwarder", "upstream_dsn"]
 
@@ -107,7 +106,7 @@ class Forwarder:
             )
         self.batch_size = max(1, batch_size)  # events read from the database at a time
         self.save_interval = save_interval
-        self.storage: Optional[Storage] = None
+        self.storage: Optional[Store] = None
         self.project_id: Optional[int] = None
         self.cursor = 0  # every event up to here was sent, spooled or counted as dropped
         self._saved = 0
@@ -118,7 +117,7 @@ class Forwarder:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, storage: Storage, internal_project_id: Optional[int] = None) -> Forwarder:
+    def start(self, storage: Store, internal_project_id: Optional[int] = None) -> Forwarder:
         """Resume after the saved cursor in ``storage`` (whose writer must run)."""
         if self.mode == "own":
             if internal_project_id is None:
@@ -160,7 +159,7 @@ class Forwarder:
         if storage is not None:
             try:
                 state = storage.forwarding_state(self.cursor, self.project_id)
-            except (StorageError, sqlite3.Error):  # closed: the counters above still count
+            except StorageError:  # closed or gone: the counters above still count
                 return out
             out["waiting"] = state["waiting"]
             out["dropped_retention"] = state["dropped_retention"]

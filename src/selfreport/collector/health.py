@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 
 from selfreport._dsn import Dsn
 
-from .storage import Storage
+from .store import Store
 
 __all__ = [
     "Check",
@@ -78,7 +78,7 @@ class HealthChecks:
         return all(r.ok for r, _ in outcomes), report
 
 
-def writer_alive(storage: Storage) -> Check:
+def writer_alive(storage: Store) -> Check:
     """The writer thread runs; says how often it was restarted and its last failure."""
 
     async def check() -> CheckResult:
@@ -98,7 +98,7 @@ def writer_alive(storage: Storage) -> Check:
     return check
 
 
-def storage_writable(storage: Storage) -> Check:
+def storage_writable(storage: Store) -> Check:
     """A tiny write through the writer thread, committed to disk. Waiting for it may time
     out (the health timeout): the probe is then skipped or its result ignored, and the
     writer goes on."""
@@ -112,7 +112,7 @@ def storage_writable(storage: Storage) -> Check:
     return check
 
 
-def queue_below(storage: Storage, threshold: int) -> Check:
+def queue_below(storage: Store, threshold: int) -> Check:
     async def check() -> CheckResult:
         size = storage.queue_size
         ok = size < threshold
@@ -161,7 +161,7 @@ def _tcp_connect(host: str, port: int, timeout: float) -> None:
 
 
 def default_checks(
-    storage: Storage,
+    storage: Store,
     *,
     queue_threshold: Optional[int] = None,
     min_free_bytes: int = 100 * 2**20,

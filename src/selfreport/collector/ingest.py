@@ -31,7 +31,7 @@ from .events import (
 )
 from .limits import DEFAULT_MAX_BODY
 from .metrics import CollectorMetrics
-from .storage import Project, Storage, StorageError, StorageFull
+from .store import Project, StorageError, StorageFull, Store
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -234,7 +234,7 @@ class IngestEndpoint:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: Store,
         metrics: CollectorMetrics,
         *,
         kind: str,
@@ -373,7 +373,7 @@ class KeyCache:
     collector's own reports, ingested inside the reporting path, never start a thread there.
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Store) -> None:
         self.storage = storage
         self._keys: dict[str, int] = {}
         self._projects: dict[int, Project] = {}

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .storage import Storage
+from .store import Store
 
 __all__ = ["CONTENT_TYPE", "CollectorMetrics", "RateWindow"]
 
@@ -65,7 +65,7 @@ class CollectorMetrics:
     """The collector's counters in a registry of its own (several apps may share a process)."""
 
     def __init__(
-        self, storage: Optional[Storage] = None, reporter_stats: Optional[StatsSource] = None
+        self, storage: Optional[Store] = None, reporter_stats: Optional[StatsSource] = None
     ) -> None:
         self.registry = CollectorRegistry()
         self.storage = storage

@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import socket
-import sqlite3
 import sys
 import threading
 import time
@@ -27,7 +26,8 @@ from .app import Collector, CollectorApp, create_app
 from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
 from .limits import HttpLimits, ThrottleFilter, loop_exception_handler, protocol_class
-from .storage import MIN_STORAGE_BYTES, Project, Storage, StorageError
+from .storage import MIN_STORAGE_BYTES, SqliteStorage
+from .store import Project, StorageError, Store
 
 __all__ = [
     "DATABASE_NAME",
@@ -67,9 +67,9 @@ def default_max_storage(data_dir: Union[str, os.PathLike[str]]) -> int:
     return max(16 * 2**20, min(MAX_DEFAULT_STORAGE, (free + used) // 2))
 
 
-def open_storage(data_dir: Union[str, os.PathLike[str]], **options: Any) -> Storage:
+def open_storage(data_dir: Union[str, os.PathLike[str]], **options: Any) -> Store:
     """The collector database in ``data_dir`` (created on first use, with its two projects)."""
-    storage = Storage(Path(data_dir) / DATABASE_NAME, **options)
+    storage = SqliteStorage(Path(data_dir) / DATABASE_NAME, **options)
     storage.ensure_defaults()
     return storage
 
@@ -318,7 +318,7 @@ def _login_notice(server: CollectorServer) -> str:
     return "the pages and the API need a login (users: `selfreport user list`)"
 
 
-def _login_mode(host: str, login: str, storage: Storage) -> str:
+def _login_mode(host: str, login: str, storage: Store) -> str:
     """``auto`` stays open until a user exists only on loopback; elsewhere a user must exist."""
     if login not in _auth.LOGIN_MODES:
         raise ConfigError("login", f"must be one of {', '.join(_auth.LOGIN_MODES)}, not {login!r}")
@@ -375,23 +375,10 @@ def serve(
     out = out or sys.stdout
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     try:
-        dsn = upstream_dsn(upstream, upstream_file, os.environ)
-    except ConfigError as exc:
+        upstream = _serve_upstream(upstream, upstream_file, forward, scrub, spool_dir, max_storage)
+    except ValueError as exc:  # ConfigError too
         print(f"selfreport: {exc}", file=sys.stderr)
         return 2
-    if dsn is None and (scrub or spool_dir is not None or forward != "all"):
-        print("selfreport: --scrub, --spool and --forward need --upstream DSN", file=sys.stderr)
-        return 2
-    if max_storage is not None and max_storage < MIN_STORAGE_BYTES:
-        print("selfreport: --max-storage must be at least 1MiB", file=sys.stderr)
-        return 2
-    if upstream is not None:
-        print(
-            "selfreport: note: --upstream on the command line is visible to other users of "
-            f"this machine; prefer --upstream-file or ${UPSTREAM_ENV}",
-            file=sys.stderr,
-        )
-    upstream = dsn
     try:
         server = CollectorServer(
             directory,
@@ -412,13 +399,62 @@ def serve(
     except (ConfigError, StorageError, ValueError) as exc:
         print(f"selfreport: {exc}", file=sys.stderr)
         return 2
-    except sqlite3.DatabaseError as exc:  # opened, then found damaged inside
-        print(f"selfreport: {directory / DATABASE_NAME}: {exc}", file=sys.stderr)
-        return 2
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"selfreport: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    _print_banner(server, directory, out, forward, scrub)
+    _run_in_foreground(server)
+    return 0
+
+
+def _run_in_foreground(server: CollectorServer) -> None:
+    """Serve until interrupted, the collector's own log lines on stderr."""
+    # The event loop and the storage writer share the GIL; each time the writer wants it back
+    # (after every SQLite step) it may wait a whole switch interval (5 ms by default) while the
+    # loop runs, and so do the requests waiting for its commit. While serving, this process
+    # trades a little throughput for much shorter tails.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    # The collector's own lines (a failing request, accept() failing) beside uvicorn's.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-9s selfreport: %(message)s"))
+    logger.addHandler(handler)
+    try:
+        server.run()
+    finally:
+        logger.removeHandler(handler)
+        sys.setswitchinterval(previous)
+
+
+def _serve_upstream(
+    upstream: Optional[str],
+    upstream_file: Optional[str],
+    forward: str,
+    scrub: bool,
+    spool_dir: Optional[str],
+    max_storage: Optional[int],
+) -> Optional[str]:
+    """The DSN ``serve`` forwards to (from the option, the file or the environment), once its
+    options are checked; raises ValueError (ConfigError) naming the problem."""
+    dsn = upstream_dsn(upstream, upstream_file, os.environ)
+    if dsn is None and (scrub or spool_dir is not None or forward != "all"):
+        raise ValueError("--scrub, --spool and --forward need --upstream DSN")
+    if max_storage is not None and max_storage < MIN_STORAGE_BYTES:
+        raise ValueError("--max-storage must be at least 1MiB")
+    if upstream is not None:
+        print(
+            "selfreport: note: --upstream on the command line is visible to other users of "
+            f"this machine; prefer --upstream-file or ${UPSTREAM_ENV}",
+            file=sys.stderr,
+        )
+    return dsn
+
+
+def _print_banner(
+    server: CollectorServer, directory: Path, out: TextIO, forward: str, scrub: bool
+) -> None:
+    """What ``serve`` tells the operator once it is listening."""
     if server.first_start:
         print(f"Created the collector database in {directory}", file=out)
     if server.storage.warning:
@@ -439,22 +475,6 @@ def serve(
         print(f"forwarding {what}{scrubbed} to {server.forwarder.destination.name}", file=out)
     print(_login_notice(server), file=out)
     out.flush()
-    # The event loop and the storage writer share the GIL; each time the writer wants it back
-    # (after every SQLite step) it may wait a whole switch interval (5 ms by default) while the
-    # loop runs, and so do the requests waiting for its commit. While serving, this process
-    # trades a little throughput for much shorter tails.
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    # The collector's own lines (a failing request, accept() failing) beside uvicorn's.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)-9s selfreport: %(message)s"))
-    logger.addHandler(handler)
-    try:
-        server.run()
-    finally:
-        logger.removeHandler(handler)
-        sys.setswitchinterval(previous)
-    return 0
 
 
 def project_command(

@@ -1,4 +1,4 @@
-"""SQLite storage: projects and keys, events grouped into issues, one writer thread, retention."""
+"""The SQLite backend of the collector's Store: one writer thread, WAL, retention."""
 
 from __future__ import annotations
 
@@ -20,12 +20,24 @@ from typing import Any, Callable, Optional, Union
 from selfreport._guard import reporting_path
 
 from .events import PreparedEvent
+from .store import (
+    DEFAULT_PROJECT,
+    INTERNAL_PROJECT,
+    ApiToken,
+    Event,
+    Issue,
+    Project,
+    StorageError,
+    StorageFull,
+    User,
+)
 
 __all__ = [
     "INTERNAL_PROJECT",
     "Event",
     "Issue",
     "Project",
+    "SqliteStorage",
     "Storage",
     "StorageError",
     "StorageFull",
@@ -33,8 +45,6 @@ __all__ = [
 
 logger = logging.getLogger("selfreport.collector")
 
-DEFAULT_PROJECT = "default"
-INTERNAL_PROJECT = "selfreport-internal"
 SCHEMA_VERSION = "1"
 MIN_STORAGE_BYTES = 2**20
 # What a stored event costs beyond its payload (row, indexes), about.
@@ -111,7 +121,7 @@ CREATE TABLE IF NOT EXISTS api_tokens (
 );
 """
 
-# Counts events deleted before the forwarder handed them on (see Storage.forwarding_start).
+# Counts events deleted before the forwarder handed them on (see SqliteStorage.forwarding_start).
 _FORWARD_TRIGGER = """
 CREATE TRIGGER IF NOT EXISTS forward_lost AFTER DELETE ON events
 WHEN old.id > CAST((SELECT value FROM meta WHERE key = 'forward_cursor') AS INTEGER)
@@ -126,70 +136,6 @@ _ISSUE_COLUMNS = (
     " i.first_seen, i.last_seen, i.times_seen, i.last_event_id"
 )
 _SORTS = {"last_seen": "i.last_seen DESC", "first_seen": "i.first_seen DESC", "count": None}
-
-
-class StorageError(RuntimeError):
-    """The storage cannot do what was asked (closed, writer stopped, database unusable)."""
-
-
-class StorageFull(StorageError):
-    """The write queue is at its limit: the caller should retry later (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class Project:
-    id: int
-    name: str
-    internal: bool
-    public_key: str
-    created: float
-
-    def dsn(self, base_url: str) -> str:
-        """The DSN for sending to this project at ``base_url`` (``http://host:port``)."""
-        scheme, _, rest = base_url.rstrip("/").partition("://")
-        return f"{scheme}://{self.public_key}@{rest}/{self.id}"
-
-
-@dataclass(frozen=True)
-class Issue:
-    id: int
-    project_id: int
-    project: str
-    title: str
-    culprit: str
-    level: str
-    environment: Optional[str]
-    release: Optional[str]
-    first_seen: float
-    last_seen: float
-    times_seen: int
-    last_event_id: str
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    project_id: int
-    issue_id: int
-    event_id: str
-    received: float
-    timestamp: float
-    level: str
-    environment: Optional[str]
-    release: Optional[str]
-    payload: str
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    created: float
-
-
-@dataclass(frozen=True)
-class ApiToken:
-    name: str
-    created: float
 
 
 class _WriteFailed(Exception):
@@ -348,8 +294,8 @@ def _store_events(
     return apply
 
 
-class Storage:
-    """The collector's database (SQLite in WAL mode).
+class SqliteStorage:
+    """The collector's database (SQLite in WAL mode), a :class:`~.store.Store`.
 
     Every write goes through one writer thread, which applies queued writes in batches, each
     write in its own savepoint inside one transaction, and resolves each write's future only
@@ -527,15 +473,39 @@ class Storage:
         try:
             conn = self._idle_readers.get_nowait()
         except queue.Empty:
-            conn = self._connect(readonly=True)
+            try:
+                conn = self._connect(readonly=True)
+            except sqlite3.Error as exc:
+                raise StorageError(f"{self.path}: {exc}") from exc
             with self._readers_lock:
                 self._readers.append(conn)
         try:
             yield conn
+        except sqlite3.Error as exc:  # callers of the Store see its errors, not SQLite's
+            raise StorageError(f"{self.path}: {exc}") from exc
         finally:
             if conn.in_transaction:  # pragma: no cover - reads run in autocommit mode
                 conn.rollback()
             self._idle_readers.put(conn)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection for a write outside the writer thread (CLI, start-up,
+        logins), rolled back if the body raises; SQLite's errors reach callers as
+        :class:`StorageError` (IntegrityError is left to the body to explain)."""
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: {exc}") from exc
+        try:
+            with _transaction(conn):
+                yield conn
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: {exc}") from exc
+        finally:
+            conn.close()
 
     # --- projects and keys (synchronous: CLI and start-up) -------------------------------
 
@@ -546,20 +516,16 @@ class Storage:
             raise ValueError("a project name must be 1 to 100 printable characters")
         key = secrets.token_hex(16)
         now = self._clock()
-        conn = self._connect()
-        try:
-            with _transaction(conn):
-                try:
-                    cursor = conn.execute(
-                        "INSERT INTO projects (name, internal, created) VALUES (?, ?, ?)",
-                        (name, int(internal), now),
-                    )
-                except sqlite3.IntegrityError:
-                    raise ValueError(f"a project named {name!r} already exists") from None
-                project_id = int(cursor.lastrowid or 0)
-                conn.execute("INSERT INTO keys VALUES (?, ?, ?)", (key, project_id, now))
-        finally:
-            conn.close()
+        with self._writing() as conn:
+            try:
+                cursor = conn.execute(
+                    "INSERT INTO projects (name, internal, created) VALUES (?, ?, ?)",
+                    (name, int(internal), now),
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a project named {name!r} already exists") from None
+            project_id = int(cursor.lastrowid or 0)
+            conn.execute("INSERT INTO keys VALUES (?, ?, ?)", (key, project_id, now))
         return Project(project_id, name, internal, key, now)
 
     def ensure_defaults(self) -> tuple[Project, Project]:
@@ -598,36 +564,32 @@ class Storage:
 
     def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
         """One statement in its own transaction on a short-lived connection; rows changed."""
-        conn = self._connect()
+        with self._writing() as conn:
+            return int(conn.execute(sql, params).rowcount)
+
+    def _add_named(self, table: str, what: str, name: str, secret_hash: str) -> float:
+        """Insert a user or token row; ValueError if the name is taken. Returns its time."""
+        now = self._clock()
         try:
-            with _transaction(conn):
-                return int(conn.execute(sql, params).rowcount)
-        finally:
-            conn.close()
+            self._write(f"INSERT INTO {table} VALUES (?, ?, ?)", (name, secret_hash, now))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a {what} named {name!r} already exists") from None
+        return now
 
     def add_user(self, name: str, password_hash: str) -> User:
         """Add a user; raises ValueError if the name is taken."""
-        now = self._clock()
-        try:
-            self._write("INSERT INTO users VALUES (?, ?, ?)", (name, password_hash, now))
-        except sqlite3.IntegrityError:
-            raise ValueError(f"a user named {name!r} already exists") from None
-        return User(name, now)
+        return User(name, self._add_named("users", "user", name, password_hash))
 
     def set_password(self, name: str, password_hash: str, *, end_sessions: bool = True) -> bool:
         """Replace a user's password hash (and end their sessions); False if no such user."""
-        conn = self._connect()
-        try:
-            with _transaction(conn):
-                conn.execute("BEGIN IMMEDIATE")
-                changed = conn.execute(
-                    "UPDATE users SET password = ? WHERE name = ?", (password_hash, name)
-                ).rowcount
-                if changed and end_sessions:
-                    conn.execute("DELETE FROM sessions WHERE user = ?", (name,))
-                conn.execute("COMMIT")
-        finally:
-            conn.close()
+        with self._writing() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            changed = conn.execute(
+                "UPDATE users SET password = ? WHERE name = ?", (password_hash, name)
+            ).rowcount
+            if changed and end_sessions:
+                conn.execute("DELETE FROM sessions WHERE user = ?", (name,))
+            conn.execute("COMMIT")
         return bool(changed)
 
     def remove_user(self, name: str) -> bool:
@@ -651,17 +613,11 @@ class Storage:
     def create_session(self, id_hash: str, user: str, expires: float) -> None:
         """Store a session (by the hash of its id); expired sessions are deleted on the way."""
         now = self._clock()
-        conn = self._connect()
-        try:
-            with _transaction(conn):
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
-                conn.execute(
-                    "INSERT INTO sessions VALUES (?, ?, ?, ?)", (id_hash, user, now, expires)
-                )
-                conn.execute("COMMIT")
-        finally:
-            conn.close()
+        with self._writing() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+            conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (id_hash, user, now, expires))
+            conn.execute("COMMIT")
 
     def session_user(self, id_hash: str) -> Optional[str]:
         """The user of a live session, else None."""
@@ -677,12 +633,7 @@ class Storage:
 
     def add_token(self, name: str, token_hash: str) -> ApiToken:
         """Add an API token (by the hash of its secret); raises ValueError if the name is taken."""
-        now = self._clock()
-        try:
-            self._write("INSERT INTO api_tokens VALUES (?, ?, ?)", (name, token_hash, now))
-        except sqlite3.IntegrityError:
-            raise ValueError(f"a token named {name!r} already exists") from None
-        return ApiToken(name, now)
+        return ApiToken(name, self._add_named("api_tokens", "token", name, token_hash))
 
     def tokens(self) -> list[ApiToken]:
         with self._reader() as conn:
@@ -715,7 +666,7 @@ class Storage:
 
     # --- the writer ----------------------------------------------------------------------
 
-    def start(self) -> Storage:
+    def start(self) -> SqliteStorage:
         """Start the writer thread (idempotent)."""
         if self._closed:
             raise StorageError("storage is closed")
@@ -1039,18 +990,14 @@ class Storage:
         """Delete events beyond the per-project count and older than the age limit, oldest
         first, at most ``limit`` of them (None: all), and the issues left without events;
         returns how many events were deleted. (The writer thread does this by itself.)"""
-        conn = self._connect()
-        try:
-            with _transaction(conn):
-                conn.execute("BEGIN IMMEDIATE")
-                deleted = self._delete_expired(conn, limit)
-                deleted += self._make_room(conn, 0)
-                if limit is None or deleted < limit:
-                    _delete_empty_issues(conn)
-                conn.execute("COMMIT")
-            return deleted
-        finally:
-            conn.close()
+        with self._writing() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            deleted = self._delete_expired(conn, limit)
+            deleted += self._make_room(conn, 0)
+            if limit is None or deleted < limit:
+                _delete_empty_issues(conn)
+            conn.execute("COMMIT")
+        return deleted
 
     def _delete_expired(self, conn: sqlite3.Connection, limit: Optional[int]) -> int:
         budget = -1 if limit is None else limit  # LIMIT -1: no limit
@@ -1235,21 +1182,17 @@ class Storage:
         """Set up forwarding (of every project, or of ``project_id`` only) and return the
         cursor; the first time, the newest event: only what arrives from now on goes on."""
         scope = "all" if project_id is None else str(project_id)
-        conn = self._connect()
-        try:
-            with _transaction(conn):
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(_FORWARD_TRIGGER)
-                conn.execute(
-                    "INSERT OR IGNORE INTO meta SELECT 'forward_cursor',"
-                    " CAST(coalesce(max(id), 0) AS TEXT) FROM events"
-                )
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('forward_lost', '0')")
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('forward_scope', ?)", (scope,))
-                row = conn.execute("SELECT value FROM meta WHERE key = 'forward_cursor'").fetchone()
-                conn.execute("COMMIT")
-        finally:
-            conn.close()
+        with self._writing() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_FORWARD_TRIGGER)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta SELECT 'forward_cursor',"
+                " CAST(coalesce(max(id), 0) AS TEXT) FROM events"
+            )
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('forward_lost', '0')")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('forward_scope', ?)", (scope,))
+            row = conn.execute("SELECT value FROM meta WHERE key = 'forward_cursor'").fetchone()
+            conn.execute("COMMIT")
         return int(row[0])
 
     def events_to_forward(
@@ -1337,11 +1280,15 @@ class Storage:
         for conn in readers:
             conn.close()
 
-    def __enter__(self) -> Storage:
+    def __enter__(self) -> SqliteStorage:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+Storage = SqliteStorage
+"""The name this class had before the :class:`~.store.Store` interface (still importable)."""
 
 
 @contextlib.contextmanager
