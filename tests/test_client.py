@@ -76,8 +76,9 @@ def raised(exc: BaseException) -> BaseException:
         ("dedupe_window", -1),
         ("http_timeout", 0),
         ("max_retries", -1),
-        ("max_retries", 101),
+        ("max_retries", 11),
         ("retry_backoff", -0.5),
+        ("retry_backoff", 31),
         ("before_send", "not callable"),
         ("scrub", "yes"),
         ("environment", 3),
@@ -599,6 +600,44 @@ def test_429_with_retry_after_holds_back_later_events(
     assert stats["dropped_rate_limited"] == 2
     assert stats["retried"] == 0
     assert client._limits.seconds_left() > 50
+
+
+@pytest.mark.slow
+def test_a_503_with_retry_after_is_retried_after_it(
+    collector: FakeCollector, make_client: ClientFactory
+) -> None:
+    collector.status = 503
+    collector.response_headers = {"Retry-After": "1"}
+    answered: list[float] = []
+
+    def recover(request: Any) -> None:
+        answered.append(time.monotonic())
+        if len(answered) == 2:
+            collector.status, collector.response_headers = 200, {}
+
+    collector.on_envelope = recover
+    client = make_client(collector.dsn, max_retries=3)  # with no backoff of its own
+    client.capture_message("busy collector")
+    assert client.flush(10)
+    stats = client.stats()
+    assert (stats["retried"], stats["sent"], stats["send_failed"]) == (1, 1, 0)
+    assert answered[1] - answered[0] >= 0.9
+
+
+def test_a_retry_after_longer_than_delivery_waits_gives_up_at_once(
+    collector: FakeCollector, make_client: ClientFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    collector.status = 503
+    collector.response_headers = {"Retry-After": "120"}
+    client = make_client(collector.dsn, max_retries=3)
+    client.capture_message("come back in two minutes")
+    assert client.flush(5)
+    client.capture_message("held back")
+    assert client.flush(5)
+    stats = client.stats()
+    assert (stats["retried"], stats["send_failed"], stats["dropped_rate_limited"]) == (0, 1, 1)
+    assert len(collector.requests) == 1
+    assert "asked us to wait 120 s" in capsys.readouterr().err
 
 
 def test_sentry_rate_limits_on_an_accepted_request_are_honoured(
