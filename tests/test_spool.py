@@ -487,15 +487,20 @@ def test_replay_honours_retry_after(tmp_path: Path) -> None:
         replayer.stop(5)
 
 
-def test_a_rate_limit_announced_by_an_answer_ends_the_round(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("outcome", "down"), [(Outcome.SENT, False), (Outcome.FAILED, True)])
+def test_a_wait_asked_for_by_an_answer_ends_the_round(
+    tmp_path: Path, outcome: Outcome, down: bool
+) -> None:
+    """An answer that took the envelope but announced a rate limit, or a 503 with a
+    Retry-After: nothing more is sent until the wait is over."""
     spool = Spool(tmp_path)
     for n in range(3):
         spool.put(envelope(n))
     limit_until = [0.0]
 
     def answer(call: int) -> Outcome:
-        limit_until[0] = time.monotonic() + 60  # sent, "but no more for a minute"
-        return Outcome.SENT
+        limit_until[0] = time.monotonic() + 60  # "no more for a minute"
+        return outcome
 
     upstream = Upstream(answer)
     replayer = make_replayer(
@@ -505,8 +510,9 @@ def test_a_rate_limit_announced_by_an_answer_ends_the_round(tmp_path: Path) -> N
     try:
         assert upstream.wait(lambda: upstream.calls == 1)
         assert wait_until(lambda: not replayer._busy)
-        assert (upstream.calls, len(spool)) == (1, 2)  # waiting out the limit
-        assert not replayer.down  # rate limited, not down
+        assert upstream.calls == 1  # waiting out the limit
+        assert len(spool) == (2 if outcome is Outcome.SENT else 3)
+        assert replayer.down is down  # rate limited is not down; unavailable is
     finally:
         assert replayer.stop(5)
 

@@ -634,8 +634,9 @@ class Replayer:
                     failed.append(name)
                     self._failures.setdefault(name, (self.policy, self._answers))
                 in_a_row += 1
-                # Unavailable, or two failures in a row: the upstream itself is in trouble.
-                if outcome is not Outcome.FAILED or in_a_row >= 2:
+                # Unavailable (a 503's Retry-After too), or two failures in a row: the
+                # upstream itself is in trouble.
+                if outcome is not Outcome.FAILED or in_a_row >= 2 or self._asked() > 0:
                     unavailable = True
                     break
                 continue
