@@ -144,7 +144,9 @@ _LIMIT = st.tuples(
 
 
 @given(st.lists(_LIMIT, min_size=1, max_size=5))
-def test_rate_limits_with_categories_and_scopes(limits: list[tuple[int, list[str], str, str]]):
+def test_rate_limits_with_categories_and_scopes(
+    limits: list[tuple[int, list[str], str, str]],
+) -> None:
     header = ", ".join(
         f"{seconds}:{';'.join(categories)}:{scope}" + (f":{reason}" if reason else "")
         for seconds, categories, scope, reason in limits
