@@ -76,8 +76,9 @@ def raised(exc: BaseException) -> BaseException:
         ("dedupe_window", -1),
         ("http_timeout", 0),
         ("max_retries", -1),
-        ("max_retries", 101),
+        ("max_retries", 11),
         ("retry_backoff", -0.5),
+        ("retry_backoff", 31),
         ("before_send", "not callable"),
         ("scrub", "yes"),
         ("environment", 3),
@@ -584,11 +585,21 @@ def test_connection_errors_are_retried(make_client: ClientFactory) -> None:
     assert client.stats()["send_failed"] == 1
 
 
-def test_429_with_retry_after_holds_back_later_events(
-    collector: FakeCollector, make_client: ClientFactory
+@pytest.mark.parametrize(
+    ("status", "retry_after", "first_counted_as"),
+    [(429, "60", "dropped_rate_limited"), (503, "120", "send_failed")],
+)
+def test_a_long_retry_after_holds_back_later_events(
+    collector: FakeCollector,
+    make_client: ClientFactory,
+    capsys: pytest.CaptureFixture[str],
+    status: int,
+    retry_after: str,
+    first_counted_as: str,
 ) -> None:
-    collector.status = 429
-    collector.response_headers = {"Retry-After": "60"}
+    """A 429, or a 503 asking for longer than a delivery ever waits (30 s), is not retried."""
+    collector.status = status
+    collector.response_headers = {"Retry-After": retry_after}
     client = make_client(collector.dsn, max_retries=3)
     client.capture_message("first")
     assert client.flush(5)
@@ -596,9 +607,34 @@ def test_429_with_retry_after_holds_back_later_events(
     assert client.flush(5)
     assert len(collector.requests) == 1  # not retried, and nothing sent while limited
     stats = client.stats()
-    assert stats["dropped_rate_limited"] == 2
-    assert stats["retried"] == 0
+    expected = {"dropped_rate_limited": 1, "send_failed": 0, "retried": 0}
+    expected[first_counted_as] += 1
+    assert {key: stats[key] for key in expected} == expected
     assert client._limits.seconds_left() > 50
+    if status == 503:
+        assert f"asked us to wait {retry_after} s" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_503_with_retry_after_is_retried_after_it(
+    collector: FakeCollector, make_client: ClientFactory
+) -> None:
+    collector.status = 503
+    collector.response_headers = {"Retry-After": "1"}
+    answered: list[float] = []
+
+    def recover(request: Any) -> None:
+        answered.append(time.monotonic())
+        if len(answered) == 2:
+            collector.status, collector.response_headers = 200, {}
+
+    collector.on_envelope = recover
+    client = make_client(collector.dsn, max_retries=3)  # with no backoff of its own
+    client.capture_message("busy collector")
+    assert client.flush(10)
+    stats = client.stats()
+    assert (stats["retried"], stats["sent"], stats["send_failed"]) == (1, 1, 0)
+    assert answered[1] - answered[0] >= 0.9
 
 
 def test_sentry_rate_limits_on_an_accepted_request_are_honoured(

@@ -288,6 +288,30 @@ def test_429_goes_to_the_spool_and_waits_for_retry_after(
     assert time.monotonic() - started >= 0.9
 
 
+def test_a_rate_limit_announced_by_an_accepted_replay_holds_the_rest_back(
+    collector: FakeCollector, destinations: Any, tmp_path: Path
+) -> None:
+    """Replay reads X-Sentry-Rate-Limits on a 2xx too (it used to read them on errors only, so
+    it sent the whole spool into a limit the upstream had just announced)."""
+    collector.status = 503
+    upstream = destinations(collector.dsn, spool_dir=tmp_path)
+    for n in range(3):
+        upstream.send_event(event(n))
+    assert upstream.flush(5)
+    assert upstream.stats()["spool_size"] == 3
+    collector.response_headers = {"X-Sentry-Rate-Limits": "60:error:organization:quota"}
+    collector.status = 200
+    replayer = upstream._uplink.replayer
+    assert wait_until(lambda: upstream.stats()["replayed"] == 1 and not replayer._busy)
+    stats = upstream.stats()
+    assert (stats["replayed"], stats["spool_size"]) == (1, 2)  # the round stopped there
+    assert upstream._limits.seconds_left("error") > 50
+    sent = len(collector.requests)
+    upstream.send_event(event(3))  # a live event waits in the spool too
+    assert upstream.flush(5)
+    assert (upstream.stats()["spool_size"], len(collector.requests)) == (3, sent)
+
+
 def test_a_spooled_envelope_the_upstream_refuses_is_quarantined_and_counted(
     collector: FakeCollector, destinations: Any, tmp_path: Path
 ) -> None:

@@ -1,23 +1,15 @@
-"""Token bucket, dedupe and upstream limits, driven by an injected clock."""
+"""Token bucket and dedupe, driven by an injected clock."""
 
 from __future__ import annotations
 
 import threading
 import tracemalloc
-from datetime import datetime, timezone
-from email.utils import format_datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selfreport._ratelimit import (
-    LABEL_CHARS,
-    Deduper,
-    TokenBucket,
-    UpstreamLimits,
-    parse_retry_after,
-)
+from selfreport._ratelimit import LABEL_CHARS, Deduper, TokenBucket
 
 
 class FakeClock:
@@ -222,106 +214,3 @@ def test_dedupe_reset_after_fork(clock: FakeClock) -> None:
     dedupe._lock.acquire()
     dedupe.reset_after_fork()
     assert dedupe.admit("a") == 0
-
-
-# --- Retry-After -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("120", 120.0),
-        (" 1.5 ", 1.5),
-        ("-3", 0.0),
-        ("", None),
-        (None, None),
-        ("soon", None),
-        ("Mon, 99 Foo 2024 99:99:99 GMT", None),
-    ],
-)
-def test_parse_retry_after_seconds(value: str | None, expected: float | None) -> None:
-    assert parse_retry_after(value) == expected
-
-
-def test_parse_retry_after_http_date() -> None:
-    when = datetime(2030, 1, 1, 0, 1, 0, tzinfo=timezone.utc)
-    now = datetime(2030, 1, 1, 0, 0, 0, tzinfo=timezone.utc).timestamp()
-    assert parse_retry_after(format_datetime(when, usegmt=True), now=now) == 60.0
-    assert parse_retry_after(format_datetime(when, usegmt=True), now=now + 3600) == 0.0
-
-
-@given(st.text(max_size=40))
-def test_parse_retry_after_never_raises(value: str) -> None:
-    result = parse_retry_after(value, now=0.0)
-    assert result is None or result >= 0.0
-
-
-# --- UpstreamLimits --------------------------------------------------------------------------
-
-
-def test_no_limits_by_default(clock: FakeClock) -> None:
-    limits = UpstreamLimits(clock)
-    assert not limits.is_limited()
-    assert limits.seconds_left() == 0.0
-
-
-def test_429_with_retry_after(clock: FakeClock) -> None:
-    limits = UpstreamLimits(clock)
-    limits.update(429, {"Retry-After": "30"})
-    assert limits.is_limited("error")
-    assert limits.is_limited("transaction")  # no categories: everything waits
-    assert limits.seconds_left() == 30.0
-    clock.advance(30)
-    assert not limits.is_limited()
-
-
-def test_429_without_retry_after_backs_off_a_default(clock: FakeClock) -> None:
-    limits = UpstreamLimits(clock)
-    limits.update(429, {})
-    assert limits.seconds_left() == UpstreamLimits.DEFAULT_BACKOFF
-
-
-def test_retry_after_is_capped(clock: FakeClock) -> None:
-    limits = UpstreamLimits(clock)
-    limits.update(429, {"retry-after": "999999"})
-    assert limits.seconds_left() == UpstreamLimits.MAX_BACKOFF
-
-
-def test_sentry_rate_limits_header_by_category(clock: FakeClock) -> None:
-    limits = UpstreamLimits(clock)
-    header = "60:transaction;session:organization, 10:error:project:quota_exceeded, junk:error"
-    limits.update(429, {"X-Sentry-Rate-Limits": header, "Retry-After": "999"})
-    assert limits.seconds_left("error") == 10.0  # the specific header wins over Retry-After
-    assert limits.seconds_left("transaction") == 60.0
-    assert not limits.is_limited("attachment")
-    clock.advance(10)
-    assert not limits.is_limited("error")
-    assert limits.is_limited("transaction")
-
-
-def test_sentry_rate_limits_without_categories_limit_everything(clock: FakeClock) -> None:
-    limits = UpstreamLimits(clock)
-    limits.update(200, {"x-sentry-rate-limits": "5::organization"})
-    assert limits.is_limited("error")
-    assert limits.seconds_left("anything") == 5.0
-
-
-def test_shorter_limit_never_shortens_a_longer_one(clock: FakeClock) -> None:
-    limits = UpstreamLimits(clock)
-    limits.update(429, {"Retry-After": "60"})
-    limits.update(429, {"Retry-After": "1"})
-    assert limits.seconds_left() == 60.0
-
-
-def test_other_statuses_without_header_change_nothing(clock: FakeClock) -> None:
-    limits = UpstreamLimits(clock)
-    limits.update(500, {"Retry-After": "60"})
-    limits.update(200, {})
-    assert not limits.is_limited()
-
-
-@given(st.text(max_size=60))
-def test_rate_limits_header_never_raises(header: str) -> None:
-    limits = UpstreamLimits(FakeClock())
-    limits.update(429, {"X-Sentry-Rate-Limits": header})
-    assert 0.0 <= limits.seconds_left() <= UpstreamLimits.MAX_BACKOFF

@@ -18,7 +18,8 @@ import pytest
 
 from selfreport import ConfigError
 from selfreport._guard import is_reporting
-from selfreport._spool import Outcome, Replayer, Spool
+from selfreport._retry import Outcome, Retry
+from selfreport._spool import Replayer, Spool
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock and fork semantics")
 
@@ -400,7 +401,7 @@ class Upstream:
             self.current = body
             outcome = self.answers(self.calls)
             self.in_path.append(is_reporting())
-            if outcome is not Outcome.RETRY:
+            if outcome is not Outcome.UNREACHABLE:
                 self.bodies.append(body)
             self.cond.notify_all()
             return outcome
@@ -419,10 +420,18 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
-def make_replayer(spool: Spool, upstream: Upstream, **kwargs: object) -> Replayer:
-    options: dict[str, object] = {"backoff": 0.01, "max_backoff": 0.05, "idle_interval": 0.05}
+def make_replayer(
+    spool: Spool,
+    upstream: Upstream,
+    backoff: float = 0.01,
+    max_backoff: float = 0.05,
+    max_attempts: int = 5,
+    **kwargs: object,
+) -> Replayer:
+    options: dict[str, object] = {"idle_interval": 0.05}
     options.update(kwargs)
-    return Replayer(spool, upstream, **options)  # type: ignore[arg-type]
+    policy = Retry.for_replay(backoff, max_backoff, max_attempts)
+    return Replayer(spool, upstream, policy=policy, **options)  # type: ignore[arg-type]
 
 
 def test_replay_sends_in_order_from_its_own_reporting_thread(tmp_path: Path) -> None:
@@ -449,7 +458,7 @@ def test_replay_backs_off_while_the_upstream_is_down(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.put(envelope(1))
     spool.put(envelope(2))
-    upstream = Upstream(lambda call: Outcome.RETRY if call <= 3 else Outcome.SENT)
+    upstream = Upstream(lambda call: Outcome.UNREACHABLE if call <= 3 else Outcome.SENT)
     replayer = make_replayer(spool, upstream)
     started = time.monotonic()
     replayer.spooled(upstream_failed=True)  # the live path just failed: wait before trying
@@ -467,7 +476,7 @@ def test_replay_backs_off_while_the_upstream_is_down(tmp_path: Path) -> None:
 def test_replay_honours_retry_after(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.put(envelope(1))
-    upstream = Upstream(lambda call: Outcome.RETRY if call == 1 else Outcome.SENT)
+    upstream = Upstream(lambda call: Outcome.UNREACHABLE if call == 1 else Outcome.SENT)
     replayer = make_replayer(spool, upstream, retry_after=lambda: 0.3)
     started = time.monotonic()
     replayer.start()
@@ -476,6 +485,36 @@ def test_replay_honours_retry_after(tmp_path: Path) -> None:
         assert time.monotonic() - started >= 0.3
     finally:
         replayer.stop(5)
+
+
+@pytest.mark.parametrize(("outcome", "down"), [(Outcome.SENT, False), (Outcome.FAILED, True)])
+def test_a_wait_asked_for_by_an_answer_ends_the_round(
+    tmp_path: Path, outcome: Outcome, down: bool
+) -> None:
+    """An answer that took the envelope but announced a rate limit, or a 503 with a
+    Retry-After: nothing more is sent until the wait is over."""
+    spool = Spool(tmp_path)
+    for n in range(3):
+        spool.put(envelope(n))
+    limit_until = [0.0]
+
+    def answer(call: int) -> Outcome:
+        limit_until[0] = time.monotonic() + 60  # "no more for a minute"
+        return outcome
+
+    upstream = Upstream(answer)
+    replayer = make_replayer(
+        spool, upstream, retry_after=lambda: max(0.0, limit_until[0] - time.monotonic())
+    )
+    replayer.start()
+    try:
+        assert upstream.wait(lambda: upstream.calls == 1)
+        assert wait_until(lambda: not replayer._busy)
+        assert upstream.calls == 1  # waiting out the limit
+        assert len(spool) == (2 if outcome is Outcome.SENT else 3)
+        assert replayer.down is down  # rate limited is not down; unavailable is
+    finally:
+        assert replayer.stop(5)
 
 
 def spool_of(count: int, directory: Path, **options: Any) -> Spool:
@@ -489,7 +528,7 @@ def spool_of(count: int, directory: Path, **options: Any) -> Spool:
 def test_a_refused_envelope_is_quarantined_at_once_and_blocks_nothing(tmp_path: Path) -> None:
     dropped: list[tuple[str, int]] = []
     spool = spool_of(21, tmp_path, on_drop=lambda reason, n: dropped.append((reason, n)))
-    upstream = Upstream(lambda call: Outcome.REJECTED if call == 1 else Outcome.SENT)
+    upstream = Upstream(lambda call: Outcome.REFUSED if call == 1 else Outcome.SENT)
     sent: list[int] = []
     replayer = make_replayer(spool, upstream, on_sent=lambda: sent.append(1))
     replayer.start()
@@ -563,13 +602,13 @@ def test_stop_interrupts_a_send_that_hangs(tmp_path: Path) -> None:
 
     def hang(body: bytes) -> Outcome:
         release.wait(10)
-        return Outcome.RETRY
+        return Outcome.UNREACHABLE
 
     def interrupt() -> None:
         interrupted.append(True)
         release.set()
 
-    replayer = Replayer(spool, hang, interrupt=interrupt, backoff=0.01)
+    replayer = Replayer(spool, hang, interrupt=interrupt, policy=Retry.for_replay(0.01))
     replayer.start()
     time.sleep(0.1)
     assert replayer.stop(0.1)
@@ -588,7 +627,7 @@ def test_a_stopped_replayer_does_not_start_again(tmp_path: Path) -> None:
 def test_after_fork_the_child_starts_fresh(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.put(envelope(1))
-    upstream = Upstream(lambda call: Outcome.RETRY if call == 1 else Outcome.SENT)
+    upstream = Upstream(lambda call: Outcome.UNREACHABLE if call == 1 else Outcome.SENT)
     replayer = make_replayer(spool, upstream, backoff=60.0, max_backoff=60.0)
     replayer.start()
     assert upstream.wait(lambda: upstream.calls == 1)

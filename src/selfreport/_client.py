@@ -31,7 +31,8 @@ from ._event import (
 )
 from ._guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
 from ._options import Scrub, check_number, resolve_scrub
-from ._ratelimit import Deduper, TokenBucket, UpstreamLimits
+from ._ratelimit import Deduper, TokenBucket
+from ._retry import Retry, UpstreamLimits
 from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
 from ._transport import (
     HttpTransport,
@@ -125,8 +126,7 @@ class Client:
         check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
         check_number("dedupe_window", dedupe_window, 0.0)
         check_number("http_timeout", http_timeout, 0.001, 600.0)
-        check_number("max_retries", max_retries, 0, 100, integer=True)
-        check_number("retry_backoff", retry_backoff, 0.0, 600.0)
+        retry = Retry.for_delivery(max_retries, retry_backoff)
         if before_send is not None and not callable(before_send):
             raise ConfigError("before_send", "must be callable or None")
         for name, text in (("environment", environment), ("release", release)):
@@ -182,8 +182,7 @@ class Client:
                 diagnostics=self.diagnostics,
                 closed=self._closed,
                 http_timeout=self.http_timeout,
-                max_retries=self.max_retries,
-                retry_backoff=self.retry_backoff,
+                retry=retry,
                 observe=self._observe_latency,
                 uplink=self._uplink,
             )

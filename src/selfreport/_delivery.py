@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import sys
 import threading
 import time
@@ -12,7 +11,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ._diag import Diagnostics
-from ._ratelimit import UpstreamLimits
+from ._retry import Outcome, Retry, UpstreamLimits
 from ._transport import Response, Transport
 
 if TYPE_CHECKING:
@@ -53,10 +52,13 @@ def send_unobserved(transport: Transport, body: bytes, timeout: float) -> Respon
 class Delivery:
     """Sends serialized envelopes to one upstream, on its owner's worker thread.
 
-    5xx and connection errors are retried with jittered exponential backoff, or, with an
-    :class:`~selfreport._destination.Uplink`, go to its spool at once (its replay thread retries);
-    429 and ``X-Sentry-Rate-Limits`` are honoured; other 4xx are final. Everything is counted
-    through ``count``. ``close_deadline`` (monotonic) bounds the time spent once closing.
+    Answers are read by :meth:`UpstreamLimits.answer` (``Retry-After`` and
+    ``X-Sentry-Rate-Limits`` are honoured on every one) and retried as the :class:`Retry`
+    policy says: 5xx and connection errors with capped, jittered exponential backoff, or, with
+    an :class:`~selfreport._destination.Uplink`, into its spool at once (its replay thread
+    retries); a 429 is never retried (spooled, or dropped as rate limited); other 4xx are final.
+    Everything is counted through ``count``. ``close_deadline`` (monotonic) bounds the time
+    spent once closing.
     """
 
     def __init__(
@@ -68,8 +70,7 @@ class Delivery:
         diagnostics: Diagnostics,
         closed: threading.Event,
         http_timeout: float,
-        max_retries: int,
-        retry_backoff: float,
+        retry: Retry,
         observe: Callable[[float], None] = lambda seconds: None,
         name: str = "the collector",
         uplink: Optional[Uplink] = None,
@@ -79,8 +80,7 @@ class Delivery:
         self.uplink = uplink
         self.close_deadline: Optional[float] = None
         self.http_timeout = http_timeout
-        self.max_retries = max_retries
-        self.retry_backoff = retry_backoff
+        self.retry = retry
         self._count = count
         self._diagnostics = diagnostics
         self.closed = closed  # replaced by the owner's fresh Event after a fork
@@ -94,8 +94,7 @@ class Delivery:
             return
         # With a spool, a failure goes to disk at once and the replay thread retries with
         # backoff (a stale keep-alive connection is already retried by the transport).
-        retries = 0 if uplink is not None else self.max_retries
-        attempt = 0
+        retry = self.retry if uplink is None else self.retry.new(total=0)
         while True:
             timeout = self.http_timeout
             if self.close_deadline is not None:
@@ -103,48 +102,52 @@ class Delivery:
                 if timeout <= 0:
                     self._give_up(body, "close() ran out of time")
                     return
-            started = time.monotonic()
-            try:
-                response = send_unobserved(self.transport, body, timeout)
-            except Exception as error:  # OSError, timeouts, anything a custom transport raises
-                problem = f"could not reach {self._name}: {error!r}"
-            else:
-                self._observe(time.monotonic() - started)
-                status = response.status
-                # Sentry sends X-Sentry-Rate-Limits on accepted requests too.
-                self.limits.update(status, response.headers)
-                if 200 <= status < 300:
-                    self._count("sent")
-                    return
-                if status == 429:
-                    if uplink is not None:
-                        uplink.keep(body, upstream_failed=False)  # replayed after Retry-After
-                    else:
-                        self._count("dropped_rate_limited")
-                        self._diagnostics.warn(
-                            f"429:{self._name}", f"{self._name} is rate limiting us (429)"
-                        )
-                    return
-                if status < 500:
-                    self._diagnostics.warn(
-                        f"http_{status}:{self._name}",
-                        f"{self._name} refused an event with HTTP {status}",
-                    )
-                    if uplink is not None:
-                        uplink.reject(body, status)  # kept in quarantine/, counted there
-                    else:
-                        self._count("send_failed")
-                    return
-                problem = f"{self._name} answered HTTP {status}"
-            if attempt >= retries or self.closed.is_set():
+            outcome, status, problem = self._try(body, timeout)
+            if outcome not in (Outcome.FAILED, Outcome.UNREACHABLE):
+                self._settle(body, outcome, status)
+                return
+            asked = self.limits.seconds_left("error")  # a 503's Retry-After
+            if self.closed.is_set() or not retry.is_retry(outcome, asked):
+                if asked > retry.retry_after_max:
+                    problem += f", and asked us to wait {asked:.0f} s"
                 self._give_up(body, problem)
                 return
-            attempt += 1
+            retry = retry.increment()
             self._count("retried")
-            delay = self.retry_backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            if self.closed.wait(delay):
+            if self.closed.wait(retry.get_sleep_time(asked)):
                 self._give_up(body, "closed while waiting to retry")
                 return
+
+    def _try(self, body: bytes, timeout: float) -> tuple[Outcome, int, str]:
+        """Send once: the outcome, the HTTP status (0 without an answer), and what went wrong."""
+        started = time.monotonic()
+        try:
+            response = send_unobserved(self.transport, body, timeout)
+        except Exception as error:  # OSError, timeouts, anything a custom transport raises
+            return Outcome.UNREACHABLE, 0, f"could not reach {self._name}: {error!r}"
+        self._observe(time.monotonic() - started)
+        outcome = self.limits.answer(response.status, response.headers)
+        return outcome, response.status, f"{self._name} answered HTTP {response.status}"
+
+    def _settle(self, body: bytes, outcome: Outcome, status: int) -> None:
+        """Count (or spool) an envelope the upstream took, rate limited or refused for good."""
+        uplink = self.uplink
+        if outcome is Outcome.SENT:
+            self._count("sent")
+        elif outcome is Outcome.RATE_LIMITED:
+            if uplink is not None:
+                uplink.keep(body, upstream_failed=False)  # replayed once the limit is over
+                return
+            self._count("dropped_rate_limited")
+            self._diagnostics.warn(f"429:{self._name}", f"{self._name} is rate limiting us (429)")
+        else:
+            self._diagnostics.warn(
+                f"http_{status}:{self._name}", f"{self._name} refused an event with HTTP {status}"
+            )
+            if uplink is not None:
+                uplink.reject(body, status)  # kept in quarantine/, counted there
+            else:
+                self._count("send_failed")
 
     def _give_up(self, body: bytes, problem: str) -> None:
         if self.uplink is not None:

@@ -16,8 +16,9 @@ from ._diag import Diagnostics
 from ._dsn import Dsn, parse_dsn
 from ._guard import ReportingPath
 from ._options import Scrub, check_number, resolve_scrub
-from ._ratelimit import TokenBucket, UpstreamLimits
-from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, Outcome, Replayer, Spool
+from ._ratelimit import TokenBucket
+from ._retry import Outcome, Retry, UpstreamLimits
+from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, Replayer, Spool
 from ._transport import HttpTransport, Transport, serialize_envelope
 from ._worker import Worker
 from .exceptions import ConfigError
@@ -89,8 +90,7 @@ class Uplink:
         http_timeout: float = 5.0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_age: float = DEFAULT_MAX_AGE,
-        backoff: float = 1.0,
-        max_backoff: float = 60.0,
+        policy: Optional[Retry] = None,
         latency: Callable[[float], None] = lambda seconds: None,
         name: str = "selfreport-replay",
     ) -> None:
@@ -113,8 +113,7 @@ class Uplink:
             retry_after=lambda: limits.seconds_left("error"),
             on_sent=self._replayed,
             interrupt=getattr(transport, "interrupt", None),
-            backoff=backoff,
-            max_backoff=max_backoff,
+            policy=policy or Retry.for_replay(),
             name=name,
         )
         if self.spool.pending():  # left by an earlier run: send it now
@@ -145,21 +144,15 @@ class Uplink:
         try:
             response = send_unobserved(self.transport, body, self.http_timeout)
         except Exception:
-            return Outcome.RETRY
+            return Outcome.UNREACHABLE
         self.latency(time.monotonic() - started)
-        status = response.status
-        if 200 <= status < 300:
-            return Outcome.SENT
-        self.limits.update(status, response.headers)
-        if status >= 500:
-            return Outcome.FAILED
-        if status == 429:
-            return Outcome.RETRY
-        self.diagnostics.warn(
-            f"replay_http_{status}",
-            f"the upstream refused a spooled envelope with HTTP {status}: quarantined",
-        )
-        return Outcome.REJECTED  # counted as quarantined
+        outcome = self.limits.answer(response.status, response.headers)
+        if outcome is Outcome.REFUSED:  # counted as quarantined
+            self.diagnostics.warn(
+                f"replay_http_{response.status}",
+                f"the upstream refused a spooled envelope with HTTP {response.status}: quarantined",
+            )
+        return outcome
 
     def close(self, timeout: float) -> bool:
         finished = self.replayer.stop(timeout)
@@ -203,13 +196,19 @@ class Destination:
         rate_burst: events that may go at once before ``rate_limit`` applies.
         max_queue: events waiting for this destination's thread at most.
         http_timeout: seconds per HTTP operation, as for the client.
-        max_retries: retries of a failed send before it is spooled or dropped.
-        retry_backoff: first delay between retries, doubled each time.
+        max_retries: retries of a failed send (5xx, no answer) when there is no spool,
+            0 to 10.
+        retry_backoff: first delay between those retries in seconds, doubled each time, 0 to
+            30; no wait is longer than 30 s (nor a ``Retry-After`` waited for past that).
         compress: gzip envelopes over 1 KiB.
         spool_dir: keep envelopes on disk while the upstream is unreachable or answers
             5xx/429, and replay them in order once it answers again (also after a restart).
         spool_max_bytes: size bound of the spool; the oldest envelopes go first.
         spool_max_age: age bound of the spool in seconds.
+        replay_backoff: first delay between replay rounds while the upstream is down, in
+            seconds (0.001 to 60), doubled each time up to ``replay_max_backoff`` (at most
+            3600); a ``Retry-After`` or rate limit is waited out whatever its length (up to
+            an hour).
         transport: a custom transport (tests); default HTTP to the DSN.
 
     Raises:
@@ -241,10 +240,8 @@ class Destination:
         check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
         check_number("max_queue", max_queue, 1, 10_000_000, integer=True)
         check_number("http_timeout", http_timeout, 0.001, 600.0)
-        check_number("max_retries", max_retries, 0, 100, integer=True)
-        check_number("retry_backoff", retry_backoff, 0.0, 600.0)
-        check_number("replay_backoff", replay_backoff, 0.001, 3600.0)
-        check_number("replay_max_backoff", replay_max_backoff, 0.001, 86400.0)
+        retry = Retry.for_delivery(max_retries, retry_backoff)
+        replay = Retry.for_replay(replay_backoff, replay_max_backoff)
         if isinstance(dsn, str):
             dsn = parse_dsn(dsn)
         if dsn is None and transport is None:
@@ -287,8 +284,7 @@ class Destination:
                 http_timeout=self.http_timeout,
                 max_bytes=spool_max_bytes,
                 max_age=spool_max_age,
-                backoff=replay_backoff,
-                max_backoff=replay_max_backoff,
+                policy=replay,
                 latency=self._observe,
                 name=f"selfreport-replay-{name}",
             )
@@ -299,8 +295,7 @@ class Destination:
             diagnostics=self.diagnostics,
             closed=self._closed,
             http_timeout=self.http_timeout,
-            max_retries=self.max_retries,
-            retry_backoff=self.retry_backoff,
+            retry=retry,
             observe=self._observe,
             name=name,
             uplink=self._uplink,

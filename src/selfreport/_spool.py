@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import enum
 import itertools
 import math
 import os
-import random
 import re
 import sys
 import threading
@@ -16,9 +14,10 @@ from typing import Callable, Optional, Union
 
 from ._diag import Diagnostics
 from ._guard import enter_thread_for_life, reporting_path
+from ._retry import Outcome, Retry
 from .exceptions import ConfigError
 
-__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BYTES", "Claim", "Outcome", "Replayer", "Spool"]
+__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BYTES", "Claim", "Replayer", "Spool"]
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_AGE = 7 * 24 * 3600.0
@@ -450,13 +449,8 @@ class Spool:
             pass
 
 
-class Outcome(enum.Enum):
-    """What became of one replayed envelope."""
-
-    SENT = "sent"  # acknowledged: remove it
-    REJECTED = "rejected"  # refused for good (4xx other than 429): quarantine it at once
-    FAILED = "failed"  # this envelope failed (5xx): keep it, quarantined after max_attempts
-    RETRY = "retry"  # the upstream is unavailable (connection error, 429): keep it, wait
+# Outcomes that leave an envelope in the spool for a later round.
+_KEEP = frozenset({Outcome.FAILED, Outcome.RATE_LIMITED, Outcome.UNREACHABLE})
 
 
 class Replayer:
@@ -465,14 +459,17 @@ class Replayer:
 
     The delivery path asks :attr:`down` to decide whether to spool at once (no point trying an
     upstream that just failed) and calls :meth:`spooled` after each write, which starts the
-    thread if needed and, after a failure, marks the upstream down so the next attempt waits
-    ``backoff`` seconds, doubling up to ``max_backoff`` (or longer if ``retry_after()`` says).
+    thread if needed and, after a failure, marks the upstream down so the next round waits as
+    the :class:`~selfreport._retry.Retry` ``policy`` says: its backoff, doubling up to its
+    cap, or longer if ``retry_after()`` (the upstream's ``Retry-After`` and rate limits) says.
+    A rate limit stops a round too, even one announced by an answer that took an envelope.
 
-    One bad envelope never holds up the others: one the upstream refuses for good (4xx) is
-    quarantined at once; one that fails (5xx) is passed over for the next, and quarantined once
-    it failed ``max_attempts`` times while the upstream took other envelopes (so an outage
-    quarantines nothing). Two failures in a row, a connection error or a 429 mean the upstream
-    itself is unavailable: the round stops there and the next one waits.
+    ``send`` answers with a :class:`~selfreport._retry.Outcome`. One bad envelope never holds
+    up the others: one the upstream refuses for good (4xx) is quarantined at once; one that
+    fails (5xx) is passed over for the next, and quarantined once the policy has no retry left
+    for it, counting only failures while the upstream took other envelopes (so an outage
+    quarantines nothing). Two failures in a row, no answer or a 429 mean the upstream itself is
+    unavailable: the round stops there and the next one waits.
     """
 
     def __init__(
@@ -483,20 +480,16 @@ class Replayer:
         retry_after: Callable[[], float] = lambda: 0.0,
         on_sent: Callable[[], None] = lambda: None,
         interrupt: Optional[Callable[[], None]] = None,
-        backoff: float = 1.0,
-        max_backoff: float = 60.0,
+        policy: Optional[Retry] = None,
         idle_interval: float = 30.0,
-        max_attempts: int = 5,
         name: str = "selfreport-replay",
     ) -> None:
         self.spool = spool
-        self.max_attempts = max_attempts
+        self.policy = policy or Retry.for_replay()
         self._send = send
         self._retry_after = retry_after
         self._on_sent = on_sent
         self._interrupt = interrupt
-        self.backoff = backoff
-        self.max_backoff = max_backoff
         self.idle_interval = idle_interval
         self.name = name
         self._reset()
@@ -507,10 +500,10 @@ class Replayer:
         self._stopping = False
         self._woken = False
         self._down = False
-        self._delay = self.backoff
+        self._rounds = self.policy  # failed rounds in a row, for the backoff between them
         self._busy = False
-        # spool file -> [failed attempts (5xx), envelopes answered when it first failed]
-        self._failures: dict[str, list[int]] = {}
+        # spool file -> (its policy: 5xx answers counted, envelopes answered when it first failed)
+        self._failures: dict[str, tuple[Retry, int]] = {}
         self._answers = 0  # envelopes the upstream took or refused
 
     def after_fork_in_child(self) -> None:
@@ -602,21 +595,25 @@ class Replayer:
             self._cond.wait(remaining)
         return False
 
-    def _next_wait_locked(self) -> float:
+    def _asked(self) -> float:
+        """Seconds the upstream asked us to wait (Retry-After, rate limits): even when not down."""
         try:
-            hinted = float(self._retry_after())  # a 429's Retry-After, even when not down
+            return float(self._retry_after())
         except Exception:  # pragma: no cover - the hint comes from UpstreamLimits
-            hinted = 0.0
+            return 0.0
+
+    def _next_wait_locked(self) -> float:
+        asked = self._asked()
         if not self._down:
-            return hinted
-        delay = self._delay * (0.5 + random.random() / 2)
-        self._delay = min(self.max_backoff, self._delay * 2)
-        return max(delay, hinted)
+            return asked
+        self._rounds = self._rounds.increment()
+        return self._rounds.get_sleep_time(asked)
 
     def _drain(self) -> bool:
         """Send what is spooled, oldest first; False when something is left to retry."""
         failed: list[str] = []  # 5xx this round
         in_a_row = 0
+        unavailable = False
         pending = self.spool.pending()
         if self._failures:  # forget files sent, dropped or expired meanwhile
             names = set(pending)
@@ -630,45 +627,54 @@ class Replayer:
             try:
                 outcome = self._send(claim.body)
             except Exception:  # pragma: no cover - send functions classify their own errors
-                outcome = Outcome.RETRY
-            if outcome is Outcome.RETRY or outcome is Outcome.FAILED:
+                outcome = Outcome.UNREACHABLE
+            if outcome in _KEEP:
                 claim.release()
                 if outcome is Outcome.FAILED:
                     failed.append(name)
-                    self._failures.setdefault(name, [0, self._answers])
+                    self._failures.setdefault(name, (self.policy, self._answers))
                 in_a_row += 1
-                # Unavailable, or two failures in a row: the upstream itself is in trouble.
-                if outcome is Outcome.RETRY or in_a_row >= 2:
+                # Unavailable (a 503's Retry-After too), or two failures in a row: the
+                # upstream itself is in trouble.
+                if outcome is not Outcome.FAILED or in_a_row >= 2 or self._asked() > 0:
+                    unavailable = True
                     break
                 continue
             in_a_row = 0
-            self._answers += 1
-            self._failures.pop(name, None)
-            if outcome is Outcome.REJECTED:
-                claim.quarantine("the upstream refused it")
-                continue
-            claim.ack()
-            self._down = False
-            self._delay = self.backoff
-            self._on_sent()
+            self._answered(claim, outcome)
+            if self._asked() > 0:  # rate limited, even by an answer that took the envelope
+                break
         else:
             if not failed:
                 return True
         for name in failed:
             self._failed_once(name)
-        self._down = True
+        if failed or unavailable:
+            self._down = True
         return False
+
+    def _answered(self, claim: Claim, outcome: Outcome) -> None:
+        """The upstream took ``claim`` or refused it for good: either way it leaves the spool."""
+        self._answers += 1
+        self._failures.pop(claim.name, None)
+        if outcome is Outcome.REFUSED:
+            claim.quarantine("the upstream refused it")
+            return
+        claim.ack()
+        self._down = False
+        self._rounds = self.policy
+        self._on_sent()
 
     def _failed_once(self, name: str) -> None:
         """Count a 5xx of ``name`` if the upstream took other envelopes since it first failed
-        (so an outage counts nothing); quarantine it after ``max_attempts``."""
-        entry = self._failures[name]
-        if self._answers == entry[1]:
+        (so an outage counts nothing); quarantine it once the policy has no retry left."""
+        retry, answers = self._failures[name]
+        if self._answers == answers:
             return
-        entry[0] += 1
-        if entry[0] < self.max_attempts:
+        if retry.is_retry(Outcome.FAILED):
+            self._failures[name] = (retry.increment(), answers)
             return
         del self._failures[name]
         claim = self.spool.claim(name)
         if claim is not None:
-            claim.quarantine(f"the upstream failed on it {self.max_attempts} times")
+            claim.quarantine(f"the upstream failed on it {retry.attempts + 1} times")
