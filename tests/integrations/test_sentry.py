@@ -139,7 +139,11 @@ def run_before_send_logs(collector: FakeCollector, init_sentry: Callable[..., An
 
     def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
         calls.append(event["event_id"])
-        logging.getLogger("app.hooks").error("before_send could not enrich an event")
+        # Plain sentry-sdk recurses until RecursionError otherwise; 50 levels show the
+        # amplification and stay well below the limit (a finalizer run deeper than that failed
+        # in pytest's unraisable hook on a loaded machine).
+        if len(calls) < 50:
+            logging.getLogger("app.hooks").error("before_send could not enrich an event")
         return event
 
     init_sentry(collector.dsn, guard=guard, before_send=before_send)
@@ -151,7 +155,7 @@ def test_before_send_that_logs_an_error_amplifies_without_the_integration(
     collector: FakeCollector, init_sentry: Callable[..., Any]
 ) -> None:
     run_before_send_logs(collector, init_sentry, guard=False)
-    # sentry-sdk recurses until RecursionError, then sends every level: ~75 on CPython 3.11.
+    # sentry-sdk sends every level of the recursion (until RecursionError without our cap).
     assert count(collector, False, 20) >= 20
 
 
