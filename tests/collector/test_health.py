@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,35 @@ async def test_default_checks_with_extras(storage: Storage) -> None:
     assert report["queue_below_threshold"]["detail"] == "0 writes waiting (threshold 5)"
     assert report["storage_writable"]["ok"]
     assert report["forwarding"]["detail"] == "forwarding is off"
+
+
+@pytest.mark.asyncio
+async def test_concurrent_checks_during_a_stall_share_one_probe(
+    storage: Storage, write_lock_held: Any
+) -> None:
+    """Review 1.10: each /health queued a probe write, and those cancelled at the timeout
+    kept their place in the write queue: a flood of /health (no key needed) during a stall
+    pushed ingestion towards StorageFull. 100 concurrent checks now queue one probe."""
+    storage.start()
+    probes = 0
+    real_probe = storage.probe
+
+    def counting_probe() -> Any:
+        nonlocal probes
+        probes += 1
+        return real_probe()
+
+    storage.probe = counting_probe  # type: ignore[method-assign]
+    checks = default_checks(storage)
+    checks.timeout = 0.3
+    with write_lock_held(storage.path):
+        outcomes = await asyncio.gather(*(checks.run() for _ in range(100)))
+        for ok, report in outcomes:
+            assert not ok
+            assert report["storage_writable"]["detail"] == "no answer within 0.3s"
+        assert probes == 1
+        assert storage.queue_size <= 1
+    checks.timeout = 30.0
+    ok, report = await checks.run()  # the probe in flight, or a new one once it is done
+    assert ok, report
+    assert probes <= 2

@@ -223,11 +223,7 @@ async def test_the_writer_state_and_the_probe(open_store: OpenStore) -> None:
     assert store.start() is store  # idempotent
     assert isinstance(store.probe().result(10), float)
     assert store.writer_alive
-    assert (store.writer_restarts, store.writer_last_error, store.writer_gave_up) == (
-        0,
-        None,
-        False,
-    )
+    assert (store.writer_restarts, store.writer_last_error, store.writer_failing) == (0, None, 0)
     assert store.writer_last_error_at is None
     assert store.queue_size == 0 < store.max_queue
     assert store.deleted_for_space == 0

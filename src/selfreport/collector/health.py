@@ -79,7 +79,8 @@ class HealthChecks:
 
 
 def writer_alive(storage: Store) -> Check:
-    """The writer thread runs; says how often it was restarted and its last failure."""
+    """The writer thread runs and its last try worked; says how often it was restarted
+    and its last failure. Failing while the writer fails again and again (it keeps trying)."""
 
     async def check() -> CheckResult:
         history = ""
@@ -89,27 +90,47 @@ def writer_alive(storage: Store) -> Check:
                 f"; restarts after failures: {storage.writer_restarts},"
                 f" the last failure {ago:.0f}s ago: {storage.writer_last_error}"
             )
-        if storage.writer_alive:
-            return CheckResult(True, "the storage writer thread is running" + history)
-        if storage.writer_gave_up:
-            return CheckResult(False, "the storage writer thread gave up" + history)
-        return CheckResult(False, "the storage writer thread is not running" + history)
+        if not storage.writer_alive:
+            return CheckResult(False, "the storage writer thread is not running" + history)
+        failing = storage.writer_failing
+        if failing:
+            return CheckResult(
+                False,
+                f"the storage writer is down ({failing} failures in a row), retrying" + history,
+            )
+        return CheckResult(True, "the storage writer thread is running" + history)
 
     return check
 
 
 def storage_writable(storage: Store) -> Check:
     """A tiny write through the writer thread, committed to disk. Waiting for it may time
-    out (the health timeout): the probe is then skipped or its result ignored, and the
-    writer goes on."""
+    out (the health timeout) and the writer goes on. One probe at a time: concurrent checks
+    (anyone can ask for ``/health``) wait on the one in flight rather than each queueing a
+    write, so a flood of them during a stall takes one place in the write queue, not
+    thousands."""
+    inflight: Optional[asyncio.Future[float]] = None
 
     async def check() -> CheckResult:
+        nonlocal inflight
         started = time.perf_counter()
-        await asyncio.wrap_future(storage.probe())
+        loop = asyncio.get_running_loop()
+        if inflight is None or inflight.done() or inflight.get_loop() is not loop:
+            inflight = asyncio.wrap_future(storage.probe())
+            # Its failure may outlive every check waiting on it: retrieved here, so asyncio
+            # does not log "exception was never retrieved" outside the reporting path.
+            inflight.add_done_callback(_retrieve)
+        # Shielded: a check that times out leaves the probe for the others to wait on.
+        await asyncio.shield(inflight)
         took = (time.perf_counter() - started) * 1e3
         return CheckResult(True, f"a probe write committed in {took:.1f} ms")
 
     return check
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def queue_below(storage: Store, threshold: int) -> Check:

@@ -50,6 +50,13 @@ MIN_STORAGE_BYTES = 2**20
 # What a stored event costs beyond its payload (row, indexes), about.
 _ROW_OVERHEAD = 300
 _MAX_SPACE_STEP = 32 * 2**20  # bytes of events retention by size deletes at most per step
+# The stored size of an event's payload. octet_length() (SQLite 3.43) takes it from the
+# record header; length(CAST(...)) has to read the whole text.
+_PAYLOAD_BYTES = (
+    "octet_length(payload)"
+    if sqlite3.sqlite_version_info >= (3, 43)
+    else "length(CAST(payload AS BLOB))"
+)
 _VACUUM_PAGES = 2048  # pages given back to the disk at most per step
 
 _SCHEMA = """
@@ -316,9 +323,10 @@ class SqliteStorage:
         max_storage_bytes: retention by size: the database (with its write-ahead log) is kept
             under this many bytes by deleting the oldest events first, in the same
             transaction as the writes that need the room. None: no limit by size.
-        max_writer_restarts: a writer thread that fails unexpectedly is restarted (after a
-            growing pause) up to this many times in a row before it gives up; a committed
-            batch resets the count.
+        max_writer_pause: a writer that fails unexpectedly is restarted, again and again,
+            after a pause that doubles with each failure in a row up to this many seconds
+            (a data directory unmounted for a while must not end it); a committed
+            transaction resets the count.
     """
 
     def __init__(
@@ -335,7 +343,7 @@ class SqliteStorage:
         checkpoint_interval: float = 1.0,
         retention_chunk: int = 1000,
         max_storage_bytes: Optional[int] = None,
-        max_writer_restarts: int = 10,
+        max_writer_pause: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -359,11 +367,10 @@ class SqliteStorage:
         self.wal_allowance = (
             0 if max_storage_bytes is None else min(64 * 2**20, max_storage_bytes // 8)
         )
-        self.max_writer_restarts = max_writer_restarts
+        self.max_writer_pause = max_writer_pause
         self.writer_restarts = 0
         self.writer_last_error: Optional[str] = None
         self.writer_last_error_at: Optional[float] = None
-        self.writer_gave_up = False
         self.deleted_for_space = 0
         self._consecutive_failures = 0
         self._inflight: list[_Write] = []
@@ -458,7 +465,8 @@ class SqliteStorage:
                     f"{self.path} can be read by other users (mode {mode & 0o777:o}):"
                     " it holds events and project keys; chmod 600 it"
                 )
-                logger.warning("%s", self.warning)
+                with reporting_path():
+                    logger.warning("%s", self.warning)
             return
         os.close(fd)
         os.chmod(self.path, 0o600)  # the umask may have taken bits from what os.open asked
@@ -705,6 +713,11 @@ class SqliteStorage:
         return self._writer is not None and self._writer.is_alive()
 
     @property
+    def writer_failing(self) -> int:
+        """Failures of the writer in a row, not yet followed by a commit (0: it works)."""
+        return self._consecutive_failures
+
+    @property
     def queue_size(self) -> int:
         return self._pending
 
@@ -753,8 +766,8 @@ class SqliteStorage:
     def _write_loop(self) -> None:
         """The writer thread: serves writes until closed. An unexpected failure fails the
         writes it was applying, and the writer starts again on a fresh connection after a
-        pause that doubles with each failure in a row; after ``max_writer_restarts`` of them
-        it gives up (``/health`` says so, and why)."""
+        pause that doubles with each failure in a row, up to ``max_writer_pause``; it never
+        gives up (``/health`` fails while it keeps failing, and says why)."""
         while True:
             try:
                 self._serve_writes()
@@ -762,13 +775,18 @@ class SqliteStorage:
             # BaseException too: a SystemExit raised by a write (a callback's sys.exit())
             # must not end the thread that every ingestion waits on.
             except BaseException as exc:
-                if not self._writer_failed(exc):
+                self._writer_failed(exc)
+                if self._stopping.is_set():  # closing: the writes left cannot be done
+                    self._fail_pending(
+                        StorageError(f"storage is closed: the writer failed: {exc!r}")
+                    )
                     return
-                pause = min(5.0, 0.05 * 2 ** (self._consecutive_failures - 1))
-                self._stopping.wait(pause)
+                failures = min(self._consecutive_failures, 20)  # no huge powers of two
+                # Closing ends the pause: one more try to finish what is queued.
+                self._stopping.wait(min(self.max_writer_pause, 0.05 * 2 ** (failures - 1)))
 
-    def _writer_failed(self, exc: BaseException) -> bool:
-        """Account for a failure of the writer; True if it should start again."""
+    def _writer_failed(self, exc: BaseException) -> None:
+        """Account for a failure of the writer, which starts again after a pause."""
         self._consecutive_failures += 1
         self.writer_last_error = repr(exc)
         self.writer_last_error_at = time.time()
@@ -779,20 +797,13 @@ class SqliteStorage:
             with self._pending_lock:
                 self._pending -= len(inflight)
             _complete(inflight, [(False, error)] * len(inflight))
-        give_up = self._consecutive_failures > self.max_writer_restarts
         with reporting_path():
             logger.error(
-                "the storage writer failed (%d in a row); %s",
+                "the storage writer failed (%d in a row); restarting it",
                 self._consecutive_failures,
-                "giving up" if give_up else "restarting it",
                 exc_info=exc,
             )
-        if give_up:
-            self.writer_gave_up = True
-            self._fail_pending(error)
-            return False
         self.writer_restarts += 1
-        return True
 
     def _serve_writes(self) -> None:
         conn = self._connect()
@@ -899,8 +910,9 @@ class SqliteStorage:
         batch = _Batch(self._issue_ids)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if self.max_storage_bytes is not None:
-                self._make_room(conn, sum(write.size for write in writes))
+            # Counted once committed: a rolled-back transaction (retried write by write, or
+            # a failed COMMIT) deleted nothing.
+            deleted_for_space = self._make_room(conn, sum(write.size for write in writes))
             for write in writes:
                 if not isolated:
                     try:
@@ -921,8 +933,9 @@ class SqliteStorage:
                 conn.execute("RELEASE write")
             batch.flush(conn)
             if self._retention_backlog:
-                self._retention_step(conn, 100 + 2 * batch.inserted)
+                deleted_for_space += self._retention_step(conn, 100 + 2 * batch.inserted)
             conn.execute("COMMIT")
+            self.deleted_for_space += deleted_for_space
             self._inserted_since_retention += batch.inserted
         except BaseException:
             if conn.in_transaction:
@@ -951,25 +964,27 @@ class SqliteStorage:
         try:
             with _transaction(conn):
                 conn.execute("BEGIN IMMEDIATE")
-                self._retention_step(conn, self.retention_chunk)
+                deleted_for_space = self._retention_step(conn, self.retention_chunk)
                 conn.execute("COMMIT")
+            self.deleted_for_space += deleted_for_space
         except sqlite3.Error as exc:
             self._retention_failed(exc)
 
-    def _retention_step(self, conn: sqlite3.Connection, limit: int) -> None:
-        """Delete up to ``limit`` expired events inside the current transaction. Under load
-        this rides along with each batch (no commit, no fsync of its own), so a minute's worth
-        of expired events never holds the writer, and every waiting request, for seconds."""
+    def _retention_step(self, conn: sqlite3.Connection, limit: int) -> int:
+        """Delete up to ``limit`` expired events inside the current transaction; returns how
+        many events were deleted for space (to count once committed). Under load this rides
+        along with each batch (no commit, no fsync of its own), so a minute's worth of
+        expired events never holds the writer, and every waiting request, for seconds."""
         self._issue_ids.clear()  # retention may delete issues
         conn.execute("SAVEPOINT retention")
         try:
             deleted = self._delete_expired(conn, limit)
-            self._make_room(conn, 0)
+            deleted_for_space = self._make_room(conn, 0)
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK TO retention")
             conn.execute("RELEASE retention")
             self._retention_failed(exc)
-            return
+            return 0
         conn.execute("RELEASE retention")
         if deleted < limit:  # caught up
             self._retention_backlog = False
@@ -978,6 +993,7 @@ class SqliteStorage:
             if now - self._last_issue_cleanup >= self.retention_interval:
                 self._last_issue_cleanup = now
                 _delete_empty_issues(conn)
+        return deleted_for_space
 
     def _retention_failed(self, exc: Exception) -> None:
         self._retention_backlog = False  # try again at the next interval, not at once
@@ -993,10 +1009,12 @@ class SqliteStorage:
         with self._writing() as conn:
             conn.execute("BEGIN IMMEDIATE")
             deleted = self._delete_expired(conn, limit)
-            deleted += self._make_room(conn, 0)
+            deleted_for_space = self._make_room(conn, 0)
+            deleted += deleted_for_space
             if limit is None or deleted < limit:
                 _delete_empty_issues(conn)
             conn.execute("COMMIT")
+        self.deleted_for_space += deleted_for_space
         return deleted
 
     def _delete_expired(self, conn: sqlite3.Connection, limit: Optional[int]) -> int:
@@ -1028,8 +1046,9 @@ class SqliteStorage:
     def _make_room(self, conn: sqlite3.Connection, incoming: int) -> int:
         """Retention by size, inside the current transaction: delete the oldest events until
         the pages in use plus ``incoming`` bytes fit under the limit (with the room kept for
-        the WAL); returns how many were deleted. SQLite reuses the pages freed here before
-        it grows the file, so the file stays about the limit."""
+        the WAL); returns how many were deleted, for the caller to count once committed.
+        SQLite reuses the pages freed here before it grows the file, so the file stays about
+        the limit."""
         if self.max_storage_bytes is None:
             return 0
         target = self.max_storage_bytes - self.wal_allowance
@@ -1044,12 +1063,17 @@ class SqliteStorage:
         self._space_backlog = need > incoming * 2 + _MAX_SPACE_STEP
         need = min(need, incoming * 2 + _MAX_SPACE_STEP)
         deleted = 0
+        # Sizes are read in small, growing steps, stopping once there is room: on an SQLite
+        # without octet_length() a size means reading the whole payload, inside the
+        # transaction every waiting request waits on.
+        step = 8
         while need > 0:
             rows = conn.execute(
-                "SELECT id, length(CAST(payload AS BLOB)) FROM events ORDER BY id LIMIT 500"
+                f"SELECT id, {_PAYLOAD_BYTES} FROM events ORDER BY id LIMIT ?", (step,)
             ).fetchall()
             if not rows:
                 break
+            step = min(step * 2, 256)
             last = rows[-1][0]
             for row_id, size in rows:
                 need -= size + _ROW_OVERHEAD
@@ -1057,7 +1081,6 @@ class SqliteStorage:
                     last = row_id
                     break
             deleted += conn.execute("DELETE FROM events WHERE id <= ?", (last,)).rowcount
-        self.deleted_for_space += deleted
         # A database made when the limit was higher gives the pages back to the disk.
         file_pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
         self._vacuum = file_pages * page_size > self.max_storage_bytes

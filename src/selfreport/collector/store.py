@@ -145,8 +145,8 @@ class Store(Protocol):
         """When that was (``time.time()``)."""
 
     @property
-    def writer_gave_up(self) -> bool:
-        """The writer failed too often in a row and stopped for good."""
+    def writer_failing(self) -> int:
+        """Failures of the writer in a row, not yet followed by a commit (0: it works)."""
 
     @property
     def deleted_for_space(self) -> int:
