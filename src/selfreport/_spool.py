@@ -244,14 +244,17 @@ class Spool:
             self._counts["spooled"] += 1
         return True
 
-    def quarantine_body(self, body: bytes, reason: str) -> None:
-        """Keep an envelope the upstream refused for good in ``quarantine/``, counted."""
+    def quarantine_body(self, body: bytes, reason: str) -> bool:
+        """Keep an envelope the upstream refused for good in ``quarantine/``, counted; False
+        when it could not be written (logged; the caller counts the envelope as lost)."""
         name = self._new_name()
-        if self._write(_encode(body), name, self.quarantine_dir):
-            self._count("quarantined")
-            self._notify("quarantined", 1)
-            self._trim_quarantine()
-            self._warn("spool_quarantine", f"quarantined an envelope ({reason}) as {name}")
+        if not self._write(_encode(body), name, self.quarantine_dir):
+            return False
+        self._count("quarantined")
+        self._notify("quarantined", 1)
+        self._trim_quarantine()
+        self._warn("spool_quarantine", f"quarantined an envelope ({reason}) as {name}")
+        return True
 
     def _write(self, data: bytes, name: str, folder: str) -> bool:
         """Write ``data`` as ``folder/name``, atomically and durably; False: counted, logged."""
@@ -660,12 +663,13 @@ class Replayer:
         return False
 
     def _failed_once(self, name: str) -> None:
-        """Count a 5xx of ``name`` if the upstream took other envelopes since it first failed
-        (so an outage counts nothing); quarantine it after ``max_attempts``."""
+        """Count a 5xx of ``name`` if the upstream took other envelopes since its last counted
+        failure (so an outage counts nothing); quarantine it after ``max_attempts``."""
         entry = self._failures[name]
         if self._answers == entry[1]:
             return
         entry[0] += 1
+        entry[1] = self._answers  # the next one counts only if others go through again
         if entry[0] < self.max_attempts:
             return
         del self._failures[name]
