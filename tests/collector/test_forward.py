@@ -395,3 +395,26 @@ def test_stats_never_reads_the_database(
         assert set(readers) == {"selfreport-forwarder"}
     finally:
         forwarder.close(timeout=1.0)
+
+
+def test_serve_without_upstream_then_with_it_sends_no_backlog(
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+
+    def run(message: str, **options: Any) -> None:
+        server = CollectorServer(data, self_report=False, **options).start()
+        try:
+            assert Target(server).send(envelope_of(make_event(message=message))).status == 200
+            if server.forwarder is not None:
+                assert upstream.wait_for(len(upstream.events) + 1, timeout=30)
+        finally:
+            server.stop()
+
+    run("forwarded", upstream=upstream.dsn)
+    run("stored while not forwarding")
+    run("forwarded again", upstream=upstream.dsn)
+    assert [e["message"] for e in upstream.events] == ["forwarded", "forwarded again"]
