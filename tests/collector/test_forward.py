@@ -329,43 +329,30 @@ def test_with_the_spool_nearly_full_events_wait_in_the_database(
         stats = forwarder.stats()
         assert stats["waiting"] > 0  # held back, not pushed into a full spool
         assert stats["dropped_spool_full"] == 0
-    finally:
-        forwarder.close(timeout=0.5)
-
-
-def test_with_the_spool_nearly_full_new_events_read_nothing(
-    make_server: Callable[..., CollectorServer],
-    make_event: Callable[..., dict[str, Any]],
-    envelope_of: Callable[..., bytes],
-    tmp_path: Path,
-) -> None:
-    # Before, every new event woke the forwarder, which read a batch of payloads (up to 100
-    # of 1 MiB) only to find the spool full: it spun while the spool was full.
-    target, forwarder = _forwarding_to_nowhere(make_server(), tmp_path, spool_max_bytes=8192)
-    storage = target.server.storage
-    try:
-        for _ in range(20):
-            body = envelope_of(make_event(extra={"blob": "x" * 500}))
-            assert target.send(body).status == 200
-        assert wait_until(lambda: forwarder.stats()["waiting"] + forwarder.stats()["spooled"] == 20)
-        assert forwarder.destination.spool_nearly_full()
-        reads: list[int] = []
-        original = storage.events_to_forward
-
-        def counting(*args: Any) -> Any:
-            reads.append(1)
-            return original(*args)
-
-        storage.events_to_forward = counting  # type: ignore[method-assign]
-        waiting = forwarder.stats()["waiting"]
+        # Before, every new event woke the forwarder, which read a batch of payloads (up to
+        # 100 of 1 MiB) only to find the spool full: it spun while the spool was full.
+        reads = _calls(target.server.storage, "events_to_forward")
         for _ in range(10):
             body = envelope_of(make_event(extra={"blob": "x" * 500}))
             assert target.send(body).status == 200
         # Counted by the forwarding thread (on its timer) after all ten woke it.
-        assert wait_until(lambda: forwarder.stats()["waiting"] == waiting + 10)
+        assert wait_until(lambda: forwarder.stats()["waiting"] == stats["waiting"] + 10)
         assert reads == []
     finally:
         forwarder.close(timeout=0.5)
+
+
+def _calls(storage: Storage, method: str) -> list[str]:
+    """The names of the threads that call ``storage.method`` from now on."""
+    threads: list[str] = []
+    original = getattr(storage, method)
+
+    def counting(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(*args)
+
+    setattr(storage, method, counting)
+    return threads
 
 
 def test_stats_never_reads_the_database(
@@ -376,14 +363,7 @@ def test_stats_never_reads_the_database(
     # /metrics and /status call stats() on the event loop: before, each was a count(*) there.
     storage.start()
     forwarder = Forwarder(upstream.dsn).start(storage)
-    readers: list[str] = []
-    original = storage.forwarding_state
-
-    def counting(*args: Any) -> Any:
-        readers.append(threading.current_thread().name)
-        return original(*args)
-
-    storage.forwarding_state = counting  # type: ignore[method-assign]
+    readers = _calls(storage, "forwarding_state")
     try:
         storage.store(1, [prepare_event(make_event())]).result(5)
         storage.store(1, [prepare_event(make_event())]).result(5)
