@@ -473,9 +473,10 @@ class Replayer:
 
     One bad envelope never holds up the others: one the upstream refuses for good (4xx) is
     quarantined at once; one that fails (5xx) is passed over for the next, and quarantined once
-    it failed ``max_attempts`` times while the upstream took other envelopes (so an outage
-    quarantines nothing). Two failures in a row, a connection error or a 429 mean the upstream
-    itself is unavailable: the round stops there and the next one waits.
+    it failed ``max_attempts`` times, each after the upstream took other envelopes since its
+    last counted failure (so an outage quarantines nothing, whatever failed before it). Two
+    failures in a row, a connection error or a 429 mean the upstream itself is unavailable:
+    the round stops there and the next one waits.
     """
 
     def __init__(
