@@ -1283,6 +1283,8 @@ class Storage:
         and forwarding, once back, starts afresh at the newest event (not with the backlog)."""
         conn = self._connect()
         try:
+            if conn.execute("SELECT 1 FROM meta WHERE key = 'forward_cursor'").fetchone() is None:
+                return  # never forwarded: nothing to write (no write lock at every start)
             with _transaction(conn):
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("DROP TRIGGER IF EXISTS forward_lost")
