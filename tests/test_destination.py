@@ -719,6 +719,21 @@ def test_a_scrubber_raising_system_exit_drops_and_counts(destinations: Any) -> N
     assert upstream.stats()["dropped_error"] == 1
 
 
+def test_a_refused_envelope_that_cannot_be_quarantined_is_counted_as_send_failed(
+    collector: FakeCollector, destinations: Any, tmp_path: Path
+) -> None:
+    # Disk full or read-only: the quarantine write fails and the envelope is gone, so it must
+    # show in stats() (before, only the spool's own write_failed moved, which stats() omits).
+    collector.status = 400
+    upstream = destinations(collector.dsn, spool_dir=tmp_path)
+    (tmp_path / "quarantine").rmdir()
+    (tmp_path / "quarantine").write_text("in the way")  # fails for root too, unlike chmod
+    upstream.send_event(event(1))
+    assert upstream.flush(5)
+    stats = upstream.stats()
+    assert (stats["quarantined"], stats["send_failed"]) == (0, 1)
+
+
 def test_an_envelope_refused_at_once_is_quarantined_when_there_is_a_spool(
     collector: FakeCollector, destinations: Any, tmp_path: Path
 ) -> None:

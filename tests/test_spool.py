@@ -550,14 +550,19 @@ def test_an_envelope_failing_with_5xx_is_passed_over_then_quarantined(tmp_path: 
     poison = envelope(0)
 
     def answer(call: int) -> Outcome:
-        return Outcome.FAILED if upstream.current == poison else Outcome.SENT
+        if upstream.current != poison:
+            return Outcome.SENT
+        # Traffic goes on behind it: a failure counts only when others went through since
+        # the last one (otherwise it cannot be told from an outage).
+        spool.put(envelope(100 + call))
+        return Outcome.FAILED
 
     upstream = Upstream(answer)
     replayer = make_replayer(spool, upstream, max_attempts=3)
     replayer.start()
     try:
         # The 20 behind it go at the first round, long before it is given up.
-        assert upstream.wait(lambda: len([b for b in upstream.bodies if b != poison]) == 20)
+        assert upstream.wait(lambda: len([b for b in upstream.bodies if b != poison]) >= 20)
         assert upstream.wait(lambda: spool.stats()["quarantined"] == 1)
         assert upstream.bodies.count(poison) == 3
         assert wait_until(replayer.idle)
@@ -577,6 +582,28 @@ def test_an_outage_answering_5xx_quarantines_nothing(tmp_path: Path) -> None:
         # Two failures in a row stop a round: the third envelope was never tried meanwhile.
         assert upstream.bodies[-3:] == [envelope(n) for n in range(3)]
         assert spool.stats()["quarantined"] == 0
+    finally:
+        replayer.stop(5)
+
+
+def test_an_outage_after_one_transient_5xx_quarantines_nothing(tmp_path: Path) -> None:
+    # One 5xx of envelope 0 while envelope 1 went through counts once; the outage after it
+    # must count nothing more (before, every outage round counted against envelope 0).
+    spool = spool_of(2, tmp_path)
+
+    def answer(call: int) -> Outcome:
+        return Outcome.SENT if call == 2 or call > 12 else Outcome.FAILED
+
+    upstream = Upstream(answer)
+    replayer = make_replayer(spool, upstream, max_attempts=3)
+    replayer.start()
+    try:
+        assert upstream.wait(lambda: upstream.calls > 12)
+        assert wait_until(replayer.idle)
+        assert upstream.bodies.count(envelope(0)) == 12  # the first try and 10 outage rounds
+        assert upstream.bodies[-1] == envelope(0)  # then delivered
+        assert spool.stats()["quarantined"] == 0
+        assert spool.pending() == []
     finally:
         replayer.stop(5)
 

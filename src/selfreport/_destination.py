@@ -132,8 +132,10 @@ class Uplink:
             self._count("send_failed", 1)
 
     def reject(self, body: bytes, status: int) -> None:
-        """``body`` was refused for good (a 4xx other than 429): quarantined, for inspection."""
-        self.spool.quarantine_body(body, f"the upstream refused it with HTTP {status}")
+        """``body`` was refused for good (a 4xx other than 429): quarantined, for inspection;
+        if even that fails (disk full, read-only), it is lost and counted as ``send_failed``."""
+        if not self.spool.quarantine_body(body, f"the upstream refused it with HTTP {status}"):
+            self._count("send_failed", 1)
 
     def _replayed(self) -> None:
         self._count("sent", 1)

@@ -243,14 +243,17 @@ class Spool:
             self._counts["spooled"] += 1
         return True
 
-    def quarantine_body(self, body: bytes, reason: str) -> None:
-        """Keep an envelope the upstream refused for good in ``quarantine/``, counted."""
+    def quarantine_body(self, body: bytes, reason: str) -> bool:
+        """Keep an envelope the upstream refused for good in ``quarantine/``, counted; False
+        when it could not be written (logged; the caller counts the envelope as lost)."""
         name = self._new_name()
-        if self._write(_encode(body), name, self.quarantine_dir):
-            self._count("quarantined")
-            self._notify("quarantined", 1)
-            self._trim_quarantine()
-            self._warn("spool_quarantine", f"quarantined an envelope ({reason}) as {name}")
+        if not self._write(_encode(body), name, self.quarantine_dir):
+            return False
+        self._count("quarantined")
+        self._notify("quarantined", 1)
+        self._trim_quarantine()
+        self._warn("spool_quarantine", f"quarantined an envelope ({reason}) as {name}")
+        return True
 
     def _write(self, data: bytes, name: str, folder: str) -> bool:
         """Write ``data`` as ``folder/name``, atomically and durably; False: counted, logged."""
@@ -467,9 +470,10 @@ class Replayer:
     ``send`` answers with a :class:`~selfreport._retry.Outcome`. One bad envelope never holds
     up the others: one the upstream refuses for good (4xx) is quarantined at once; one that
     fails (5xx) is passed over for the next, and quarantined once the policy has no retry left
-    for it, counting only failures while the upstream took other envelopes (so an outage
-    quarantines nothing). Two failures in a row, no answer or a 429 mean the upstream itself is
-    unavailable: the round stops there and the next one waits.
+    for it, each failure counting only after the upstream took other envelopes since its last
+    counted one (so an outage quarantines nothing, whatever failed before it). Two failures in
+    a row, no answer or a 429 mean the upstream itself is unavailable: the round stops there
+    and the next one waits.
     """
 
     def __init__(
@@ -666,13 +670,14 @@ class Replayer:
         self._on_sent()
 
     def _failed_once(self, name: str) -> None:
-        """Count a 5xx of ``name`` if the upstream took other envelopes since it first failed
-        (so an outage counts nothing); quarantine it once the policy has no retry left."""
+        """Count a 5xx of ``name`` if the upstream took other envelopes since its last counted
+        failure (so an outage counts nothing); quarantine it once the policy has no retry left."""
         retry, answers = self._failures[name]
         if self._answers == answers:
             return
         if retry.is_retry(Outcome.FAILED):
-            self._failures[name] = (retry.increment(), answers)
+            # The next failure counts only if others go through again.
+            self._failures[name] = (retry.increment(), self._answers)
             return
         del self._failures[name]
         claim = self.spool.claim(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -328,5 +329,72 @@ def test_with_the_spool_nearly_full_events_wait_in_the_database(
         stats = forwarder.stats()
         assert stats["waiting"] > 0  # held back, not pushed into a full spool
         assert stats["dropped_spool_full"] == 0
+        # Before, every new event woke the forwarder, which read a batch of payloads (up to
+        # 100 of 1 MiB) only to find the spool full: it spun while the spool was full.
+        reads = _calls(target.server.storage, "events_to_forward")
+        for _ in range(10):
+            body = envelope_of(make_event(extra={"blob": "x" * 500}))
+            assert target.send(body).status == 200
+        # Counted by the forwarding thread (on its timer) after all ten woke it.
+        assert wait_until(lambda: forwarder.stats()["waiting"] == stats["waiting"] + 10)
+        assert reads == []
     finally:
         forwarder.close(timeout=0.5)
+
+
+def _calls(storage: Storage, method: str) -> list[str]:
+    """The names of the threads that call ``storage.method`` from now on."""
+    threads: list[str] = []
+    original = getattr(storage, method)
+
+    def counting(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(*args)
+
+    setattr(storage, method, counting)
+    return threads
+
+
+def test_stats_never_reads_the_database(
+    storage: Storage,
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+) -> None:
+    # /metrics and /status call stats() on the event loop: before, each was a count(*) there.
+    storage.start()
+    forwarder = Forwarder(upstream.dsn).start(storage)
+    readers = _calls(storage, "forwarding_state")
+    try:
+        storage.store(1, [prepare_event(make_event())]).result(5)
+        storage.store(1, [prepare_event(make_event())]).result(5)
+        forwarder(None)  # type: ignore[arg-type]  # the on_stored hook wakes it
+        assert upstream.wait_for(2)
+        assert wait_until(lambda: forwarder.stats()["sent"] == 2)
+        assert wait_until(lambda: forwarder.stats()["waiting"] == 0)
+        assert readers  # counted, in the forwarding thread only
+        assert set(readers) == {"selfreport-forwarder"}
+    finally:
+        forwarder.close(timeout=1.0)
+
+
+def test_serve_without_upstream_then_with_it_sends_no_backlog(
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+
+    def run(message: str, **options: Any) -> None:
+        server = CollectorServer(data, self_report=False, **options).start()
+        try:
+            assert Target(server).send(envelope_of(make_event(message=message))).status == 200
+            if server.forwarder is not None:
+                assert upstream.wait_for(len(upstream.events) + 1, timeout=30)
+        finally:
+            server.stop()
+
+    run("forwarded", upstream=upstream.dsn)
+    run("stored while not forwarding")
+    run("forwarded again", upstream=upstream.dsn)
+    assert [e["message"] for e in upstream.events] == ["forwarded", "forwarded again"]

@@ -812,6 +812,38 @@ def test_the_forwarding_cursor_starts_at_the_newest_event_and_only_moves_forward
         storage.close()
 
 
+def test_the_forwarding_cursor_starts_afresh_after_a_run_without_it_or_for_another_upstream(
+    tmp_path: Path, make_event: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before, the old cursor survived both: the whole backlog went to the upstream, and the
+    # trigger counted retention's deletes as lost while nothing forwarded.
+    a, b = "http://a.example/api/1/envelope/", "http://b.example/api/1/envelope/"
+    storage = Storage(tmp_path / "a.db", max_events_per_project=3, retention_interval=3600)
+    storage.ensure_defaults()
+    try:
+        storage.start()
+        storage.store(1, [prepared(make_event, 1000.0)]).result(5)
+        assert storage.forwarding_start(upstream=a) == 1
+        storage.store(1, [prepared(make_event, 1001.0), prepared(make_event, 1002.0)]).result(5)
+        assert storage.forwarding_start(upstream=a) == 1  # the same upstream: resumed
+        storage.forwarding_off()  # a run without --upstream
+        storage.store(1, [prepared(make_event, 1010.0 + n) for n in range(3)]).result(5)
+        assert storage.apply_retention() == 3  # 1 to 3: 2 and 3 never went on, but not lost
+        assert storage.forwarding_state(1)["dropped_retention"] == 0
+        assert storage.forwarding_start(upstream=a) == 6  # not the backlog
+        assert "it was off in the last run" in caplog.text
+        storage.store(1, [prepared(make_event, 1020.0 + n) for n in range(4)]).result(5)
+        assert storage.apply_retention() == 4  # 4 to 7: 7 was not forwarded yet
+        assert storage.forwarding_state(6)["dropped_retention"] == 1
+        assert storage.forwarding_start(upstream=b) == 10  # another upstream
+        assert storage.forwarding_state(10)["dropped_retention"] == 0
+        storage.store(1, [prepared(make_event, 1030.0)]).result(5)
+        assert storage.forwarding_start(project_id=1, upstream=b) == 11  # another scope
+        assert caplog.text.count("forwarding starts afresh") == 3
+    finally:
+        storage.close()
+
+
 def test_retention_counts_events_deleted_before_they_were_forwarded(
     tmp_path: Path, make_event: Any
 ) -> None:

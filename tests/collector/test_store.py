@@ -348,6 +348,22 @@ async def test_the_forwarding_cursor(store: Store) -> None:
 
 
 @pytest.mark.asyncio
+async def test_forwarding_starts_afresh_after_a_run_without_it_or_to_another_upstream(
+    store: Store,
+) -> None:
+    cursor = store.forwarding_start(upstream="https://a.example/api/1/envelope/")
+    await store.store_async(1, [event()])
+    assert store.forwarding_start(upstream="https://a.example/api/1/envelope/") == cursor
+    store.forwarding_off()  # a run without forwarding: the backlog is not sent later
+    await store.store_async(1, [event()])
+    newest = store.forwarding_start(upstream="https://a.example/api/1/envelope/")
+    assert newest > cursor
+    assert store.events_to_forward(newest, 10)[0] == []
+    await store.store_async(1, [event()])
+    assert store.forwarding_start(upstream="https://b.example/api/1/envelope/") > newest
+
+
+@pytest.mark.asyncio
 async def test_retention_counts_what_it_deleted_before_it_was_forwarded(
     open_store: OpenStore,
 ) -> None:

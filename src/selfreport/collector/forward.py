@@ -91,6 +91,7 @@ class Forwarder:
         spool_dir: Optional[str] = None,
         batch_size: int = 100,
         save_interval: float = 1.0,
+        full_interval: float = 1.0,
         **options: Any,
     ) -> None:
         if mode not in FORWARD_MODES:
@@ -106,11 +107,17 @@ class Forwarder:
             )
         self.batch_size = max(1, batch_size)  # events read from the database at a time
         self.save_interval = save_interval
+        self.full_interval = full_interval  # how often to look again while the spool is full
         self.storage: Optional[Store] = None
         self.project_id: Optional[int] = None
         self.cursor = 0  # every event up to here was sent, spooled or counted as dropped
         self._saved = 0
         self._saved_at = 0.0
+        # What stats() reports from the database, kept by the forwarding thread: stats() is
+        # called on the event loop (/metrics, /status) and must not wait on SQLite there.
+        self._waiting = 0
+        self._dropped_retention = 0
+        self._refreshed_at = 0.0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -124,8 +131,11 @@ class Forwarder:
                 raise ConfigError("forward", "'own' needs the collector's internal project")
             self.project_id = internal_project_id
         self.storage = storage
-        self.cursor = self._saved = storage.forwarding_start(self.project_id)
+        dsn = self.destination.dsn
+        identity = "" if dsn is None else dsn.envelope_url  # no key: meta is no place for it
+        self.cursor = self._saved = storage.forwarding_start(self.project_id, identity)
         self._saved_at = time.monotonic()
+        self._refresh()
         self._thread = threading.Thread(target=self._run, name="selfreport-forwarder", daemon=True)
         self._thread.start()
         return self
@@ -151,25 +161,38 @@ class Forwarder:
 
     def stats(self) -> dict[str, int]:
         """The destination's counters, plus ``waiting`` (stored events not yet handed on) and
-        ``dropped_retention`` (deleted by retention before they were forwarded)."""
+        ``dropped_retention`` (deleted by retention before they were forwarded), as the
+        forwarding thread last counted them (at most about a second ago while it runs): this
+        never touches the database, so it may be called on an event loop."""
         out = self.destination.stats()
-        out["waiting"] = 0
-        out["dropped_retention"] = 0
-        storage = self.storage
-        if storage is not None:
-            try:
-                state = storage.forwarding_state(self.cursor, self.project_id)
-            except StorageError:  # closed or gone: the counters above still count
-                return out
-            out["waiting"] = state["waiting"]
-            out["dropped_retention"] = state["dropped_retention"]
+        out["waiting"] = self._waiting
+        out["dropped_retention"] = self._dropped_retention
         return out
+
+    def _refresh(self) -> None:
+        """Count (in the forwarding thread) what :meth:`stats` reports from the database."""
+        storage = self.storage
+        if storage is None:
+            return
+        try:
+            state = storage.forwarding_state(self.cursor, self.project_id)
+        except StorageError:  # closed: keep the last numbers
+            return
+        self._waiting = state["waiting"]
+        self._dropped_retention = state["dropped_retention"]
+        self._refreshed_at = time.monotonic()
 
     # --- the forwarding thread ---------------------------------------------------------------
 
     def _run(self) -> None:
         enter_thread_for_life()
         while not self._stopping.is_set():
+            if self.destination.spool_nearly_full():
+                # The events wait in the database; reading them now would only be thrown away,
+                # and every new event (a wake) would read them again: look again on a timer.
+                self._refresh()
+                self._stopping.wait(self.full_interval)
+                continue
             try:
                 more = self._forward_batch()
             except Exception as error:  # the database is busy, closed or broken: try again
@@ -178,6 +201,8 @@ class Forwarder:
                 more = False
                 self._stopping.wait(1.0)
             self._save()
+            if not more or time.monotonic() - self._refreshed_at >= 1.0:
+                self._refresh()
             if not more:
                 self._wake.wait(1.0)
                 self._wake.clear()

@@ -184,6 +184,8 @@ class CollectorServer:
             self.collector.on_stored.append(self.forwarder)
             self.collector.forwarding = self.forwarder.stats
             self.forwarder.start(self.storage, self.internal_project.id)
+        else:
+            self.storage.forwarding_off()
         self._config = uvicorn.Config(
             self.app,
             # The standard event loop even where uvloop is installed: selfreport's guard

@@ -1199,14 +1199,37 @@ class SqliteStorage:
     # --- forwarding: a cursor over the events table ----------------------------------------
     # The forwarder hands on what was committed, in id order (one writer: ids commit in
     # order), and keeps in ``meta`` the last id the upstream took or the spool holds. A
-    # trigger counts events deleted (by retention) before the forwarder got to them.
+    # trigger counts events deleted (by retention) before the forwarder got to them. The
+    # cursor belongs to one upstream and scope (``forward_upstream``): forwarding elsewhere,
+    # or after a run without forwarding, starts afresh at the newest event.
 
-    def forwarding_start(self, project_id: Optional[int] = None) -> int:
-        """Set up forwarding (of every project, or of ``project_id`` only) and return the
-        cursor; the first time, the newest event: only what arrives from now on goes on."""
+    def forwarding_start(self, project_id: Optional[int] = None, upstream: str = "") -> int:
+        """Set up forwarding (of every project, or of ``project_id`` only) to ``upstream`` (an
+        identity without secrets, such as the envelope URL) and return the cursor. The first
+        time, when the upstream or the scope changed, or after a run without forwarding, that
+        is the newest event: only what arrives from now on goes on (and nothing counts as
+        lost before)."""
         scope = "all" if project_id is None else str(project_id)
+        identity = f"{scope} {upstream}"
         with self._writing() as conn:
             conn.execute("BEGIN IMMEDIATE")
+            values = dict(
+                conn.execute(
+                    "SELECT key, value FROM meta"
+                    " WHERE key IN ('forward_cursor', 'forward_upstream')"
+                ).fetchall()
+            )
+            # A cursor without an identity was saved before identities were (kept).
+            previous = values.get("forward_upstream", identity)
+            if "forward_cursor" in values and previous != identity:
+                conn.execute("DELETE FROM meta WHERE key IN ('forward_cursor', 'forward_lost')")
+                with reporting_path():
+                    logger.warning(
+                        "forwarding starts afresh at the newest event: %s",
+                        "it was off in the last run"
+                        if not previous
+                        else "the upstream or what is forwarded changed",
+                    )
             conn.execute(_FORWARD_TRIGGER)
             conn.execute(
                 "INSERT OR IGNORE INTO meta SELECT 'forward_cursor',"
@@ -1214,9 +1237,24 @@ class SqliteStorage:
             )
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('forward_lost', '0')")
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('forward_scope', ?)", (scope,))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('forward_upstream', ?)", (identity,))
             row = conn.execute("SELECT value FROM meta WHERE key = 'forward_cursor'").fetchone()
             conn.execute("COMMIT")
         return int(row[0])
+
+    def forwarding_off(self) -> None:
+        """Record a run without forwarding: retention stops counting what it deletes as lost,
+        and forwarding, once back, starts afresh at the newest event (not with the backlog)."""
+        with self._writing() as conn:
+            if conn.execute("SELECT 1 FROM meta WHERE key = 'forward_cursor'").fetchone() is None:
+                return  # never forwarded: nothing to write (no write lock at every start)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DROP TRIGGER IF EXISTS forward_lost")
+            conn.execute(
+                "INSERT OR REPLACE INTO meta SELECT 'forward_upstream', '' FROM meta"
+                " WHERE key = 'forward_cursor'"
+            )
+            conn.execute("COMMIT")
 
     def events_to_forward(
         self, after: int, limit: int, project_id: Optional[int] = None

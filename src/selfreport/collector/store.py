@@ -255,9 +255,13 @@ class Store(Protocol):
 
     # --- forwarding: a cursor over stored events ------------------------------------------------
 
-    def forwarding_start(self, project_id: Optional[int] = None) -> int:
-        """Set up forwarding (of everything, or of ``project_id``) and return the saved
-        cursor; the first time, the newest event's id."""
+    def forwarding_start(self, project_id: Optional[int] = None, upstream: str = "") -> int:
+        """Set up forwarding (of everything, or of ``project_id``) to ``upstream`` (an identity
+        without secrets) and return the saved cursor; the first time, after a run without
+        forwarding, or for another upstream or scope, the newest event's id."""
+
+    def forwarding_off(self) -> None:
+        """Record a run without forwarding (forwarding starts afresh when back)."""
 
     def events_to_forward(
         self, after: int, limit: int, project_id: Optional[int] = None
