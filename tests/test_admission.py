@@ -11,16 +11,7 @@ from selfreport._counters import Counters
 from selfreport._diag import Diagnostics
 from selfreport._ratelimit import TokenBucket
 
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from .conftest import FakeClock
 
 
 @pytest.fixture

@@ -28,17 +28,25 @@ from selfreport._state import _hooks as global_hooks
 from selfreport._transport import ORIGIN_HEADER, HttpTransport, Response
 from selfreport.testing import FakeCollector, MemoryTransport
 
-from .conftest import FAST_OPTIONS, ClientFactory
+from .conftest import FAST_OPTIONS, ClientFactory, FakeClock
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+class HeldTransport:
+    """Holds every send until ``release`` is set; keeps the bodies it sent."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.sent: list[bytes] = []
+
+    def send(self, body: bytes, timeout: float) -> Response:
+        self.release.wait(10)
+        self.sent.append(body)
+        return Response(200)
+
+    def close(self) -> None:
+        pass
 
 
 def memory_client(make_client: ClientFactory, **options: Any) -> tuple[Client, MemoryTransport]:
@@ -511,17 +519,8 @@ def test_without_dedupe_events_carry_no_fingerprint(make_client: ClientFactory) 
 def test_repeats_arriving_while_the_queue_is_full_are_counted_as_repeats(
     make_client: ClientFactory,
 ) -> None:
-    release = threading.Event()
-
-    class Stuck:
-        def send(self, body: bytes, timeout: float) -> Response:
-            release.wait(10)
-            return Response(200)
-
-        def close(self) -> None:
-            pass
-
-    client = make_client(transport=Stuck(), dedupe_window=60, max_queue=1)
+    held = HeldTransport()
+    client = make_client(transport=held, dedupe_window=60, max_queue=1)
     client._admission.bucket = TokenBucket(rate=1.0, burst=2, clock=FakeClock())
     client.capture_message("a")
     assert wait_until(lambda: client.stats()["queue_size"] == 0)  # "a" is being sent
@@ -531,7 +530,7 @@ def test_repeats_arriving_while_the_queue_is_full_are_counted_as_repeats(
     assert client.capture_message("c") is None  # a first occurrence: no room for it
     stats = client.stats()
     assert (stats["deduplicated"], stats["dropped_queue_full"]) == (3, 1)  # not rate limited
-    release.set()
+    held.release.set()
     client.close(timeout=5)
     assert client._admission.pending() == {}  # "a"'s repeats went in a summary
 
@@ -978,49 +977,29 @@ def test_an_event_still_in_before_send_at_the_close_deadline_is_not_sent(
 def test_close_timeout_with_a_transport_that_cannot_be_interrupted(
     make_client: ClientFactory,
 ) -> None:
-    release = threading.Event()
-
-    class Stuck:
-        def send(self, body: bytes, timeout: float) -> Response:
-            release.wait(10)
-            return Response(200)
-
-        def close(self) -> None:
-            pass
-
-    client = make_client(transport=Stuck())
+    held = HeldTransport()
+    client = make_client(transport=held)
     client.capture_message("stuck")
     assert wait_until(lambda: client.stats()["queue_size"] == 0)
     client.close(timeout=0.05)
-    release.set()
+    held.release.set()
     assert client._worker._thread is not None
     client._worker._thread.join(5)
     assert client.stats()["sent"] == 1
 
 
 def test_repeat_summaries_stop_when_the_queue_is_full(make_client: ClientFactory) -> None:
-    release = threading.Event()
-    sent: list[bytes] = []
-
-    class Stuck:
-        def send(self, body: bytes, timeout: float) -> Response:
-            release.wait(10)
-            sent.append(body)
-            return Response(200)
-
-        def close(self) -> None:
-            pass
-
-    client = make_client(transport=Stuck(), dedupe_window=60, max_queue=1)
+    held = HeldTransport()
+    client = make_client(transport=held, dedupe_window=60, max_queue=1)
     client.capture_message("a")
     assert wait_until(lambda: client.stats()["queue_size"] == 0)  # "a" is being sent
     for text in ("a", "b"):  # a repeat, and a first "b" that fills the queue
         client.capture_message(text)
     client.close(timeout=0.05)  # no room for the summary of "a": it is not queued
-    release.set()
+    held.release.set()
     assert client._worker._thread is not None
     client._worker._thread.join(5)
-    assert len(sent) == 1
+    assert len(held.sent) == 1
     stats = client.stats()
     assert (stats["captured"], stats["dropped_closed"], stats["deduplicated"]) == (2, 1, 1)
 
