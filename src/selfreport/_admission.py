@@ -40,20 +40,32 @@ class Fingerprint(NamedTuple):
         cls, logger: Optional[str], template: Optional[str], exc: Optional[BaseException]
     ) -> Fingerprint:
         """The fingerprint of an event from ``logger`` with ``template`` and/or ``exc``."""
-        # tuple.__new__: this runs for every admitted event; NamedTuple's own __new__ is
-        # a Python function, twice as slow.
+        # tuple.__new__: this runs for every captured event; NamedTuple's own __new__ is a
+        # Python function, twice as slow.
         if exc is None:
-            return tuple.__new__(cls, (logger, template, None, "", 0, None))
+            return _new(cls, (logger, template, None, "", 0, None))
         filename, lineno = _innermost_location(exc.__traceback__)
-        return tuple.__new__(cls, (logger, template, type(exc), filename, lineno, None))
+        return _new(cls, (logger, template, type(exc), filename, lineno, None))
 
     def label(self) -> Fingerprint:
         """This fingerprint with its texts cut to ``LABEL_CHARS``: enough to describe it."""
-        logger, template = self.logger, self.template
-        return self._replace(
-            logger=None if logger is None else logger[:LABEL_CHARS],
-            template=None if template is None else template[:LABEL_CHARS],
-            filename=self.filename[-LABEL_CHARS:],
+        logger, template, exc_type, filename, lineno, level = self
+        if (
+            (logger is None or len(logger) <= LABEL_CHARS)
+            and (template is None or len(template) <= LABEL_CHARS)
+            and len(filename) <= LABEL_CHARS
+        ):
+            return self  # the usual case: short already, and immutable
+        return _new(
+            Fingerprint,
+            (
+                None if logger is None else logger[:LABEL_CHARS],
+                None if template is None else template[:LABEL_CHARS],
+                exc_type,
+                filename[-LABEL_CHARS:],
+                lineno,
+                level,
+            ),
         )
 
     def grouping(self) -> list[str]:
@@ -85,8 +97,11 @@ class Fingerprint(NamedTuple):
         )
 
 
+_new = tuple.__new__
+
+
 def _type_name(exc_type: type) -> str:
-    return str(getattr(exc_type, "__qualname__", None) or exc_type)
+    return exc_type.__qualname__
 
 
 def _innermost_location(tb: Optional[TracebackType]) -> tuple[str, int]:
@@ -204,11 +219,8 @@ class Admission:
         self._count = count
         self._diagnostics = diagnostics
         self._limited_message = f"rate limit reached: dropping {what}"
-
-    @property
-    def dedupes(self) -> bool:
-        """Whether repeats are folded (and so events carry their fingerprint's grouping)."""
-        return self.deduper.window > 0
+        # Whether repeats are folded (and so events carry their fingerprint's grouping).
+        self.dedupes = self.deduper.window > 0
 
     def admit(self, fingerprint: Fingerprint) -> Optional[int]:
         """The repeats the admitted event carries, or None when it is dropped (and counted):
