@@ -489,6 +489,7 @@ def test_an_own_fingerprint_is_kept(
     assert settle(collector, 2) == 2
     assert collector.events[0]["fingerprint"] == ["my", "group"]
     assert collector.events[1]["fingerprint"][:3] == ["selfreport", "", "grouped by selfreport"]
+    assert not any("_selfreport_fingerprint" in event for event in collector.events)
 
 
 def test_the_next_event_carries_the_repeats(
