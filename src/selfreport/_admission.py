@@ -22,7 +22,8 @@ LABEL_CHARS = 200
 
 class Fingerprint(NamedTuple):
     """What makes two events "the same" for dedupe: logger, message template, exception type
-    and where it was raised (``level`` tells plain messages apart).
+    and where it was raised (``level`` tells plain messages apart; ``module`` and ``function``
+    of the raising frame name the place in :meth:`grouping`).
 
     :meth:`grouping` is the Sentry ``fingerprint`` every admitted event and its repeat summary
     carry, so a collector counts the repeats under the original issue.
@@ -34,6 +35,8 @@ class Fingerprint(NamedTuple):
     filename: str = ""
     lineno: int = 0
     level: Optional[str] = None
+    module: str = ""
+    function: str = ""
 
     @classmethod
     def of(
@@ -43,17 +46,19 @@ class Fingerprint(NamedTuple):
         # tuple.__new__: this runs for every captured event; NamedTuple's own __new__ is a
         # Python function, twice as slow.
         if exc is None:
-            return _new(cls, (logger, template, None, "", 0, None))
-        filename, lineno = _innermost_location(exc.__traceback__)
-        return _new(cls, (logger, template, type(exc), filename, lineno, None))
+            return _new(cls, (logger, template, None, "", 0, None, "", ""))
+        where = _innermost_location(exc.__traceback__)
+        return _new(cls, (logger, template, type(exc), where[0], where[1], None, *where[2:]))
 
     def label(self) -> Fingerprint:
         """This fingerprint with its texts cut to ``LABEL_CHARS``: enough to describe it."""
-        logger, template, exc_type, filename, lineno, level = self
+        logger, template, exc_type, filename, lineno, level, module, function = self
         if (
             (logger is None or len(logger) <= LABEL_CHARS)
             and (template is None or len(template) <= LABEL_CHARS)
             and len(filename) <= LABEL_CHARS
+            and len(module) <= LABEL_CHARS
+            and len(function) <= LABEL_CHARS
         ):
             return self  # the usual case: short already, and immutable
         return _new(
@@ -65,16 +70,19 @@ class Fingerprint(NamedTuple):
                 filename[-LABEL_CHARS:],
                 lineno,
                 level,
+                module[:LABEL_CHARS],
+                function[:LABEL_CHARS],
             ),
         )
 
     def grouping(self) -> list[str]:
         """The Sentry ``fingerprint`` list: the same for an event and its repeat summary,
-        stable across processes (Python's ``hash`` is not), built from the label."""
+        stable across processes (Python's ``hash`` is not) and hosts (module and function,
+        not file path and line, like the collector's default grouping), from the label."""
         label = self.label()
         parts = ["selfreport", label.logger or "", label.template or ""]
         if label.exc_type is not None:
-            parts += [_type_name(label.exc_type), f"{label.filename}:{label.lineno}"]
+            parts += [_type_name(label.exc_type), label.module, label.function]
         if label.level is not None:
             parts.append(label.level)
         return parts
@@ -104,14 +112,23 @@ def _type_name(exc_type: type) -> str:
     return exc_type.__qualname__
 
 
-def _innermost_location(tb: Optional[TracebackType]) -> tuple[str, int]:
+def _innermost_location(tb: Optional[TracebackType]) -> tuple[str, int, str, str]:
+    """File, line, module and function of the frame that raised."""
     last = None
     while tb is not None:
         last = tb
         tb = tb.tb_next
     if last is None:
-        return ("", 0)
-    return (last.tb_frame.f_code.co_filename, last.tb_lineno)
+        return ("", 0, "", "")
+    frame = last.tb_frame
+    module = frame.f_globals.get("__name__")
+    code = frame.f_code
+    return (
+        code.co_filename,
+        last.tb_lineno,
+        module if isinstance(module, str) else "",
+        code.co_name,
+    )
 
 
 def _label(fingerprint: object) -> object:
