@@ -223,10 +223,10 @@ class Admission:
 
     def __init__(
         self,
-        *,
         rate_limit: float,
         rate_burst: int,
         dedupe_window: float,
+        *,
         count: Callable[[str], None],
         diagnostics: Diagnostics,
         what: str = "events",

@@ -154,11 +154,7 @@ class Client:
         self.diagnostics = Diagnostics()
         self._counters = Counters(STAT_KEYS)
         self._admission = Admission(
-            rate_limit=rate_limit,
-            rate_burst=rate_burst,
-            dedupe_window=dedupe_window,
-            count=self._count,
-            diagnostics=self.diagnostics,
+            rate_limit, rate_burst, dedupe_window, count=self._count, diagnostics=self.diagnostics
         )
         self._reentrant_told: set[str] = set()
         self._last_record: Optional[weakref.ref[logging.LogRecord]] = None

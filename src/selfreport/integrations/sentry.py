@@ -113,9 +113,9 @@ class SelfreportIntegration(Integration):
         self.diagnostics = Diagnostics()
         self._counters = Counters(STAT_KEYS)
         self._admission = Admission(
-            rate_limit=rate_limit,
-            rate_burst=rate_burst,
-            dedupe_window=dedupe_window,
+            rate_limit,
+            rate_burst,
+            dedupe_window,
             count=self._count,
             diagnostics=self.diagnostics,
             what="sentry-sdk events",
