@@ -58,6 +58,19 @@ def relay() -> Any:
     return import_relay()
 
 
+class FakeClock:
+    """A monotonic clock that moves only when told: ``clock.advance(seconds)``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> bool:
     """Poll ``done`` until it is true or ``timeout`` seconds passed; its last answer."""
     deadline = time.monotonic() + timeout

@@ -20,24 +20,33 @@ import selfreport
 import selfreport._client as client_module
 import selfreport._state as state_module
 from selfreport import Client, ConfigError, Destination, LoggingHandler, reporting_path
-from selfreport._client import STAT_KEYS, _describe_fingerprint
+from selfreport._admission import Deduper, Fingerprint
+from selfreport._client import STAT_KEYS
 from selfreport._hooks import Hooks
-from selfreport._ratelimit import Deduper, TokenBucket
+from selfreport._ratelimit import TokenBucket
 from selfreport._state import _hooks as global_hooks
 from selfreport._transport import ORIGIN_HEADER, HttpTransport, Response
 from selfreport.testing import FakeCollector, MemoryTransport
 
-from .conftest import FAST_OPTIONS, ClientFactory
+from .conftest import FAST_OPTIONS, ClientFactory, FakeClock
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+class HeldTransport:
+    """Holds every send until ``release`` is set; keeps the bodies it sent."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.sent: list[bytes] = []
+
+    def send(self, body: bytes, timeout: float) -> Response:
+        self.release.wait(10)
+        self.sent.append(body)
+        return Response(200)
+
+    def close(self) -> None:
+        pass
 
 
 def memory_client(make_client: ClientFactory, **options: Any) -> tuple[Client, MemoryTransport]:
@@ -437,7 +446,7 @@ def test_the_close_summary_of_a_huge_message_names_its_beginning(
         client.capture_message(text)
     client.close(timeout=5)
     summary = transport.events[-1]
-    assert summary["extra"]["selfreport_repeats"] == 2
+    assert summary["extra"]["selfreport_summary"] == 2
     message = summary["logentry"]["message"]
     assert "'payload zzz" in message
     assert len(message) < 400  # dedupe kept a bounded prefix, not the whole text
@@ -448,7 +457,7 @@ def test_dedupe_folds_repeats_into_the_next_event_and_a_close_summary(
 ) -> None:
     clock = FakeClock()
     client, transport = memory_client(make_client, dedupe_window=60)
-    client._deduper = Deduper(60, clock=clock)
+    client._admission.deduper = Deduper(60, clock=clock)
     logger = logging.getLogger("test_client.dedupe")
     handler = LoggingHandler(client=client)
     logger.addHandler(handler)
@@ -473,24 +482,78 @@ def test_dedupe_folds_repeats_into_the_next_event_and_a_close_summary(
     summary = transport.events[-1]
     assert summary["level"] == "info"
     assert summary["logger"] == "test_client.dedupe"
-    assert summary["extra"]["selfreport_repeats"] == 1
+    # It stands for the one folded repeat itself: no repeats of its own to carry.
+    assert summary["extra"] == {"selfreport_summary": 1}
     assert summary["logentry"]["message"] == (
         "selfreport: 1 more occurrence(s) of 'disk %s is full' were folded by dedupe and not sent"
     )
 
 
-def test_describe_fingerprint() -> None:
-    exc = raised(ValueError())
-    from selfreport._event import fingerprint_of
+def test_repeat_summaries_carry_the_fingerprint_of_the_original(
+    make_client: ClientFactory,
+) -> None:
+    client, transport = memory_client(make_client, dedupe_window=60)
+    for _ in range(4):
+        try:
+            int("x")
+        except ValueError as error:
+            client.capture_exception(error)  # one place, so one fingerprint
+    client.capture_message("other")
+    client.close(timeout=5)
+    first, other, summary = transport.events
+    assert first["fingerprint"] == summary["fingerprint"] != other["fingerprint"]
+    assert first["fingerprint"][:4] == ["selfreport", "", "", "ValueError"]
+    assert summary["logentry"]["message"].startswith(
+        "selfreport: 3 more occurrence(s) of ValueError at test_client.py:"
+    )
+    # One event for three occurrences: it carries two repeats, so a collector counts three.
+    assert summary["extra"] == {"selfreport_summary": 3, "selfreport_repeats": 2}
 
-    logger_name, what = _describe_fingerprint(fingerprint_of("app", "boom %s", exc))
-    assert logger_name == "app"
-    assert what.startswith("ValueError at test_client.py:")
-    assert what.endswith(" logged as 'boom %s'")
-    assert _describe_fingerprint(fingerprint_of(None, None, ValueError())) == (None, "ValueError")
-    assert _describe_fingerprint((None, "text", "error")) == (None, "'text'")
-    assert _describe_fingerprint("odd") == (None, "'odd'")
-    assert _describe_fingerprint(()) == (None, "an event")
+
+def test_without_dedupe_events_carry_no_fingerprint(make_client: ClientFactory) -> None:
+    client, transport = memory_client(make_client, dedupe_window=0)
+    client.capture_message("plain")
+    assert client.flush(5)
+    assert "fingerprint" not in transport.events[0]
+
+
+def test_repeats_arriving_while_the_queue_is_full_are_counted_as_repeats(
+    make_client: ClientFactory,
+) -> None:
+    held = HeldTransport()
+    client = make_client(transport=held, dedupe_window=60, max_queue=1)
+    client._admission.bucket = TokenBucket(rate=1.0, burst=2, clock=FakeClock())
+    client.capture_message("a")
+    assert wait_until(lambda: client.stats()["queue_size"] == 0)  # "a" is being sent
+    client.capture_message("b")  # fills the queue, and takes the last token
+    for _ in range(3):
+        assert client.capture_message("a") is None  # repeats of one already sent
+    assert client.capture_message("c") is None  # a first occurrence: no room for it
+    stats = client.stats()
+    assert (stats["deduplicated"], stats["dropped_queue_full"]) == (3, 1)  # not rate limited
+    held.release.set()
+    client.close(timeout=5)
+    assert client._admission.pending() == {}  # "a"'s repeats went in a summary
+
+
+def test_drop_reentrant_is_the_public_hook_for_integrations(make_client: ClientFactory) -> None:
+    client, _ = memory_client(make_client)
+    client.drop_reentrant("log record")
+    client.drop_reentrant("log record")
+    assert client.stats()["dropped_reentrant"] == 2
+
+
+def test_current_client_is_the_given_one_else_the_global_one(make_client: ClientFactory) -> None:
+    given, _ = memory_client(make_client)
+    global_one, _ = memory_client(make_client)
+    assert selfreport._state.current_client(given) is given
+    previous = selfreport._state.set_client(global_one)
+    try:
+        assert selfreport._state.current_client() is global_one
+        assert selfreport._state.current_client(None) is global_one
+        assert selfreport._state.current_client(given) is given
+    finally:
+        selfreport._state.set_client(previous)
 
 
 def test_token_bucket_limits_and_a_refused_event_is_not_a_first_occurrence(
@@ -498,7 +561,7 @@ def test_token_bucket_limits_and_a_refused_event_is_not_a_first_occurrence(
 ) -> None:
     clock = FakeClock()
     client, transport = memory_client(make_client, dedupe_window=60)
-    client._bucket = TokenBucket(rate=1.0, burst=2, clock=clock)
+    client._admission.bucket = TokenBucket(rate=1.0, burst=2, clock=clock)
     assert client.capture_message("a") is not None
     assert client.capture_message("b") is not None
     assert client.capture_message("c") is None  # bucket empty
@@ -514,9 +577,9 @@ def test_token_bucket_limits_and_a_refused_event_is_not_a_first_occurrence(
 def test_rate_limit_defaults_are_on() -> None:
     client = Client(None)
     try:
-        assert client._bucket.rate == 10.0
-        assert client._bucket.burst == 100
-        assert client._deduper.window == 60.0
+        assert client._admission.bucket.rate == 10.0
+        assert client._admission.bucket.burst == 100
+        assert client._admission.deduper.window == 60.0
     finally:
         client.close()
 
@@ -922,7 +985,8 @@ def test_a_close_racing_a_capture_counts_the_event_as_closed(make_client: Client
     stats = client.stats()
     assert stats["dropped_queue_full"] == 1
     assert stats["captured"] == 0
-    assert client._deduper.admit(("app", "v=%s")) == 0  # forgotten: a later one may go
+    # Forgotten: a later one may go.
+    assert client._admission.deduper.admit(Fingerprint("app", "v=%s")) == 0
 
 
 def test_an_event_still_in_before_send_at_the_close_deadline_is_not_sent(
@@ -949,49 +1013,29 @@ def test_an_event_still_in_before_send_at_the_close_deadline_is_not_sent(
 def test_close_timeout_with_a_transport_that_cannot_be_interrupted(
     make_client: ClientFactory,
 ) -> None:
-    release = threading.Event()
-
-    class Stuck:
-        def send(self, body: bytes, timeout: float) -> Response:
-            release.wait(10)
-            return Response(200)
-
-        def close(self) -> None:
-            pass
-
-    client = make_client(transport=Stuck())
+    held = HeldTransport()
+    client = make_client(transport=held)
     client.capture_message("stuck")
     assert wait_until(lambda: client.stats()["queue_size"] == 0)
     client.close(timeout=0.05)
-    release.set()
+    held.release.set()
     assert client._worker._thread is not None
     client._worker._thread.join(5)
     assert client.stats()["sent"] == 1
 
 
 def test_repeat_summaries_stop_when_the_queue_is_full(make_client: ClientFactory) -> None:
-    release = threading.Event()
-    sent: list[bytes] = []
-
-    class Stuck:
-        def send(self, body: bytes, timeout: float) -> Response:
-            release.wait(10)
-            sent.append(body)
-            return Response(200)
-
-        def close(self) -> None:
-            pass
-
-    client = make_client(transport=Stuck(), dedupe_window=60, max_queue=1)
+    held = HeldTransport()
+    client = make_client(transport=held, dedupe_window=60, max_queue=1)
     client.capture_message("a")
     assert wait_until(lambda: client.stats()["queue_size"] == 0)  # "a" is being sent
     for text in ("a", "b"):  # a repeat, and a first "b" that fills the queue
         client.capture_message(text)
     client.close(timeout=0.05)  # no room for the summary of "a": it is not queued
-    release.set()
+    held.release.set()
     assert client._worker._thread is not None
     client._worker._thread.join(5)
-    assert len(sent) == 1
+    assert len(held.sent) == 1
     stats = client.stats()
     assert (stats["captured"], stats["dropped_closed"], stats["deduplicated"]) == (2, 1, 1)
 

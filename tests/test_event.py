@@ -24,7 +24,6 @@ from selfreport._event import (
     capture_from_exception,
     capture_from_message,
     capture_from_record,
-    fingerprint_of,
     level_name,
     safe_repr,
     safe_str,
@@ -126,18 +125,6 @@ def test_safe_repr_survives_a_broken_repr_and_truncates() -> None:
 )
 def test_level_names(levelno: int, name: str) -> None:
     assert level_name(levelno) == name
-
-
-def test_fingerprint_is_logger_template_type_and_location() -> None:
-    def fail(n: int) -> BaseException:
-        return raised(ValueError(n))  # the same line for every value
-
-    first, second = fail(1), fail(2)
-    assert fingerprint_of("app", "t %s", first) == fingerprint_of("app", "t %s", second)
-    assert fingerprint_of("app", "t %s", first) != fingerprint_of("other", "t %s", first)
-    assert fingerprint_of("app", "t %s", first) != fingerprint_of("app", "t %s", raised(KeyError()))
-    assert fingerprint_of("app", "a", None) == ("app", "a")
-    assert fingerprint_of(None, None, ValueError())[2:] == (ValueError, "", 0)  # never raised
 
 
 # --- snapshots -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+from ._admission import Admission, Fingerprint
 from ._counters import Counters
 from ._delivery import Delivery, otel_integration
 from ._destination import Destination, Uplink
@@ -25,13 +26,10 @@ from ._event import (
     capture_from_exception,
     capture_from_message,
     capture_from_record,
-    fingerprint_of,
     safe_repr,
-    safe_str,
 )
 from ._guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
 from ._options import Scrub, check_number, resolve_scrub
-from ._ratelimit import Deduper, TokenBucket
 from ._retry import Retry, UpstreamLimits
 from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
 from ._transport import (
@@ -151,11 +149,12 @@ class Client:
         self.retry_backoff = float(retry_backoff)
         self.debug = debug
         self._scrub = resolve_scrub(scrub)
-        self._bucket = TokenBucket(rate_limit, rate_burst)
-        self._deduper = Deduper(dedupe_window)
         self._limits = UpstreamLimits()
         self.diagnostics = Diagnostics()
         self._counters = Counters(STAT_KEYS)
+        self._admission = Admission(
+            rate_limit, rate_burst, dedupe_window, count=self._count, diagnostics=self.diagnostics
+        )
         self._reentrant_told: set[str] = set()
         self._last_record: Optional[weakref.ref[logging.LogRecord]] = None
         self._closed = threading.Event()
@@ -282,7 +281,12 @@ class Client:
 
     # --- the caller's side: cheap decisions first ------------------------------------------
 
-    def _drop_reentrant(self, what: str) -> None:
+    def drop_reentrant(self, what: str) -> None:
+        """Count a ``what`` (``"log record"``, ``"exception"``...) that originated inside the
+        reporting path and is dropped; tells once, through the ``selfreport`` logger.
+
+        The hook for integrations: a logging bridge that sees ``is_reporting()`` calls this
+        instead of building anything from the record, so the drop shows in ``stats()``."""
         self._count("dropped_reentrant")
         if what in self._reentrant_told:  # the hot path of a drop: no message built
             return
@@ -297,7 +301,7 @@ class Client:
     def capture_record(self, record: logging.LogRecord) -> Optional[str]:
         """Report a log record (what the logging handler calls)."""
         if is_reporting() or _is_sdk_logger(record.name):
-            self._drop_reentrant("log record")
+            self.drop_reentrant("log record")
             return None
         last = self._last_record
         if last is not None and last() is record:
@@ -310,7 +314,7 @@ class Client:
         template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
         return self._admit(
             exc,
-            lambda: fingerprint_of(record.name, template, exc),
+            lambda: Fingerprint.of(record.name, template, exc),
             lambda: capture_from_record(record, self.include_locals),
         )
 
@@ -329,7 +333,7 @@ class Client:
         (the ASGI and WSGI middleware do).
         """
         if is_reporting():
-            self._drop_reentrant("exception")
+            self.drop_reentrant("exception")
             return None
         if exc is None:
             exc = sys.exc_info()[1]
@@ -343,37 +347,37 @@ class Client:
                 capture.request = dict(request)
             return capture
 
-        return self._admit(error, lambda: fingerprint_of(None, None, error), snapshot)
+        return self._admit(error, lambda: Fingerprint.of(None, None, error), snapshot)
 
     def capture_hooked(self, exc: BaseException, mechanism: str, context_meaningful: bool) -> None:
         """Report an exception handed to an exception hook (uncaught, so unhandled)."""
         if (context_meaningful and is_reporting()) or on_own_thread():
             # A finalizer on one of our own threads may have interrupted it holding a lock:
             # dropped, like everything born on those threads.
-            self._drop_reentrant("exception")
+            self.drop_reentrant("exception")
             return
         self._admit(
             exc,
-            lambda: fingerprint_of(None, None, exc),
+            lambda: Fingerprint.of(None, None, exc),
             lambda: capture_from_exception(exc, mechanism, False, self.include_locals),
         )
 
     def capture_message(self, message: str, level: str = "error") -> Optional[str]:
         """Report a plain message; the event id, or None when dropped."""
         if is_reporting():
-            self._drop_reentrant("message")
+            self.drop_reentrant("message")
             return None
         text = message if isinstance(message, str) else safe_repr(message)
         return self._admit(
             None,
-            lambda: (None, text, level),
+            lambda: Fingerprint(None, text, level=level),
             lambda: capture_from_message(text, level),
         )
 
     def _admit(
         self,
         exc: Optional[BaseException],
-        fingerprint: Callable[[], object],
+        fingerprint: Callable[[], Fingerprint],
         snapshot: Callable[[], Capture],
     ) -> Optional[str]:
         if getattr(_admitting, "active", False):
@@ -389,12 +393,12 @@ class Client:
     def _admit_unguarded(
         self,
         exc: Optional[BaseException],
-        fingerprint: Callable[[], object],
+        fingerprint: Callable[[], Fingerprint],
         snapshot: Callable[[], Capture],
     ) -> Optional[str]:
         if exc is not None:
             if originated_in_reporting_path(exc):
-                self._drop_reentrant("exception")
+                self.drop_reentrant("exception")
                 return None
             if getattr(exc, _CAPTURED_MARK, False):
                 self._count("dropped_duplicate")
@@ -404,31 +408,26 @@ class Client:
         if self._closed.is_set():
             self._count("dropped_closed")
             return None
-        if self._worker.full():
-            self._count("dropped_queue_full")
-            self.diagnostics.warn(
-                "queue_full", "queue full: dropping events (is the collector slow?)"
-            )
-            return None
         if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             self._count("dropped_sampled")
             return None
         try:
             with ReportingPath():
+                # Dedupe before the queue-full check: a repeat is counted as one even while
+                # the queue is full, and carried by the next event sent.
                 key = fingerprint()
-                repeats = self._deduper.admit(key)
+                repeats = self._admission.dedupe(key)
                 if repeats is None:
-                    self._count("dropped_rate_limited")
-                    self._count("deduplicated")
                     return None
-                if not self._bucket.take():
-                    # Not sent, so not a "first occurrence" either: the next one may go.
-                    self._deduper.forget(key, repeats)
-                    self._count("dropped_rate_limited")
-                    self.diagnostics.warn("rate_limited", "rate limit reached: dropping events")
+                if self._worker.full():  # before the bucket: a full queue spends no token
+                    self._drop_queue_full(key, repeats)
+                    return None
+                if not self._admission.take(key, repeats):
                     return None
                 capture = snapshot()
                 capture.repeats = repeats
+                if self._admission.dedupes:
+                    capture.fingerprint = key
                 capture.context = contextvars.copy_context()
                 if exc is not None:
                     try:
@@ -440,11 +439,20 @@ class Client:
             self.diagnostics.warn("capture_error", f"could not capture an event: {error!r}")
             return None
         if not self._worker.submit(capture):
-            self._deduper.forget(key, repeats)
-            self._count("dropped_closed" if self._closed.is_set() else "dropped_queue_full")
+            if self._closed.is_set():
+                self._admission.forget(key, repeats)
+                self._count("dropped_closed")
+                return None
+            self._drop_queue_full(key, repeats)
             return None
         self._count("captured")
         return capture.event_id
+
+    def _drop_queue_full(self, key: Fingerprint, repeats: int) -> None:
+        # Not sent, so not a first occurrence either: the next one goes, carrying the count.
+        self._admission.forget(key, repeats)
+        self._count("dropped_queue_full")
+        self.diagnostics.warn("queue_full", "queue full: dropping events (is the collector slow?)")
 
     # --- the worker's side ------------------------------------------------------------------
 
@@ -560,17 +568,16 @@ class Client:
             self._statsd.close(max(0.0, deadline - time.monotonic()))
 
     def _send_repeat_summaries(self) -> None:
-        for fingerprint, repeats in self._deduper.pending().items():
+        """The repeats dedupe folded and no later event carried: one event per fingerprint,
+        grouped with the original (same ``fingerprint``) and counting as ``repeats`` of it."""
+        for fingerprint, repeats in self._admission.pending().items():
             if not self.enabled or self._worker.full():
                 break
-            logger_name, what = _describe_fingerprint(fingerprint)
-            capture = capture_from_message(
-                f"selfreport: {repeats} more occurrence(s) of {what} were folded by dedupe "
-                "and not sent",
-                "info",
-            )
-            capture.logger = logger_name
-            capture.repeats = repeats
+            capture = capture_from_message(fingerprint.summary_text(repeats), "info")
+            capture.logger = fingerprint.logger
+            capture.fingerprint = fingerprint
+            capture.repeats = repeats - 1  # the summary itself stands for one of them
+            capture.extra = {"selfreport_summary": repeats}
             if self._worker.submit(capture):
                 self._count("captured")
 
@@ -583,8 +590,7 @@ class Client:
             self._closed.set()
         if self._delivery is not None:
             self._delivery.closed = self._closed
-        self._bucket.reset_after_fork()
-        self._deduper.reset_after_fork()
+        self._admission.reset_after_fork()
         self.diagnostics.reset_after_fork()
         forget = getattr(self.transport, "forget_after_fork", None)
         if forget is not None:
@@ -599,20 +605,6 @@ class Client:
     def is_own_report(self, headers: Mapping[str, str]) -> bool:
         """Whether a request with ``headers`` carries a report sent for this client's project."""
         return is_marked_origin(headers, self._origin)
-
-
-def _describe_fingerprint(fingerprint: object) -> tuple[Optional[str], str]:
-    """The logger of a dedupe fingerprint (see ``fingerprint_of``) and words for the rest."""
-    parts = fingerprint if isinstance(fingerprint, tuple) else (None, fingerprint)
-    logger_name = parts[0] if parts and isinstance(parts[0], str) else None
-    described = []
-    if len(parts) >= 5 and isinstance(parts[2], type):
-        filename, lineno = parts[3], parts[4]
-        where = f" at {os.path.basename(str(filename))}:{lineno}" if filename else ""
-        described.append(f"{parts[2].__qualname__}{where}")
-    if len(parts) > 1 and parts[1] is not None:
-        described.append(repr(safe_str(parts[1], 200)))
-    return logger_name, " logged as ".join(described) or "an event"
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()

@@ -13,9 +13,12 @@ import sysconfig
 import time
 from datetime import datetime, timezone
 from types import FrameType, TracebackType
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._admission import Fingerprint
 
 __all__ = [
     "SDK_INFO",
@@ -25,7 +28,6 @@ __all__ = [
     "capture_from_exception",
     "capture_from_message",
     "capture_from_record",
-    "fingerprint_of",
     "safe_str",
 ]
 
@@ -108,6 +110,7 @@ class Capture:
         "exc_info",
         "exc_values",
         "extra",
+        "fingerprint",
         "formatted",
         "handled",
         "level",
@@ -139,28 +142,11 @@ class Capture:
         self.extra: Optional[dict[str, object]] = None
         self.thread: Optional[str] = None
         self.repeats = 0
+        # Its dedupe key, when dedupe is on: the event carries its grouping as "fingerprint".
+        self.fingerprint: Optional[Fingerprint] = None
         self.context: Any = None  # the caller's contextvars.Context, for before_send
         self.vars: Optional[list[Optional[dict[str, str]]]] = None
         self.request: Optional[dict[str, Any]] = None  # an HTTP request, already filtered
-
-
-def _innermost_location(tb: Optional[TracebackType]) -> tuple[str, int]:
-    last = None
-    while tb is not None:
-        last = tb
-        tb = tb.tb_next
-    if last is None:
-        return ("", 0)
-    return (last.tb_frame.f_code.co_filename, last.tb_lineno)
-
-
-def fingerprint_of(
-    logger: Optional[str], template: Optional[str], exc: Optional[BaseException]
-) -> tuple[object, ...]:
-    """Dedupe key: logger, message template, exception type and where it was raised."""
-    if exc is None:
-        return (logger, template)
-    return (logger, template, type(exc), *_innermost_location(exc.__traceback__))
 
 
 def _kept_frame(index: int, count: int) -> bool:
@@ -428,4 +414,6 @@ def build_event(
         extra["selfreport_repeats"] = capture.repeats
     if extra:
         event["extra"] = extra
+    if capture.fingerprint is not None:
+        event["fingerprint"] = capture.fingerprint.grouping()
     return event

@@ -22,8 +22,10 @@ _handler: Optional[LoggingHandler] = None
 _lock = threading.RLock()
 
 
-def current_client() -> Optional[Client]:
-    return _client
+def current_client(client: Optional[Client] = None) -> Optional[Client]:
+    """``client`` when one is given, else the global one made by :func:`selfreport.init`
+    (None before it): how every handler, sink and hook finds the client it reports to."""
+    return client if client is not None else _client
 
 
 def set_client(client: Optional[Client]) -> Optional[Client]:
@@ -35,15 +37,15 @@ def set_client(client: Optional[Client]) -> Optional[Client]:
 
 
 def _hook_capture(exc: BaseException, mechanism: str, context_meaningful: bool) -> None:
-    client = _client
+    client = current_client()
     if client is not None:
         client.capture_hooked(exc, mechanism, context_meaningful)
 
 
 def _hook_reentrant(what: str) -> None:
-    client = _client
+    client = current_client()
     if client is not None:
-        client._drop_reentrant(what)
+        client.drop_reentrant(what)
 
 
 _hooks = Hooks(_hook_capture, _hook_reentrant)
@@ -117,7 +119,7 @@ def close(timeout: Optional[float] = None) -> None:
 
 
 def _at_exit() -> None:
-    client = _client
+    client = current_client()
     if client is not None:
         client.close()
 

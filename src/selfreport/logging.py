@@ -32,11 +32,11 @@ class LoggingHandler(logging.Handler):
 
     # handle(), not emit(): the drop decision comes before Handler.handle takes its lock.
     def handle(self, record: logging.LogRecord) -> bool:
-        client = self.client or _state._client
+        client = _state.current_client(self.client)
         if client is None:
             return False
         if is_reporting() or in_nested_log_record():
-            client._drop_reentrant("log record")
+            client.drop_reentrant("log record")
             return False
         verdict: object = self.filter(record)
         if not verdict:

@@ -70,6 +70,10 @@ def test_custom_fingerprints_and_the_default_placeholder() -> None:
     assert event_fingerprint(extended) != event_fingerprint(
         {**other_base, "fingerprint": ["{{ default }}", "eu"]}
     )
+    assert event_fingerprint(extended) == event_fingerprint(
+        {**base, "fingerprint": ["{{default}}", "eu"]}  # Sentry's other spelling
+    )
+    assert event_fingerprint({**base, "fingerprint": ["{{ default }}"]}) == event_fingerprint(base)
     bad = {**base, "fingerprint": [1, 2]}  # not strings: ignored
     assert event_fingerprint(bad) == event_fingerprint(base)
 

@@ -238,7 +238,7 @@ def test_endpoint_that_fails_on_unmarked_reports_is_bounded_by_dedupe(
     selfreport.close(timeout=2.0)
     # At close, the folded repeats travel in one summary event.
     assert len(collector.events) == 3
-    assert collector.events[-1]["extra"]["selfreport_repeats"] >= 1
+    assert collector.events[-1]["extra"]["selfreport_summary"] >= 1
 
 
 def test_error_storm_never_blocks_and_is_accounted_for(collector: FakeCollector) -> None:

@@ -466,13 +466,34 @@ def test_repeats_are_folded_and_summarised_at_close(
 
     client.close(timeout=2.0)
     assert collector.wait_for(4)
-    summaries = {event["extra"]["selfreport_repeats"]: event for event in collector.events[2:]}
+    summaries = {event["extra"]["selfreport_summary"]: event for event in collector.events[2:]}
     assert sorted(summaries) == [2, 4]
-    assert "4 repeat(s)" in summaries[4]["logentry"]["message"]
+    assert "4 more occurrence(s)" in summaries[4]["logentry"]["message"]
     assert "payment %s failed" in summaries[4]["logentry"]["message"]
     assert summaries[4]["logger"] == "app"
     assert "cache unavailable" in summaries[2]["logentry"]["message"]
     assert "logger" not in summaries[2]
+    # Grouped with the original, and counting as many occurrences as were folded.
+    payment, cache = collector.events[:2]
+    assert summaries[4]["fingerprint"] == payment["fingerprint"]
+    assert summaries[2]["fingerprint"] == cache["fingerprint"] != payment["fingerprint"]
+    assert payment["fingerprint"][:3] == ["selfreport", "app", "payment %s failed"]
+    assert summaries[4]["extra"]["selfreport_repeats"] == 3
+    assert summaries[2]["extra"]["selfreport_repeats"] == 1
+
+
+def test_an_own_fingerprint_is_kept(
+    collector: FakeCollector, init_sentry: Callable[..., Any]
+) -> None:
+    init_sentry(collector.dsn, guard=SelfreportIntegration(rate_limit=0))
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["my", "group"]
+        sentry_sdk.capture_message("grouped my way")
+    sentry_sdk.capture_message("grouped by selfreport")
+    assert settle(collector, 2) == 2
+    assert collector.events[0]["fingerprint"] == ["my", "group"]
+    assert collector.events[1]["fingerprint"][:3] == ["selfreport", "", "grouped by selfreport"]
+    assert not any("_selfreport_fingerprint" in event for event in collector.events)
 
 
 def test_the_next_event_carries_the_repeats(

@@ -33,7 +33,8 @@ _LEVEL_ALIASES = {"critical": "fatal", "warn": "warning", "log": "info", "except
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _MAX_TITLE = 200
 _MAX_TAG = 200
-_DEFAULT_FINGERPRINT = "{{ default }}"
+# Spellings of the default-grouping placeholder in a fingerprint, as Sentry accepts them.
+_DEFAULT_FINGERPRINT = frozenset(("{{ default }}", "{{default}}"))
 
 # Trimming before storage, after Relay's (Sentry's ingestion): the limits it applies to the
 # same fields. Events whose JSON is smaller than TRIM_ABOVE are stored as they came.
@@ -232,10 +233,15 @@ def event_fingerprint(event: dict[str, Any]) -> str:
     exceptions = exception_values(event)
     custom = event.get("fingerprint")
     default = _default_grouping(event, exceptions)
-    if isinstance(custom, list) and custom and all(isinstance(p, str) for p in custom):
-        components: Any = [default if part == _DEFAULT_FINGERPRINT else part for part in custom]
-    else:
-        components = default
+    components: Any = default
+    # ["{{ default }}"] alone is the default grouping itself, as in Sentry: the same issue.
+    if (
+        isinstance(custom, list)
+        and custom
+        and all(isinstance(p, str) for p in custom)
+        and not all(p in _DEFAULT_FINGERPRINT for p in custom)
+    ):
+        components = [default if part in _DEFAULT_FINGERPRINT else part for part in custom]
     text = json.dumps(components, sort_keys=True, default=str, ensure_ascii=False)
     return hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()
 

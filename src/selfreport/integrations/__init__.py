@@ -80,7 +80,7 @@ def report_request_exception(
     request interface; the event id, or None when dropped. Never raises."""
     from selfreport._state import current_client
 
-    reporter = client if client is not None else current_client()
+    reporter = current_client(client)
     if reporter is None or not isinstance(exc, Exception):
         return None
     try:

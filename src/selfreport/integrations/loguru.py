@@ -14,20 +14,13 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with l
     ) from _missing
 
 from selfreport._guard import is_reporting, originated_in_reporting_path
+from selfreport._state import current_client
 from selfreport.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from selfreport._client import Client
 
 __all__ = ["LoguruSink", "add_sink", "log_record"]
-
-
-def _client_or_global(client: Optional[Client]) -> Optional[Client]:
-    if client is not None:
-        return client
-    from selfreport._state import current_client
-
-    return current_client()
 
 
 def log_record(record: Any) -> logging.LogRecord:
@@ -84,13 +77,13 @@ class LoguruSink:
             exception = record.get("exception")
             if exception is None or not originated_in_reporting_path(exception.value):
                 return True
-        client = _client_or_global(self.client)
+        client = current_client(self.client)
         if client is not None:
-            client._drop_reentrant("log record")
+            client.drop_reentrant("log record")
         return False
 
     def __call__(self, message: Any) -> None:
-        client = _client_or_global(self.client)
+        client = current_client(self.client)
         if client is None:
             return
         try:

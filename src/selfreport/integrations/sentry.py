@@ -25,11 +25,12 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with s
         name=__name__,
     ) from _missing
 
+from selfreport._admission import Admission, Fingerprint
 from selfreport._counters import Counters
 from selfreport._delivery import unobserved
 from selfreport._diag import Diagnostics
 from selfreport._dsn import Dsn, parse_dsn
-from selfreport._event import fingerprint_of, safe_str
+from selfreport._event import safe_str
 from selfreport._guard import (
     ReportingPath,
     in_nested_log_record,
@@ -41,7 +42,6 @@ from selfreport._guard import (
 )
 from selfreport._options import check_number
 from selfreport._patching import Patches
-from selfreport._ratelimit import Deduper, TokenBucket
 from selfreport._transport import ORIGIN_HEADER, register_origin
 from selfreport.exceptions import ConfigError
 
@@ -57,6 +57,8 @@ STAT_KEYS = (
 
 # Hint key that lets the repeat summaries sent at close() through dedupe and the bucket.
 _SUMMARY_HINT = "selfreport_summary"
+# Event key that carries the dedupe grouping from capture_event to before_send.
+_GROUPING_KEY = "_selfreport_fingerprint"
 # Attribute cached on each sentry-sdk transport: the integration it reports for, or None.
 _TRANSPORT_ATTR = "_selfreport_integration"
 _UNKNOWN = object()
@@ -109,9 +111,15 @@ class SelfreportIntegration(Integration):
             raise ConfigError("mark_requests", "must be True or False")
         self.mark_requests = mark_requests
         self.diagnostics = Diagnostics()
-        self._bucket = TokenBucket(rate_limit, rate_burst)
-        self._deduper = Deduper(dedupe_window)
         self._counters = Counters(STAT_KEYS)
+        self._admission = Admission(
+            rate_limit,
+            rate_burst,
+            dedupe_window,
+            count=self._count,
+            diagnostics=self.diagnostics,
+            what="sentry-sdk events",
+        )
         self.origins: set[str] = set()
         _live_integrations.add(self)
 
@@ -182,63 +190,48 @@ class SelfreportIntegration(Integration):
         A web integration's transaction ends outside the request handler, so outside the
         ``reporting_path()`` a collector runs its own reports in; sentry-sdk adds the request's
         headers only while preparing the event, which is why this sits that late."""
-        options = getattr(client, "options", None)
-        if not isinstance(options, dict):  # pragma: no cover - every 2.x client has a dict
-            return
-        previous = options.get("before_send_transaction")
-        if getattr(previous, "_selfreport_guard", False):
-            return
         integration = self
 
-        def before_send_transaction(event: Any, hint: Any) -> Any:
+        def drop_own(event: Any) -> Any:
             if _is_own_report_request(event):
                 integration._drop_reentrant(client, "transaction of an own report", None)
                 return None
-            return previous(event, hint) if previous is not None else event
+            return event
 
-        before_send_transaction._selfreport_guard = True  # type: ignore[attr-defined]
-        options["before_send_transaction"] = before_send_transaction
+        _chain_option(client, "before_send_transaction", drop_own)
 
     def _admit(self, client: Any, event: dict[str, Any], hint: Mapping[str, Any]) -> bool:
         key = _fingerprint(event, hint)
-        repeats = self._deduper.admit(key)
+        repeats = self._admission.admit(key)
         if repeats is None:
-            self._count("dropped_rate_limited")
-            self._count("deduplicated")
-            _record_lost(client, "ratelimit_backoff", "error")
-            return False
-        if not self._bucket.take():
-            # Not sent, so not a first occurrence either: the next one may go, carrying these.
-            self._deduper.forget(key, repeats)
-            self._count("dropped_rate_limited")
-            self.diagnostics.warn("rate_limited", "rate limit reached: dropping sentry-sdk events")
             _record_lost(client, "ratelimit_backoff", "error")
             return False
         if repeats:
             extra = event.setdefault("extra", {})
             if isinstance(extra, dict):
                 extra["selfreport_repeats"] = repeats
+        if self._admission.dedupes:
+            # Grouped like its repeat summary, unless the scope or the event has a fingerprint
+            # of its own: sentry-sdk applies the scope's later, so this waits for before_send.
+            event[_GROUPING_KEY] = key.grouping()
+            _chain_option(client, "before_send", _apply_grouping)
         return True
 
     def _send_repeat_summaries(self, client: Any) -> None:
         """Report the repeats dedupe folded and no later event carried, before sentry closes."""
-        for fingerprint, repeats in self._deduper.pending().items():
-            parts = fingerprint if isinstance(fingerprint, tuple) else (fingerprint,)
-            logger_name = parts[0] if parts and isinstance(parts[0], str) else None
-            what = ", ".join(
-                getattr(p, "__qualname__", None) or safe_str(p, 200)
-                for p in parts[1:]
-                if p is not None
-            )
+        for fingerprint, repeats in self._admission.pending().items():
+            # Grouped with the original; the summary itself stands for one of the repeats.
+            extra: dict[str, Any] = {"selfreport_summary": repeats}
+            if repeats > 1:
+                extra["selfreport_repeats"] = repeats - 1
             event: dict[str, Any] = {
                 "level": "info",
-                "logentry": {
-                    "message": f"selfreport: {repeats} repeat(s) folded by dedupe: {what}"
-                },
-                "extra": {"selfreport_repeats": repeats},
+                "logentry": {"message": fingerprint.summary_text(repeats)},
+                "fingerprint": fingerprint.grouping(),
+                "extra": extra,
             }
-            if logger_name is not None:
-                event["logger"] = logger_name
+            if fingerprint.logger is not None:
+                event["logger"] = fingerprint.logger
             client.capture_event(event, hint={_SUMMARY_HINT: True})
 
     # --- marking --------------------------------------------------------------------------
@@ -293,7 +286,7 @@ def _originates_in_path(hint: Mapping[str, Any]) -> bool:
     return originated_in_reporting_path(_exception_of(hint))
 
 
-def _fingerprint(event: Mapping[str, Any], hint: Mapping[str, Any]) -> tuple[object, ...]:
+def _fingerprint(event: Mapping[str, Any], hint: Mapping[str, Any]) -> Fingerprint:
     logger = event.get("logger")
     template: object = None
     record = hint.get("log_record")
@@ -306,11 +299,38 @@ def _fingerprint(event: Mapping[str, Any], hint: Mapping[str, Any]) -> tuple[obj
             template = entry.get("message")
         if template is None:
             template = event.get("message")
-    return fingerprint_of(
+    return Fingerprint.of(
         logger if isinstance(logger, str) else None,
         None if template is None else safe_str(template, 1024),
         _exception_of(hint),
     )
+
+
+def _chain_option(client: Any, name: str, hook: Callable[[Any], Any]) -> None:
+    """Run ``hook(event)`` before the client's ``name`` option (``before_send``...), once:
+    it returns the event, or None to drop it."""
+    options = getattr(client, "options", None)
+    if not isinstance(options, dict):  # pragma: no cover - every 2.x client has a dict
+        return
+    previous = options.get(name)
+    if getattr(previous, "_selfreport_guard", False):
+        return
+
+    def chained(event: Any, hint: Any) -> Any:
+        event = hook(event)
+        if event is None or previous is None:
+            return event
+        return previous(event, hint)
+
+    chained._selfreport_guard = True  # type: ignore[attr-defined]
+    options[name] = chained
+
+
+def _apply_grouping(event: Any) -> Any:
+    grouping = event.pop(_GROUPING_KEY, None) if isinstance(event, dict) else None
+    if grouping is not None and not event.get("fingerprint"):
+        event["fingerprint"] = grouping
+    return event
 
 
 def _is_own_report_request(event: Any) -> bool:
@@ -604,8 +624,7 @@ def stats() -> dict[str, int]:
 def _after_fork_in_child() -> None:
     for integration in list(_live_integrations):
         integration._counters.reset()
-        integration._bucket.reset_after_fork()
-        integration._deduper.reset_after_fork()
+        integration._admission.reset_after_fork()
         integration.diagnostics.reset_after_fork()
 
 

@@ -17,6 +17,7 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with s
 
 from selfreport._event import safe_str
 from selfreport._guard import is_reporting
+from selfreport._state import current_client
 from selfreport.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -113,22 +114,15 @@ class SelfreportProcessor:
         self.levelno = levelno
         self.client = client
 
-    def _client(self) -> Optional[Client]:
-        if self.client is not None:
-            return self.client
-        from selfreport._state import current_client
-
-        return current_client()
-
     def __call__(self, logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
         levelno = _levelno(event_dict.get("level")) or _levelno(method_name)
         if levelno is None or levelno < self.levelno:
             return event_dict
-        client = self._client()
+        client = current_client(self.client)
         if client is None:
             return event_dict
         if is_reporting():
-            client._drop_reentrant("log record")
+            client.drop_reentrant("log record")
             return event_dict
         try:
             client.capture_record(log_record(logger, method_name, event_dict))
