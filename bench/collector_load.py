@@ -12,11 +12,15 @@ Phases:
           that falls behind shows it (no coordinated omission).
   closed  every sender sends its next request as soon as the previous is answered: the
           maximum sustained throughput.
+  huge    the open phase while one more sender posts, back to back, an 11 MiB event
+          (``{"message": "x", "foo": [1] * 4_000_000}``, gzip-compressed): trimming it must not
+          stall the others (their p99), nor take long itself (``huge_*`` columns).
   baseline the same closed-loop load against a bare uvicorn app that reads the body and answers
           200 (no parsing, no storage): what the HTTP stack alone costs on this machine.
 
 Run:  .venv/bin/python bench/collector_load.py --duration 30
       .venv/bin/python bench/collector_load.py --duration 300 --phases open   # memory over 5 min
+      .venv/bin/python bench/collector_load.py --phases open,huge   # a huge event meanwhile
 """
 
 from __future__ import annotations
@@ -65,9 +69,10 @@ def _sample_event() -> dict[str, object]:
 class Payloads:
     """A gzip-compressed envelope per request, each with a new event_id (like the SDK)."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, event: Optional[dict[str, object]] = None) -> None:
         self.dsn = parse_dsn(dsn)
-        self.template = serialize_envelope(_sample_event(), self.dsn, "2026-01-01T00:00:00Z")
+        event = event or _sample_event()
+        self.template = serialize_envelope(event, self.dsn, "2026-01-01T00:00:00Z")
         match = re.search(rb'"event_id":"([0-9a-f]{32})"', self.template)
         assert match is not None
         self.placeholder = match.group(1)
@@ -98,6 +103,7 @@ class Results:
     statuses: dict[int, int] = field(default_factory=dict)
     errors: int = 0
     max_lag: float = 0.0
+    huge: Optional[Results] = None  # the huge phase's big events, apart
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -161,14 +167,29 @@ async def _sender(
             pass
 
 
-async def drive(dsn: str, senders: int, duration: float, rate: Optional[float]) -> Results:
+async def drive(
+    dsn: str, senders: int, duration: float, rate: Optional[float], huge: bool = False
+) -> Results:
     payloads = Payloads(dsn)
     parsed = parse_dsn(dsn)
     results = Results()
+    extra: list[tuple[Payloads, Results]] = []
+    if huge:  # review 1.1: this event took 10 s of the event loop to trim
+        big = Payloads(dsn, {"event_id": uuid.uuid4().hex, "message": "x", "foo": [1] * 4_000_000})
+        # Compressed once (12 MB at every send would stall this generator): the same event_id
+        # each time, stored once, but parsed and trimmed by the collector at every request.
+        body = big.next()
+        big.next = lambda: body  # type: ignore[method-assign]
+        results.huge = Results()
+        extra.append((big, results.huge))
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.2
     interval = senders / rate if rate else None
     await asyncio.gather(
+        *(
+            _sender(0, parsed.host, parsed.port or 80, p, r, start, start + duration, None)
+            for p, r in extra
+        ),
         *(
             _sender(
                 i,
@@ -181,7 +202,7 @@ async def drive(dsn: str, senders: int, duration: float, rate: Optional[float]) 
                 interval,
             )
             for i in range(senders)
-        )
+        ),
     )
     return results
 
@@ -300,7 +321,7 @@ async def _phase(
     sampler = asyncio.create_task(sample())
     own_before = time.process_time()
     machine_before = _machine_busy_seconds()
-    results = await drive(server.dsn, args.senders, args.duration, rate)
+    results = await drive(server.dsn, args.senders, args.duration, rate, huge=name == "huge")
     sampler.cancel()
     cpu = server.cpu_seconds() - cpu_before
     own = time.process_time() - own_before
@@ -311,6 +332,11 @@ async def _phase(
     row["other_processes_cpu_share"] = round(max(0.0, others) / args.duration, 2)
     row["rss_mib_start_end_max"] = (rss[0][1], rss[-1][1], max(r for _, r in rss)) if rss else None
     row["rss_samples"] = rss
+    if results.huge is not None:
+        big = sorted(results.huge.latencies)
+        row["huge_events"] = len(big)
+        row["huge_statuses"] = results.huge.statuses
+        row["huge_max_ms"] = round(big[-1] * 1e3, 1) if big else None
     return row
 
 
@@ -333,7 +359,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, object]]:
         try:
             # Warm up: connections, SQLite pages, the key cache.
             await drive(server.dsn, min(args.senders, 10), 1.0, None)
-            rate = args.rate if phase == "open" else None
+            rate = args.rate if phase in ("open", "huge") else None
             row = await _phase(phase, server, args, rate)
             if phase != "baseline":
                 row["stored_events"] = _stored_events(server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from typing import Callable, Optional, TypeVar
@@ -13,6 +14,7 @@ from .collector.limits import HttpLimits  # the standard library only: defaults 
 __all__ = ["main", "parse_size"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_MAX_SIZE = 2**63 - 1  # what a file (and SQLite) can measure
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
@@ -23,9 +25,13 @@ def parse_size(text: str) -> int:
     unit = match.group(2).lower().rstrip("b") if match else "i"
     if match is None or unit == "i":
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB, 10GB or 2GiB")
-    number = match.group(1)
     scale = 1024 ** ("kmgt".index(unit[0]) + 1) if unit.endswith("i") else _UNITS[unit]
-    return int(float(number) * scale)
+    whole, _, fraction = match.group(1).partition(".")
+    # Whole bytes exactly; never a float of 400 digits (inf, then OverflowError).
+    size = None if len(whole.lstrip("0")) > 20 else int(whole) * scale
+    if size is None or size > _MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is too large a size (at most 8EiB)")
+    return size + int(float("0." + (fraction or "0")) * scale)
 
 
 N = TypeVar("N", int, float)
@@ -33,12 +39,14 @@ N = TypeVar("N", int, float)
 
 def _positive(kind: Callable[[str], N]) -> Callable[[str], N]:
     def parse(text: str) -> N:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+        value: Optional[N] = None
+        if len(text) <= 32:  # no 5000-digit int (slow before 3.11, refused after), no 1e400
+            try:
+                value = kind(text)
+            except ValueError:
+                pass
+        if value is None or not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text[:40]!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from selfreport.collector import events
 from selfreport.collector.events import (
+    MAX_BREADTH,
     EventError,
     event_fingerprint,
     json_type,
@@ -19,6 +21,7 @@ from selfreport.collector.events import (
 )
 
 Event = dict[str, Any]
+dumps = events._dumps
 
 
 def frame(module: str, function: str, lineno: int, in_app: bool = True) -> dict[str, Any]:
@@ -287,7 +290,7 @@ def test_strings_frames_and_frame_vars_are_limited() -> None:
     assert len(json.dumps(stack[-1]["vars"])) < 2048 + 1100
     assert len(json.dumps(kept["extra"]["huge"])) < 16384 * 2
     assert set(kept["extra"]["selfreport_trimmed"][:-1]) == {
-        "extra",
+        "extra: 1000 items per list or object",
         "frames",
         "strings",
         "tags",
@@ -310,6 +313,56 @@ def test_an_event_still_too_large_sheds_whole_parts_then_keeps_the_essentials() 
     assert kept["exception"]["values"] == [{"type": "KeyError", "value": "k"}]
     assert "everything but the essentials" in kept["extra"]["selfreport_trimmed"]
     assert len(json.dumps(kept)) < 2**20
+
+
+def test_a_huge_event_is_trimmed_in_breadth_and_serialized_whole_twice_at_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 11 MiB: trimming used to walk all 4 million items and serialize the whole event once
+    # per interface it could shed (10 s on the event loop); now 1000 items are kept per list.
+    bag = dict.fromkeys((f"k{n}" for n in range(5000)), 1)
+    text = json.dumps({"message": "x", "foo": [1] * 4_000_000, "extra": {"d": bag}})
+    serialized: list[int] = []
+
+    def counting(event: Event) -> str:
+        out = dumps(event)
+        serialized.append(len(out))
+        return out
+
+    monkeypatch.setattr(events, "_dumps", counting)
+    kept = json.loads(prepare_event(parse_event_json(text), original=text).payload)
+    assert kept["foo"] == [1] * MAX_BREADTH
+    assert len(kept["extra"]["d"]) == MAX_BREADTH
+    assert kept["extra"]["selfreport_trimmed"] == [
+        "extra: 1000 items per list or object",
+        "strings: 1000 items per list or object",
+        f"size {len(text)}",
+    ]
+    assert len(serialized) <= 2
+    assert max(serialized) < 64 * 1024  # never the event as it came
+
+
+def test_shedding_measures_the_event_once_then_subtracts_what_it_drops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    contexts = {f"c{n}": {"k": "v" * 8000} for n in range(200)}  # 1.6 MB after trimming
+    event: Event = {"message": "m", "contexts": contexts}
+    event.update({key: {"k": "v"} for key in ("spans", "extra", "modules", "sdk", "tags")})
+    whole: list[int] = []
+
+    def counting(value: Event) -> str:
+        out = dumps(value)
+        if "message" in value:
+            whole.append(len(out))
+        return out
+
+    monkeypatch.setattr(events, "_dumps", counting)
+    text = json.dumps(event)
+    kept = json.loads(prepare_event(json.loads(text), original=text).payload)
+    assert kept["extra"]["selfreport_trimmed"][:-1] == ["contexts", "extra", "spans"]
+    # Dropped in order, and only while the event is over the limit.
+    assert [kept[key] for key in ("modules", "sdk", "tags")] == [{"k": "v"}] * 3
+    assert len(whole) == 2  # measured once, then stored: not once per key shed
 
 
 def test_nesting_deeper_than_the_limit_is_cut_not_recursed_into() -> None:

@@ -7,13 +7,16 @@ import gzip
 import json
 import socket
 import sys
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
 
 from selfreport.collector.ingest import (
+    PREPARE_INLINE_MAX,
     ClientDisconnected,
     IngestEndpoint,
     IngestError,
@@ -457,6 +460,35 @@ def test_processors_enrich_and_filter(
     assert json.loads(stored.payload)["tags"] == {"enriched": "yes"}
     assert server.storage.event(1, dropped["event_id"]) is None
     assert server.collector.metrics.rejected_by_reason() == {"filtered": 1}
+
+
+def test_a_large_event_is_prepared_off_the_event_loop(
+    make_server: Any, make_event: Callable[..., Event], call: Callable[..., Any]
+) -> None:
+    # While a large body is parsed and trimmed (here: held in a processor), other requests
+    # are answered; it used to run on the event loop, so /health waited for it.
+    preparing, release = threading.Event(), threading.Event()
+
+    def hold(event: Event, project: Project) -> Event:
+        preparing.set()
+        release.wait(60)
+        return event
+
+    server = make_server(processors=[hold])
+    big = make_event(extra={"pad": ["p" * 1000] * (PREPARE_INLINE_MAX // 1000)})
+    auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(
+            call, server.port, "POST", "/api/1/store/", json.dumps(big).encode(), auth
+        )
+        try:
+            assert preparing.wait(30)
+            assert call(server.port, "GET", "/health").status == 200
+            assert not sent.done()
+        finally:
+            release.set()
+        assert sent.result(timeout=30).status == 200
+    assert server.storage.event(1, big["event_id"]) is not None
 
 
 def test_on_stored_hooks_get_committed_events_and_cannot_fail_the_request(

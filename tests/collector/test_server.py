@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -206,6 +207,64 @@ def test_importing_selfreport_and_its_integrations_imports_no_web_stack() -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_without_httptools_it_warns_once_and_still_limits_connections(tmp_path: Path) -> None:
+    import subprocess
+
+    # A real interpreter where httptools cannot be imported (as on PyPy): h11 serves, with
+    # uvicorn's limit_concurrency standing in for max_connections, and the operator is told.
+    code = f"""if True:
+        import http.client, json, logging, socket, sys, time
+        sys.modules["httptools"] = None
+        from selfreport.collector.limits import HttpLimits
+        from selfreport.collector.server import CollectorServer
+
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("selfreport").addHandler(handler)
+        server = CollectorServer(
+            {str(tmp_path)!r}, port=0, self_report=False, limits=HttpLimits(max_connections=2)
+        ).start()
+
+        def health():
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+            try:
+                conn.request("GET", "/health")
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        try:
+            first = health()
+            idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while (crowded := health()) != 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            server.stop()
+        print(json.dumps({{
+            "http": server._config.http,
+            "limit": server._config.limit_concurrency,
+            "statuses": [first, crowded],
+            "warnings": [r.getMessage() for r in records if r.levelno >= logging.WARNING],
+        }}))
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["http"], report["limit"], report["statuses"]) == ("h11", 2, [200, 503])
+    assert len(report["warnings"]) == 1
+    assert report["warnings"][0].startswith("httptools is not installed")
+    assert "connections to 2" in report["warnings"][0]
+
+
+def test_with_httptools_the_limits_are_its_own(make_server: Any) -> None:
+    config = make_server()._config
+    assert config.http != "h11"
+    assert config.limit_concurrency is None
 
 
 def serve_fails(capsys: pytest.CaptureFixture[str], **options: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -45,6 +46,8 @@ MAX_FRAMES = 250
 MAX_STRING = 8192
 MAX_TAG_VALUE = 200
 MAX_DEPTH = 20
+# Items kept per list or object (Relay's databag breadth): trimming never walks millions.
+MAX_BREADTH = 1000
 # Databags as (depth, size in characters of JSON, about): Relay's "medium", "large", "larger".
 _FRAME_VARS = (5, 2048)
 _BAG = (7, 8192)
@@ -390,12 +393,16 @@ def trim_event(event: dict[str, Any], size: int = 0) -> dict[str, Any]:
             event[key] = _Trimmer(trimmed, string_limit=MAX_TAG_VALUE).value(value, "tags")
         else:
             event[key] = _Trimmer(trimmed).value(value, "strings")
+    # Measured once; each interface dropped takes its own size off (its comma aside, so the
+    # total stays an upper bound): not one serialization of the whole event per key.
+    total = _utf8_size(_dumps(event))
     for key in _SHEDDABLE:
-        if _utf8_size(_dumps(event)) <= MAX_EVENT_BYTES:
+        if total <= MAX_EVENT_BYTES:
             break
-        if event.pop(key, None) is not None:
+        if key in event:
+            total -= len(_dumps({key: event.pop(key)}).encode("utf-8", "surrogatepass")) - 2
             trimmed.add(key)
-    if _utf8_size(_dumps(event)) > MAX_EVENT_BYTES:
+    if total > MAX_EVENT_BYTES:
         _keep_only_essentials(event)
         trimmed.add("everything but the essentials")
     if trimmed:
@@ -480,15 +487,17 @@ class _Trimmer:
             if depth <= 0:
                 self.trimmed.add(self.what)
                 return "{\u2026}" if isinstance(value, dict) else "[\u2026]"
+            if len(value) > MAX_BREADTH:
+                self.trimmed.add(f"{self.what}: {MAX_BREADTH} items per list or object")
             if isinstance(value, dict):
                 out: dict[str, Any] = {}
-                for key, item in value.items():
+                for key, item in itertools.islice(value.items(), MAX_BREADTH):
                     if not self._spend(len(str(key)) + 4):
                         break
                     out[key] = self._walk(item, depth - 1)
                 return out
             items: list[Any] = []
-            for item in value:
+            for item in value[:MAX_BREADTH]:
                 if not self._spend(2):
                     break
                 items.append(self._walk(item, depth - 1))

@@ -48,7 +48,11 @@ __all__ = [
 
 logger = logging.getLogger("selfreport.collector")
 
-# ``processor(event, project) -> event or None``: runs on every event before it is stored.
+# Bodies larger than this are parsed and prepared in a worker thread, not on the event loop.
+PREPARE_INLINE_MAX = 64 * 1024
+
+# ``processor(event, project) -> event or None``: runs on every event before it is stored
+# (in a worker thread when the body is over PREPARE_INLINE_MAX).
 Processor = Callable[[dict[str, Any], Project], Optional[dict[str, Any]]]
 
 
@@ -308,10 +312,12 @@ class IngestEndpoint:
             raise _missing_auth()
         project = await self.keys.authorize(key, project_id)
         self.metrics.received(len(raw_events))
-        events = [
-            self._prepare(index, payload, project, envelope_event_id)
-            for index, payload in raw_events
-        ]
+        if len(body) > PREPARE_INLINE_MAX:  # parsing and trimming it would stall the loop
+            events = await run_in_threadpool(
+                self._prepare_all, raw_events, project, envelope_event_id
+            )
+        else:
+            events = self._prepare_all(raw_events, project, envelope_event_id)
         kept = [event for event in events if event is not None]
         if len(kept) < len(events):
             self.metrics.rejected("filtered", len(events) - len(kept))
@@ -328,6 +334,14 @@ class IngestEndpoint:
         self.metrics.stored(sum(stored), len(stored) - sum(stored), elapsed)
         self._notify(StoredEnvelope(project, kept, stored, body, is_reporting(), headers))
         return 200, {"id": first_id}
+
+    def _prepare_all(
+        self,
+        raw_events: list[tuple[int, bytes]],
+        project: Project,
+        default_id: Optional[str],
+    ) -> list[Optional[PreparedEvent]]:
+        return [self._prepare(index, payload, project, default_id) for index, payload in raw_events]
 
     def _prepare(
         self, index: int, payload: bytes, project: Project, default_id: Optional[str]

@@ -18,6 +18,7 @@ from typing import Any, Optional, TextIO, Union
 import uvicorn
 
 from selfreport._dsn import parse_dsn
+from selfreport._guard import reporting_path
 from selfreport._version import __version__
 from selfreport.exceptions import ConfigError
 
@@ -186,6 +187,9 @@ class CollectorServer:
             self.forwarder.start(self.storage, self.internal_project.id)
         else:
             self.storage.forwarding_off()
+        protocol = protocol_class(self.limits, self.collector.metrics.rejected)
+        if protocol is None:
+            _warn_without_httptools(self.limits)
         self._config = uvicorn.Config(
             self.app,
             # The standard event loop even where uvloop is installed: selfreport's guard
@@ -196,7 +200,9 @@ class CollectorServer:
             lifespan="on",
             server_header=False,
             timeout_graceful_shutdown=5,
-            http=protocol_class(self.limits, self.collector.metrics.rejected) or "h11",
+            http=protocol or "h11",
+            # h11 has no connection limit of ours: uvicorn's answers 503 beyond it instead.
+            limit_concurrency=None if protocol else self.limits.max_connections,
             h11_max_incomplete_event_size=self.limits.max_header_bytes,
             timeout_keep_alive=self.limits.keep_alive_timeout,
             ws="none",
@@ -340,6 +346,18 @@ def _login_mode(host: str, login: str, storage: Store) -> str:
 _uvicorn_filter = ThrottleFilter()
 _uvicorn_filter_users = 0
 _uvicorn_filter_lock = threading.Lock()
+
+
+def _warn_without_httptools(limits: HttpLimits) -> None:
+    with reporting_path():
+        logger.warning(
+            "httptools is not installed, so the collector serves HTTP with h11: headers are "
+            "still limited to %d bytes and connections to %d (uvicorn's limit_concurrency), "
+            "but the header count, request-line length, header and body timeouts are not "
+            "enforced (pip install httptools)",
+            limits.max_header_bytes,
+            limits.max_connections,
+        )
 
 
 def _throttle_uvicorn_log(install: bool) -> None:
