@@ -605,14 +605,18 @@ class Storage:
         finally:
             conn.close()
 
-    def add_user(self, name: str, password_hash: str) -> User:
-        """Add a user; raises ValueError if the name is taken."""
+    def _add_named(self, table: str, kind: str, name: str, secret_hash: str) -> float:
+        """Insert (name, hash, now) into ``table``; ValueError if the name is taken. The time."""
         now = self._clock()
         try:
-            self._write("INSERT INTO users VALUES (?, ?, ?)", (name, password_hash, now))
+            self._write(f"INSERT INTO {table} VALUES (?, ?, ?)", (name, secret_hash, now))
         except sqlite3.IntegrityError:
-            raise ValueError(f"a user named {name!r} already exists") from None
-        return User(name, now)
+            raise ValueError(f"a {kind} named {name!r} already exists") from None
+        return now
+
+    def add_user(self, name: str, password_hash: str) -> User:
+        """Add a user; raises ValueError if the name is taken."""
+        return User(name, self._add_named("users", "user", name, password_hash))
 
     def set_password(self, name: str, password_hash: str, *, end_sessions: bool = True) -> bool:
         """Replace a user's password hash (and end their sessions); False if no such user."""
@@ -677,12 +681,7 @@ class Storage:
 
     def add_token(self, name: str, token_hash: str) -> ApiToken:
         """Add an API token (by the hash of its secret); raises ValueError if the name is taken."""
-        now = self._clock()
-        try:
-            self._write("INSERT INTO api_tokens VALUES (?, ?, ?)", (name, token_hash, now))
-        except sqlite3.IntegrityError:
-            raise ValueError(f"a token named {name!r} already exists") from None
-        return ApiToken(name, now)
+        return ApiToken(name, self._add_named("api_tokens", "token", name, token_hash))
 
     def tokens(self) -> list[ApiToken]:
         with self._reader() as conn:
