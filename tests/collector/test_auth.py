@@ -32,6 +32,17 @@ def with_user(server: CollectorServer, name: str = "alice", password: str = PASS
     server.storage.add_user(name, hash_password(password))
 
 
+def with_throttle(
+    server: CollectorServer, throttle: LoginThrottle, log_interval: float = 1.0
+) -> AuthPolicy:
+    """The server's login policy, with this throttle and failed-login lines this often."""
+    policy = server.collector.auth
+    assert policy is not None
+    policy.throttle = throttle
+    policy.failures_log = LogThrottle(interval=log_interval)
+    return policy
+
+
 def client(server: CollectorServer, **options: Any) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30, **options)
 
@@ -236,10 +247,8 @@ def test_wrong_passwords_are_logged_without_the_password_and_throttled(
 ) -> None:
     server = make_server()
     with_user(server)
-    policy = server.collector.auth
-    assert policy is not None
-    policy.throttle = LoginThrottle(per_user=3, per_address=4)
-    policy.failures_log = LogThrottle(interval=0)  # every line (a flood's are rate-limited)
+    # Every line (a flood's are rate-limited).
+    with_throttle(server, LoginThrottle(per_user=3, per_address=4), log_interval=0)
     caplog.set_level(logging.INFO, logger="selfreport.collector")
     with client(server) as http:
         for attempt in range(3):
@@ -495,7 +504,7 @@ def test_a_host_whose_port_is_not_digits_is_refused(value: str, storage: Storage
     with pytest.raises(ValueError):
         _split_host(value)
     assert not AuthPolicy(storage).host_allowed(value)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad allowed host"):
         AuthPolicy(storage, hosts=[value])
 
 
@@ -548,10 +557,10 @@ def test_a_flood_of_failed_logins_writes_a_bounded_number_of_lines(
 ) -> None:
     server = make_server()
     with_user(server)
-    policy = server.collector.auth
-    assert policy is not None
-    policy.throttle = LoginThrottle(per_user=1000, per_address=1000)
-    policy.failures_log = LogThrottle(interval=3600)  # one line for the whole flood
+    # One line for the whole flood.
+    policy = with_throttle(
+        server, LoginThrottle(per_user=1000, per_address=1000), log_interval=3600
+    )
     caplog.set_level(logging.INFO, logger="selfreport.collector")
     with client(server) as http:
         form = http.get("/login")
@@ -573,9 +582,7 @@ def test_concurrent_wrong_passwords_hash_at_most_the_throttles_number(
     slow = hash_password(PASSWORD).split("$")
     slow[1] = str(2**17)
     server.storage.add_user("alice", "$".join(slow))
-    policy = server.collector.auth
-    assert policy is not None
-    policy.throttle = LoginThrottle(per_user=6, per_address=1000)
+    policy = with_throttle(server, LoginThrottle(per_user=6, per_address=1000))
     attempts = 60
     done: list[str] = []
 

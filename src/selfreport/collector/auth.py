@@ -259,7 +259,13 @@ class AuthPolicy:
         if self.mode not in LOGIN_MODES:
             raise ValueError(f"login mode must be one of {', '.join(LOGIN_MODES)}")
         self._any_host = "*" in self.hosts
-        self._hosts = {_split_host(h) for h in self.hosts if h != "*"}
+        self._hosts = set()
+        for host in self.hosts:
+            if host != "*":
+                try:
+                    self._hosts.add(_split_host(host))
+                except ValueError as exc:
+                    raise ValueError(f"bad allowed host {host!r}: {exc}") from None
         self._public_origin = _origin(self.public_url)
         self.secure_cookies = urlsplit(self.public_url).scheme == "https"
         # Made on the event loop at first use (on 3.9 a semaphore binds to a loop when made).
