@@ -200,3 +200,19 @@ def test_a_corrupt_data_directory_is_one_line_and_exit_code_2(
         assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "malformed" in damaged.stderr
     assert "not a database" in garbage.stderr
+
+
+def test_a_damaged_database_is_one_line_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert user_command("list", tmp_path) == 0
+    database = tmp_path / "selfreport.db"
+    with database.open("r+b") as file:
+        file.seek(4096)
+        file.write(b"\xde\xad" * 20_000)
+    capsys.readouterr()
+    assert token_command("list", tmp_path) == 2
+    assert capsys.readouterr().err.startswith("selfreport: ")
+    database.write_bytes(b"not a database at all" * 500)
+    assert user_command("list", tmp_path) == 2
+    assert capsys.readouterr().err.startswith(f"selfreport: {database}: cannot open")

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import httpx
 import pytest
 
+from selfreport.collector import auth
 from selfreport.collector.accounts import hash_password, hash_secret
 from selfreport.collector.auth import (
     AuthPolicy,
@@ -572,21 +573,21 @@ def test_a_flood_of_failed_logins_writes_a_bounded_number_of_lines(
     assert policy.password_checks == 30
 
 
-def test_concurrent_wrong_passwords_hash_at_most_the_throttles_number(
-    make_server: MakeServer,
-) -> None:
-    """A flood reusing one login form: the throttle counts each attempt before hashing, and
-    waiting for a hashing slot takes no worker thread, so pages are served meanwhile."""
-    server = make_server()
-    # A costly hash (128 MiB, ~0.5 s) keeps the attempts let through hashing for a while.
+def slow_user(server: CollectorServer) -> None:
+    """alice, with a costly hash (128 MiB, ~0.5 s): logins let through hash for a while."""
     slow = hash_password(PASSWORD).split("$")
     slow[1] = str(2**17)
     server.storage.add_user("alice", "$".join(slow))
-    policy = with_throttle(server, LoginThrottle(per_user=6, per_address=1000))
-    attempts = 60
-    done: list[str] = []
 
-    async def flood() -> list[int]:
+
+def concurrent_logins(
+    server: CollectorServer, attempts: int, done: Optional[list[str]] = None
+) -> list[httpx.Response]:
+    """``attempts`` wrong-password posts at once, all with one login form; with ``done``, a
+    page is also asked for once the first answer is back, and the order noted in ``done``."""
+    order = [] if done is None else done
+
+    async def flood() -> list[httpx.Response]:
         base = f"http://127.0.0.1:{server.port}"
         limits = httpx.Limits(max_connections=attempts + 5)
         async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
@@ -597,24 +598,58 @@ def test_concurrent_wrong_passwords_hash_at_most_the_throttles_number(
                 "password": "wrong password",
             }
 
-            async def attempt() -> int:
-                status = (await http.post("/login", data=data)).status_code
-                done.append("login")
-                return status
+            async def attempt() -> httpx.Response:
+                response = await http.post("/login", data=data)
+                order.append("login")
+                return response
 
             async def page() -> None:
-                while not done:  # the flood is on (the first refusals are back)
+                while not order:  # the flood is on (the first refusals are back)
                     await asyncio.sleep(0.01)
                 assert (await http.get("/login")).status_code == 200
-                done.append("page")
+                order.append("page")
 
-            results = await asyncio.gather(*[attempt() for _ in range(attempts)], page())
-            return [status for status in results if status is not None]
+            logins = asyncio.gather(*[attempt() for _ in range(attempts)])
+            if done is not None:
+                await asyncio.gather(logins, page())
+            return await logins
 
-    statuses = asyncio.run(flood())
-    assert sorted(statuses) == [401] * 6 + [429] * (attempts - 6)
+    return asyncio.run(flood())
+
+
+def test_concurrent_wrong_passwords_hash_at_most_the_throttles_number(
+    make_server: MakeServer,
+) -> None:
+    """A flood reusing one login form: the throttle counts each attempt before hashing, and
+    waiting for a hashing slot takes no worker thread, so pages are served meanwhile."""
+    server = make_server()
+    slow_user(server)
+    policy = with_throttle(server, LoginThrottle(per_user=6, per_address=1000))
+    done: list[str] = []
+    statuses = [response.status_code for response in concurrent_logins(server, 60, done)]
+    assert sorted(statuses) == [401] * 6 + [429] * 54
     assert policy.password_checks == 6
     assert done.index("page") < len(done) - 1  # served while logins were still hashing
+
+
+def test_logins_beyond_the_hashing_queue_get_503_and_their_attempt_back(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "HASHING_SLOTS", 1)
+    monkeypatch.setattr(auth, "HASHING_QUEUE", 1)
+    server = make_server()
+    slow_user(server)
+    policy = with_throttle(server, LoginThrottle(per_user=1000, per_address=1000))
+    responses = concurrent_logins(server, 12)
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy, [r.status_code for r in responses]
+    assert all(r.headers["retry-after"] == "2" for r in busy)
+    assert "Too many logins at once" in busy[0].text
+    hashed = [r for r in responses if r.status_code == 401]
+    assert len(hashed) + len(busy) == 12
+    assert policy.password_checks == len(hashed)
+    # Only the attempts that were hashed count against the name.
+    assert len(policy.throttle._failures["u:alice"]) == len(hashed)
 
 
 def test_allowed_hosts_by_default_and_with_ports(storage: Storage) -> None:
