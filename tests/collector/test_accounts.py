@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import getpass
 import io
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +169,50 @@ def test_the_command_line_dispatches_user_and_token(
     assert out[:2] == ["Added user 'alice'", "alice"]
     assert out[2].startswith("srt_")
     assert out[3] == "ci"
+
+
+@pytest.mark.parametrize(
+    "command", [["user", "list"], ["token", "revoke", "ci"], ["user", "remove", "bob"]]
+)
+def test_a_corrupt_data_directory_is_one_line_and_exit_code_2(
+    tmp_path: Path, command: list[str]
+) -> None:
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "selfreport", *command, "--data", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    assert run().returncode in (0, 2)  # creates the database (or: no such token or user)
+    database = tmp_path / "selfreport.db"
+    with database.open("r+b") as file:  # the header survives; the tables' pages do not
+        file.seek(4096)
+        file.write(b"\xde\xad" * 20_000)
+    damaged = run()
+    database.write_bytes(b"not a database at all" * 500)
+    garbage = run()
+    for result in (damaged, garbage):
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("selfreport: "), result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "malformed" in damaged.stderr
+    assert "not a database" in garbage.stderr
+
+
+def test_a_damaged_database_is_one_line_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert user_command("list", tmp_path) == 0
+    database = tmp_path / "selfreport.db"
+    with database.open("r+b") as file:
+        file.seek(4096)
+        file.write(b"\xde\xad" * 20_000)
+    capsys.readouterr()
+    assert token_command("list", tmp_path) == 2
+    assert capsys.readouterr().err.startswith("selfreport: ")
+    database.write_bytes(b"not a database at all" * 500)
+    assert user_command("list", tmp_path) == 2
+    assert capsys.readouterr().err.startswith(f"selfreport: {database}: cannot open")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -10,6 +11,7 @@ from typing import Any, Callable, Optional
 import httpx
 import pytest
 
+from selfreport.collector import auth
 from selfreport.collector.accounts import hash_password, hash_secret
 from selfreport.collector.auth import (
     AuthPolicy,
@@ -19,6 +21,7 @@ from selfreport.collector.auth import (
     check_public_url,
     is_loopback,
 )
+from selfreport.collector.limits import LogThrottle
 from selfreport.collector.server import CollectorServer
 from selfreport.collector.storage import Storage
 
@@ -28,6 +31,17 @@ MakeServer = Callable[..., CollectorServer]
 
 def with_user(server: CollectorServer, name: str = "alice", password: str = PASSWORD) -> None:
     server.storage.add_user(name, hash_password(password))
+
+
+def with_throttle(
+    server: CollectorServer, throttle: LoginThrottle, log_interval: float = 1.0
+) -> AuthPolicy:
+    """The server's login policy, with this throttle and failed-login lines this often."""
+    policy = server.collector.auth
+    assert policy is not None
+    policy.throttle = throttle
+    policy.failures_log = LogThrottle(interval=log_interval)
+    return policy
 
 
 def client(server: CollectorServer, **options: Any) -> httpx.Client:
@@ -234,9 +248,8 @@ def test_wrong_passwords_are_logged_without_the_password_and_throttled(
 ) -> None:
     server = make_server()
     with_user(server)
-    policy = server.collector.auth
-    assert policy is not None
-    policy.throttle = LoginThrottle(per_user=3, per_address=4)
+    # Every line (a flood's are rate-limited).
+    with_throttle(server, LoginThrottle(per_user=3, per_address=4), log_interval=0)
     caplog.set_level(logging.INFO, logger="selfreport.collector")
     with client(server) as http:
         for attempt in range(3):
@@ -451,19 +464,20 @@ def test_the_throttle_forgets_after_its_window_and_stays_bounded() -> None:
     throttle = LoginThrottle(
         per_address=100, per_user=2, window=60, max_keys=4, clock=lambda: now[0]
     )
-    assert throttle.retry_after("1.2.3.4", "alice") == 0
-    assert not throttle.failed("1.2.3.4", "alice")
-    assert throttle.failed("1.2.3.4", "alice")  # this one reached the limit
-    assert throttle.retry_after("5.6.7.8", "alice") == 60
+    assert throttle.reserve("1.2.3.4", "alice") == 0  # let through, counted already
+    assert throttle.reserve("1.2.3.4", "alice") == 0
+    assert throttle.reserve("5.6.7.8", "alice") == 60  # refused, and not counted
     now[0] = 30.0
-    assert throttle.retry_after("5.6.7.8", "alice") == 30
+    assert throttle.reserve("5.6.7.8", "alice") == 30
     now[0] = 60.0
-    assert throttle.retry_after("5.6.7.8", "alice") == 0
-    throttle.failed("1.2.3.4", "alice")  # the two old failures left the window
-    assert throttle.retry_after("1.2.3.4", "alice") == 0
-    throttle.succeeded("alice")
+    assert throttle.reserve("5.6.7.8", "alice") == 0  # the two old failures left the window
+    throttle.release("5.6.7.8", "alice")  # never tried: taken back
+    assert throttle.reserve("1.2.3.4", "alice") == 0
+    throttle.succeeded("1.2.3.4", "alice")  # forgets the user's failures
+    assert not throttle._failures["a:1.2.3.4"]  # the old two left the window, this one back
+    assert "u:alice" not in throttle._failures
     for index in range(10):
-        throttle.failed(f"10.0.0.{index}", f"user{index}")
+        throttle.reserve(f"10.0.0.{index}", f"user{index}")
     assert len(throttle._failures) == 4
 
 
@@ -482,6 +496,160 @@ def test_host_values_are_split_into_name_and_port(
     value: str, expected: tuple[str, Optional[str]]
 ) -> None:
     assert _split_host(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["localhost:8000@evil.example", "localhost:80x", "[::1]:8000@evil", "[::1]evil", "a:١"]
+)
+def test_a_host_whose_port_is_not_digits_is_refused(value: str, storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        _split_host(value)
+    assert not AuthPolicy(storage).host_allowed(value)
+    with pytest.raises(ValueError, match="bad allowed host"):
+        AuthPolicy(storage, hosts=[value])
+
+
+def test_a_default_port_in_the_public_url_is_the_origin_browsers_send(
+    make_server: MakeServer, storage: Storage
+) -> None:
+    assert check_public_url("https://c.example.com:443/x/") == "https://c.example.com/x"
+    assert check_public_url("http://C.example.com:80") == "http://c.example.com"
+    assert check_public_url("http://c.example.com:443") == "http://c.example.com:443"
+    for bad in (
+        "https://c.example.com:44x",
+        "https://c.example.com:99999",
+        "https://u:p@c.example",
+    ):
+        with pytest.raises(ValueError):
+            check_public_url(bad)
+    policy = AuthPolicy(storage, public_url="https://c.example.com:443", hosts=["*"])
+    assert policy.same_origin("https://c.example.com", "127.0.0.1:8000")
+    assert policy.same_origin("https://c.example.com:443", "127.0.0.1:8000")
+    assert not policy.same_origin("http://c.example.com", "127.0.0.1:8000")
+    assert policy.same_origin("http://127.0.0.1", "127.0.0.1:80")
+    assert not policy.same_origin("null", "127.0.0.1:8000")
+    # Behind a proxy: the browser speaks to https://c.example.com, the proxy to us.
+    server = make_server(public_url="http://c.example.com:80", allowed_hosts=["c.example.com"])
+    with_user(server)
+    with client(server, headers={"Host": "c.example.com"}) as http:
+        form = http.get("/login")
+        logged_in = http.post(
+            "/login",
+            headers={"Origin": "http://c.example.com"},
+            data={
+                "csrf": csrf_of(form.text, 'action="/login"'),
+                "name": "alice",
+                "password": PASSWORD,
+            },
+        )
+        assert logged_in.status_code == 303, logged_in.text
+        page = http.get("/projects")
+        logged_out = http.post(
+            "/logout",
+            headers={"Origin": "http://c.example.com"},
+            data={"csrf": csrf_of(page.text)},
+        )
+        assert logged_out.status_code == 303, logged_out.text
+    assert sessions(server.storage) == 0
+
+
+def test_a_flood_of_failed_logins_writes_a_bounded_number_of_lines(
+    make_server: MakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_server()
+    with_user(server)
+    # One line for the whole flood.
+    policy = with_throttle(
+        server, LoginThrottle(per_user=1000, per_address=1000), log_interval=3600
+    )
+    caplog.set_level(logging.INFO, logger="selfreport.collector")
+    with client(server) as http:
+        form = http.get("/login")
+        data = {"csrf": csrf_of(form.text, 'action="/login"'), "name": "alice", "password": "nope"}
+        for index in range(30):
+            assert http.post("/login", data={**data, "name": f"user{index}"}).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
+    assert lines == ["failed login for 'user0' from 127.0.0.1"]
+    assert policy.password_checks == 30
+
+
+def slow_user(server: CollectorServer) -> None:
+    """alice, with a costly hash (128 MiB, ~0.5 s): logins let through hash for a while."""
+    slow = hash_password(PASSWORD).split("$")
+    slow[1] = str(2**17)
+    server.storage.add_user("alice", "$".join(slow))
+
+
+def concurrent_logins(
+    server: CollectorServer, attempts: int, done: Optional[list[str]] = None
+) -> list[httpx.Response]:
+    """``attempts`` wrong-password posts at once, all with one login form; with ``done``, a
+    page is also asked for once the first answer is back, and the order noted in ``done``."""
+    order = [] if done is None else done
+
+    async def flood() -> list[httpx.Response]:
+        base = f"http://127.0.0.1:{server.port}"
+        limits = httpx.Limits(max_connections=attempts + 5)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+            form = await http.get("/login")
+            data = {
+                "csrf": csrf_of(form.text, 'action="/login"'),
+                "name": "alice",
+                "password": "wrong password",
+            }
+
+            async def attempt() -> httpx.Response:
+                response = await http.post("/login", data=data)
+                order.append("login")
+                return response
+
+            async def page() -> None:
+                while not order:  # the flood is on (the first refusals are back)
+                    await asyncio.sleep(0.01)
+                assert (await http.get("/login")).status_code == 200
+                order.append("page")
+
+            logins = asyncio.gather(*[attempt() for _ in range(attempts)])
+            if done is not None:
+                await asyncio.gather(logins, page())
+            return await logins
+
+    return asyncio.run(flood())
+
+
+def test_concurrent_wrong_passwords_hash_at_most_the_throttles_number(
+    make_server: MakeServer,
+) -> None:
+    """A flood reusing one login form: the throttle counts each attempt before hashing, and
+    waiting for a hashing slot takes no worker thread, so pages are served meanwhile."""
+    server = make_server()
+    slow_user(server)
+    policy = with_throttle(server, LoginThrottle(per_user=6, per_address=1000))
+    done: list[str] = []
+    statuses = [response.status_code for response in concurrent_logins(server, 60, done)]
+    assert sorted(statuses) == [401] * 6 + [429] * 54
+    assert policy.password_checks == 6
+    assert done.index("page") < len(done) - 1  # served while logins were still hashing
+
+
+def test_logins_beyond_the_hashing_queue_get_503_and_their_attempt_back(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "HASHING_SLOTS", 1)
+    monkeypatch.setattr(auth, "HASHING_QUEUE", 1)
+    server = make_server()
+    slow_user(server)
+    policy = with_throttle(server, LoginThrottle(per_user=1000, per_address=1000))
+    responses = concurrent_logins(server, 12)
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy, [r.status_code for r in responses]
+    assert all(r.headers["retry-after"] == "2" for r in busy)
+    assert "Too many logins at once" in busy[0].text
+    hashed = [r for r in responses if r.status_code == 401]
+    assert len(hashed) + len(busy) == 12
+    assert policy.password_checks == len(hashed)
+    # Only the attempts that were hashed count against the name.
+    assert len(policy.throttle._failures["u:alice"]) == len(hashed)
 
 
 def test_allowed_hosts_by_default_and_with_ports(storage: Storage) -> None:

@@ -8,11 +8,13 @@ import hmac
 import os
 import re
 import secrets
+import sqlite3
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Optional, TextIO, Union
+from typing import Callable, Optional, TextIO, Union
 
-from .store import Store
+from .store import StorageError, Store
 
 __all__ = [
     "hash_password",
@@ -137,6 +139,43 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _run(
+    kind: str,
+    action: str,
+    data_dir: Union[str, os.PathLike[str], None],
+    name: str,
+    out: TextIO,
+    *,
+    listing: Callable[[Store], Iterable[str]],
+    remove: Callable[[Store, str], bool],
+    removed: str,
+    change: Callable[[Store], int],
+) -> int:
+    """What ``user`` and ``token`` share: the name check, the database opened and closed,
+    ``list``, removing by name (``removed`` is the message) and one-line errors."""
+    if action != "list" and not valid_name(name):
+        return _fail(f"bad {kind} name {name!r}: 1 to 64 letters, digits and . _ @ + -")
+    try:
+        storage = _storage(data_dir)
+        try:
+            if action == "list":
+                for row in listing(storage):
+                    print(row, file=out)
+                return 0
+            if action in ("remove", "revoke"):
+                if not remove(storage, name):
+                    return _fail(f"no {kind} named {name!r}")
+                print(removed.format(name=name), file=out)
+                return 0
+            return change(storage)
+        finally:
+            storage.close()
+    except (StorageError, OSError, sqlite3.DatabaseError) as exc:
+        if isinstance(exc, sqlite3.DatabaseError):  # the file is damaged past opening
+            return _fail(f"the database is unusable: {exc}")
+        return _fail(str(exc))
+
+
 def user_command(
     action: str,
     data_dir: Union[str, os.PathLike[str], None],
@@ -146,19 +185,8 @@ def user_command(
 ) -> int:
     """``selfreport user add|passwd|remove NAME`` and ``selfreport user list``."""
     out = out or sys.stdout
-    if action != "list" and not valid_name(name):
-        return _fail(f"bad user name {name!r}: 1 to 64 letters, digits and . _ @ + -")
-    storage = _storage(data_dir)
-    try:
-        if action == "list":
-            for user in storage.users():
-                print(user.name, file=out)
-            return 0
-        if action == "remove":
-            if not storage.remove_user(name):
-                return _fail(f"no user named {name!r}")
-            print(f"Removed user {name!r} (and ended their sessions)", file=out)
-            return 0
+
+    def change(storage: Store) -> int:
         if action == "add" and storage.password_hash(name) is not None:
             return _fail(f"a user named {name!r} already exists")
         if action == "passwd" and storage.password_hash(name) is None:
@@ -177,8 +205,18 @@ def user_command(
             storage.set_password(name, hash_password(password))
             print(f"Changed the password of {name!r} (and ended their sessions)", file=out)
         return 0
-    finally:
-        storage.close()
+
+    return _run(
+        "user",
+        action,
+        data_dir,
+        name,
+        out,
+        listing=lambda storage: (user.name for user in storage.users()),
+        remove=lambda storage, name: storage.remove_user(name),
+        removed="Removed user {name!r} (and ended their sessions)",
+        change=change,
+    )
 
 
 def token_command(
@@ -189,19 +227,8 @@ def token_command(
 ) -> int:
     """``selfreport token create|revoke NAME`` and ``selfreport token list``."""
     out = out or sys.stdout
-    if action != "list" and not valid_name(name):
-        return _fail(f"bad token name {name!r}: 1 to 64 letters, digits and . _ @ + -")
-    storage = _storage(data_dir)
-    try:
-        if action == "list":
-            for token in storage.tokens():
-                print(token.name, file=out)
-            return 0
-        if action == "revoke":
-            if not storage.revoke_token(name):
-                return _fail(f"no token named {name!r}")
-            print(f"Revoked token {name!r}", file=out)
-            return 0
+
+    def create(storage: Store) -> int:
         secret = new_token()
         try:
             storage.add_token(name, hash_secret(secret))
@@ -214,5 +241,15 @@ def token_command(
             file=sys.stderr,
         )
         return 0
-    finally:
-        storage.close()
+
+    return _run(
+        "token",
+        action,
+        data_dir,
+        name,
+        out,
+        listing=lambda storage: (token.name for token in storage.tokens()),
+        remove=lambda storage, name: storage.revoke_token(name),
+        removed="Revoked token {name!r}",
+        change=create,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import hmac
@@ -27,6 +28,7 @@ from selfreport._guard import reporting_path
 
 from .accounts import DUMMY_HASH, MAX_PASSWORD, hash_password, hash_secret, needs_rehash
 from .accounts import verify_password as _verify_password
+from .limits import LogThrottle
 from .store import Store
 
 if TYPE_CHECKING:
@@ -59,6 +61,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # How many password hashes run at once: each takes 16 MiB and a core for ~50 ms.
 HASHING_SLOTS = 2
+# How many more logins may wait for a slot (on the event loop, not in a worker thread);
+# beyond that a login gets 503 at once (each one waiting is an attempt its throttle counted).
+HASHING_QUEUE = 64
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def is_loopback(host: str) -> bool:
@@ -72,27 +78,54 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_public_url(url: str) -> str:
-    """``url`` without its trailing slash; ValueError unless it is ``http(s)://host...``."""
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, lowercase and without the scheme's default port
+    (which browsers never put in ``Origin``); ``""`` when it has none or a bad port."""
     split = urlsplit(url.strip())
-    if split.scheme not in ("http", "https") or not split.hostname:
+    try:
+        port = split.port
+    except ValueError:
+        return ""
+    scheme = split.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not split.hostname:
+        return ""
+    netloc = split.netloc.rpartition("@")[2].lower()
+    if port is not None and port == _DEFAULT_PORTS[scheme]:
+        netloc = netloc.rpartition(":")[0]
+    return f"{scheme}://{netloc}"
+
+
+def check_public_url(url: str) -> str:
+    """``url`` without its trailing slash nor the scheme's default port (``:443`` on https);
+    ValueError unless it is ``http(s)://host[:port]...``."""
+    split = urlsplit(url.strip())
+    origin = _origin(url)
+    if not origin:
         raise ValueError(f"must be http://HOST[:PORT] or https://..., not {url!r}")
-    if split.query or split.fragment or split.username:
+    if split.query or split.fragment or split.username or split.password is not None:
         raise ValueError(f"cannot have a query, fragment or user: {url!r}")
-    return url.strip().rstrip("/")
+    return (origin + split.path).rstrip("/")
 
 
 def _split_host(value: str) -> tuple[str, Optional[str]]:
-    """``name``, ``name:port``, ``[v6]``, ``[v6]:port`` -> (lowercase name, port or None)."""
+    """``name``, ``name:port``, ``[v6]``, ``[v6]:port`` -> (lowercase name, port or None).
+
+    ValueError when what follows the name is not a port (``localhost:80@evil.example``).
+    """
     value = value.strip().lower()
     if value.startswith("["):
         name, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else None
-        return name, port or None
-    if value.count(":") == 1:
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"not a host: {value[:100]!r}")
+        port: Optional[str] = rest[1:]
+    elif value.count(":") == 1:
         name, _, port = value.partition(":")
-        return name.rstrip("."), port or None
-    return value.rstrip("."), None  # a bare IPv6 address (in --allowed-host) or a name
+        name = name.rstrip(".")
+    else:
+        return value.rstrip("."), None  # a bare IPv6 address (in --allowed-host) or a name
+    if port and not (port.isascii() and port.isdigit()):
+        raise ValueError(f"not a port: {port[:100]!r}")
+    return name, port or None
 
 
 def allowed_hosts(listen_host: str, public_url: str, extra: Iterable[str] = ()) -> list[str]:
@@ -124,9 +157,12 @@ class Identity:
 class LoginThrottle:
     """Failed logins in a sliding window, per client address and per user name.
 
-    Past the limit, attempts are refused before any password is hashed until the oldest
-    failure leaves the window. Memory is bounded: at most ``max_keys`` keys are tracked (the
-    least recently failed are forgotten first), each with at most its limit of timestamps.
+    An attempt is counted as a failure the moment it is let through (:meth:`reserve`), before
+    its password is hashed, so concurrent attempts cannot all pass a check made before any
+    of them failed; a success takes it back. Past the limit, attempts are refused without
+    hashing anything until the oldest failure leaves the window. Memory is bounded: at most
+    ``max_keys`` keys are tracked (the least recently failed are forgotten first), each with
+    at most its limit of timestamps.
     """
 
     def __init__(
@@ -151,38 +187,49 @@ class LoginThrottle:
     def _keys(self, address: str, user: str) -> list[tuple[str, int]]:
         return [(f"a:{address}", self.per_address), (f"u:{user}", self.per_user)]
 
-    def retry_after(self, address: str, user: str) -> float:
-        """Seconds until an attempt is allowed again; 0 when it is allowed now."""
+    def reserve(self, address: str, user: str) -> float:
+        """Let an attempt through and count it as failed (0), or refuse it: the seconds until
+        one is allowed again (and nothing is counted)."""
         now = self._clock()
-        wait = 0.0
         with self._lock:
-            for key, limit in self._keys(address, user):
+            keys = self._keys(address, user)
+            wait = 0.0
+            for key, limit in keys:
                 failures = self._failures.get(key)
-                if failures is not None and len(failures) >= limit:
+                if failures is None:
+                    continue
+                while failures and failures[0] + self.window <= now:
+                    failures.popleft()
+                if len(failures) >= limit:
                     wait = max(wait, failures[0] + self.window - now)
-        return max(0.0, wait)
-
-    def failed(self, address: str, user: str) -> bool:
-        """Count a failure; True when this one reached a limit (worth one log line)."""
-        now = self._clock()
-        reached = False
-        with self._lock:
-            for key, limit in self._keys(address, user):
+            if wait > 0:
+                return wait
+            for key, limit in keys:
                 failures = self._failures.pop(key, None)
                 if failures is None:
                     failures = collections.deque(maxlen=limit)
-                while failures and failures[0] + self.window <= now:
-                    failures.popleft()
                 failures.append(now)
-                reached = reached or len(failures) == limit
                 self._failures[key] = failures  # most recent last
             while len(self._failures) > self.max_keys:
                 self._failures.popitem(last=False)
-        return reached
+        return 0.0
 
-    def succeeded(self, user: str) -> None:
+    def release(self, address: str, user: str) -> None:
+        """Take back a reserved attempt that was never tried (its password was not hashed)."""
+        with self._lock:
+            for key, _ in self._keys(address, user):
+                failures = self._failures.get(key)
+                if failures:
+                    failures.pop()
+
+    def succeeded(self, address: str, user: str) -> None:
+        """A reserved attempt logged in: the user's failures are forgotten, and the address
+        gets this attempt back."""
         with self._lock:
             self._failures.pop(f"u:{user}", None)
+            failures = self._failures.get(f"a:{address}")
+            if failures:
+                failures.pop()
 
 
 @dataclass
@@ -204,17 +251,27 @@ class AuthPolicy:
     public_url: str = DEFAULT_PUBLIC_URL
     metrics_public: bool = False
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    # Failed logins are a line any stranger can cause: at most one a second (and a count).
+    failures_log: LogThrottle = field(default_factory=LogThrottle)
     _secret: Optional[bytes] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in LOGIN_MODES:
             raise ValueError(f"login mode must be one of {', '.join(LOGIN_MODES)}")
         self._any_host = "*" in self.hosts
-        self._hosts = {_split_host(h) for h in self.hosts if h != "*"}
-        split = urlsplit(self.public_url)
-        self._public_origin = f"{split.scheme}://{split.netloc}".lower()
-        self.secure_cookies = split.scheme == "https"
-        self._hashing = threading.BoundedSemaphore(HASHING_SLOTS)
+        self._hosts = set()
+        for host in self.hosts:
+            if host != "*":
+                try:
+                    self._hosts.add(_split_host(host))
+                except ValueError as exc:
+                    raise ValueError(f"bad allowed host {host!r}: {exc}") from None
+        self._public_origin = _origin(self.public_url)
+        self.secure_cookies = urlsplit(self.public_url).scheme == "https"
+        # Made on the event loop at first use (on 3.9 a semaphore binds to a loop when made).
+        self._hashing: Optional[asyncio.Semaphore] = None
+        self._hashing_waiters = 0
+        self.password_checks = 0  # passwords hashed to check a login (a test counts them)
 
     # --- Host and Origin ---------------------------------------------------------------
 
@@ -222,18 +279,24 @@ class AuthPolicy:
         """``Host`` names an allowed host (an entry without a port allows any port)."""
         if self._any_host:
             return True
-        name, port = _split_host(host)
+        try:
+            name, port = _split_host(host)
+        except ValueError:
+            return False
         return (name, None) in self._hosts or (port is not None and (name, port) in self._hosts)
 
     def same_origin(self, origin: Optional[str], host: str) -> bool:
         """A state-changing request's ``Origin`` (when a browser sent one) is this collector."""
         if origin is None:
             return True  # not a browser: the CSRF token still has to be right
-        origin = origin.strip().lower()
+        origin = _origin(origin)
+        if not origin:
+            return False
         if origin == self._public_origin:
             return True
-        split = urlsplit(origin)
-        return split.scheme in ("http", "https") and split.netloc == host.strip().lower()
+        # Directly, not through the proxy: Host is what the browser put in the URL (a
+        # default port in one and not the other is still the same origin).
+        return origin == _origin(f"{urlsplit(origin).scheme}://{host.strip()}")
 
     # --- identities --------------------------------------------------------------------
 
@@ -271,15 +334,38 @@ class AuthPolicy:
         return None, True
 
     def verify_password(self, name: str, password: str) -> bool:
-        """Check a login (as long for unknown users); upgrades hashes made weaker than now."""
+        """Check a login (as long for unknown users); upgrades hashes made weaker than now.
+        Blocking: hashes; see :meth:`check_password` for the bound on how many at once."""
         if len(password) > MAX_PASSWORD:
             return False
         stored = self.storage.password_hash(name)
-        with self._hashing:
-            ok = _verify_password(password, stored or DUMMY_HASH) and stored is not None
-            if ok and stored is not None and needs_rehash(stored):
-                self.storage.set_password(name, hash_password(password), end_sessions=False)
+        ok = _verify_password(password, stored or DUMMY_HASH) and stored is not None
+        if ok and stored is not None and needs_rehash(stored):
+            self.storage.set_password(name, hash_password(password), end_sessions=False)
         return ok
+
+    async def check_password(self, name: str, password: str) -> Optional[bool]:
+        """:meth:`verify_password` in a worker thread, at most ``HASHING_SLOTS`` at once.
+
+        Logins wait for a slot on the event loop, never in a worker thread: those serve every
+        page's :meth:`identify`, and a login flood must not take them all. None when
+        ``HASHING_QUEUE`` logins are waiting already (the collector is busy: try later).
+        """
+        if self._hashing is None:
+            self._hashing = asyncio.Semaphore(HASHING_SLOTS)
+        if self._hashing_waiters >= HASHING_QUEUE:
+            return None
+        self._hashing_waiters += 1
+        try:
+            await self._hashing.acquire()
+        finally:
+            self._hashing_waiters -= 1
+        try:
+            if len(password) <= MAX_PASSWORD:
+                self.password_checks += 1
+            return await run_in_threadpool(self.verify_password, name, password)
+        finally:
+            self._hashing.release()
 
     def start_session(self, user: str, replacing: Optional[str] = None) -> str:
         """A fresh session id at every login (no session fixation); ``replacing`` ends."""
@@ -444,6 +530,16 @@ async def login_page(request: Request) -> Response:
     return await run_in_threadpool(_login_page, request)
 
 
+async def _retry_later(
+    request: Request, status: int, error: str, wait: float, name: str, seed: Optional[str]
+) -> Response:
+    response = await run_in_threadpool(
+        lambda: _login_page(request, status=status, error=error, name=name, seed=seed or "")
+    )
+    response.headers["Retry-After"] = str(int(wait) + 1)
+    return response
+
+
 async def login(request: Request) -> Response:
     policy = _policy(request)
     form = await _form(request)
@@ -457,31 +553,34 @@ async def login(request: Request) -> Response:
     name = form.get("name", "")[:64]
     password = form.get("password", "")
     address = _client(request)
-    wait = policy.throttle.retry_after(address, name)
+    wait = policy.throttle.reserve(address, name)
     if wait > 0:
-        response = await run_in_threadpool(
-            lambda: _login_page(
-                request,
-                status=429,
-                error="Too many failed logins: try again later.",
-                name=name,
-                seed=seed or "",
-            )
+        policy.failures_log.log(
+            logger,
+            logging.WARNING,
+            "too many failed logins for %r or from %s: throttled",
+            name,
+            address,
         )
-        response.headers["Retry-After"] = str(int(wait) + 1)
-        return response
-    if not await run_in_threadpool(policy.verify_password, name, password):
-        if policy.throttle.failed(address, name):
-            with reporting_path():
-                logger.warning("too many failed logins for %r or from %s: throttled", name, address)
-        with reporting_path():
-            logger.warning("failed login for %r from %s", name, address)
+        return await _retry_later(
+            request, 429, "Too many failed logins: try again later.", wait, name, seed
+        )
+    ok = await policy.check_password(name, password)
+    if ok is None:
+        policy.throttle.release(address, name)
+        return await _retry_later(
+            request, 503, "Too many logins at once: try again shortly.", 1, name, seed
+        )
+    if not ok:
+        policy.failures_log.log(
+            logger, logging.WARNING, "failed login for %r from %s", name, address
+        )
         return await run_in_threadpool(
             lambda: _login_page(
                 request, status=401, error="Wrong name or password.", name=name, seed=seed or ""
             )
         )
-    policy.throttle.succeeded(name)
+    policy.throttle.succeeded(address, name)
     session = await run_in_threadpool(
         policy.start_session, name, request.cookies.get(SESSION_COOKIE)
     )
