@@ -370,7 +370,10 @@ class Browser:
             while b"\0" not in self._buffer:
                 left = deadline - time.monotonic()
                 assert left > 0, f"no answer to {method}"
-                ready, _, _ = select.select([self._from_chrome], [], [], left)
+                # poll, not select: no FD_SETSIZE limit on the descriptor's number
+                poller = select.poll()
+                poller.register(self._from_chrome, select.POLLIN)
+                ready = poller.poll(left * 1000)
                 if ready:
                     chunk = os.read(self._from_chrome, 65536)
                     assert chunk, "chromium closed the pipe"
