@@ -100,7 +100,7 @@ def envelope_of(request: Any) -> Any:
     try:
         import brotli
 
-        from selfreport._envelope import parse_envelope
+        from selfreport._delivery.envelope import parse_envelope
 
         return parse_envelope(brotli.decompress(request.body))
     except Exception:

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Optional
 
 import selfreport
-from selfreport._dsn import parse_dsn
-from selfreport._event import build_event, capture_from_exception
-from selfreport._transport import serialize_envelope
+from selfreport._capture.event import build_event, capture_from_exception
+from selfreport._core.dsn import parse_dsn
+from selfreport._delivery.transport import serialize_envelope
 
 PYTHON = sys.executable
 

@@ -186,7 +186,7 @@ class StoreLoad:
     acknowledged event_id in ``acked``, until :meth:`stop` or the server is gone."""
 
     def __init__(self, dsn: str, threads: int) -> None:
-        from selfreport._dsn import parse_dsn
+        from selfreport._core.dsn import parse_dsn
 
         self.dsn = parse_dsn(dsn)
         self.acked: list[str] = []

@@ -20,12 +20,12 @@ import selfreport
 import selfreport._client as client_module
 import selfreport._state as state_module
 from selfreport import Client, ConfigError, Destination, LoggingHandler, reporting_path
-from selfreport._admission import Deduper, Fingerprint
+from selfreport._admission.admission import Deduper, Fingerprint
+from selfreport._admission.ratelimit import TokenBucket
+from selfreport._capture.hooks import Hooks
 from selfreport._client import STAT_KEYS
-from selfreport._hooks import Hooks
-from selfreport._ratelimit import TokenBucket
+from selfreport._delivery.transport import ORIGIN_HEADER, HttpTransport, Response
 from selfreport._state import _hooks as global_hooks
-from selfreport._transport import ORIGIN_HEADER, HttpTransport, Response
 from selfreport.testing import FakeCollector, MemoryTransport
 
 from .conftest import FAST_OPTIONS, ClientFactory, FakeClock
@@ -135,7 +135,7 @@ def test_no_dsn_is_a_no_op_that_says_so_once(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import selfreport._client
-    from selfreport._diag import Diagnostics
+    from selfreport._core.diag import Diagnostics
 
     # Once per process: start from a process that has not said it yet.
     monkeypatch.setattr(selfreport._client, "_process_diagnostics", Diagnostics())
@@ -376,7 +376,7 @@ def test_scrub_callable_and_failing_scrub(make_client: ClientFactory) -> None:
 
 
 def test_scrub_true_uses_the_builtin_scrubber(make_client: ClientFactory) -> None:
-    pytest.importorskip("selfreport._scrub")
+    pytest.importorskip("selfreport._capture.scrub")
     client, _ = memory_client(make_client, scrub=True)
     assert client._scrub is not None
     assert memory_client(make_client, scrub=False)[0]._scrub is None
@@ -1220,7 +1220,7 @@ def test_finalizer_exceptions_on_our_own_threads_are_dropped(make_client: Client
     outcome: list[int] = []
 
     def on_a_selfreport_thread() -> None:
-        from selfreport._guard import enter_thread_for_life
+        from selfreport._core.guard import enter_thread_for_life
 
         enter_thread_for_life()
         client.capture_hooked(raised(ValueError("gc")), "unraisablehook", False)

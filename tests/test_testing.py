@@ -12,9 +12,9 @@ import pytest
 
 import selfreport
 from selfreport import LoggingHandler
-from selfreport._dsn import parse_dsn
+from selfreport._core.dsn import parse_dsn
+from selfreport._delivery.transport import HttpTransport, serialize_envelope
 from selfreport._state import current_client
-from selfreport._transport import HttpTransport, serialize_envelope
 from selfreport.testing import (
     CapturedEvents,
     FakeCollector,

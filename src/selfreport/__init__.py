@@ -7,17 +7,17 @@ from logging import ERROR as _ERROR
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ._client import Client
-from ._destination import Destination
-from ._guard import guarded, is_reporting, reporting_path
+from ._core.guard import guarded, is_reporting, reporting_path
+from ._delivery.transport import is_marked_origin
+from ._onprem.destination import Destination
 from ._state import current_client
 from ._state import init as _init
-from ._transport import is_marked_origin
 from ._version import __version__
 from .exceptions import ConfigError, SelfreportError
 from .logging import LoggingHandler
 
 if TYPE_CHECKING:
-    from ._scrub import Scrubber
+    from ._capture.scrub import Scrubber
 
 __all__ = [
     "Client",
@@ -154,7 +154,7 @@ def is_own_report(headers: Mapping[str, str]) -> bool:
 def __getattr__(name: str) -> Any:
     # The scrubber's patterns take a while to compile: only for those who use it.
     if name == "Scrubber":
-        from ._scrub import Scrubber
+        from ._capture.scrub import Scrubber
 
         return Scrubber
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,13 +14,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from ._admission import Admission, Fingerprint
-from ._counters import Counters
-from ._delivery import Delivery, otel_integration
-from ._destination import Destination, Uplink
-from ._diag import Diagnostics
-from ._dsn import Dsn, parse_dsn
-from ._event import (
+from ._admission.admission import Admission, Fingerprint
+from ._capture.event import (
     Capture,
     build_event,
     capture_from_exception,
@@ -28,22 +23,27 @@ from ._event import (
     capture_from_record,
     safe_repr,
 )
-from ._guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
-from ._options import Scrub, check_number, resolve_scrub
-from ._retry import Retry, UpstreamLimits
-from ._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
-from ._transport import (
+from ._core.counters import Counters
+from ._core.diag import Diagnostics
+from ._core.dsn import Dsn, parse_dsn
+from ._core.guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
+from ._core.options import Scrub, check_number, resolve_scrub
+from ._delivery.delivery import Delivery, otel_integration
+from ._delivery.retry import Retry, UpstreamLimits
+from ._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
+from ._delivery.transport import (
     HttpTransport,
     Transport,
     is_marked_origin,
     origin_value,
     serialize_envelope,
 )
-from ._worker import Worker
+from ._delivery.worker import Worker
+from ._onprem.destination import Destination, Uplink
 from .exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from ._statsd import StatsdConfig, StatsdExporter
+    from ._onprem.statsd import StatsdConfig, StatsdExporter
 
 __all__ = ["STAT_KEYS", "Client", "Event", "Hint"]
 
@@ -206,7 +206,7 @@ class Client:
     ) -> Optional[StatsdExporter]:
         if statsd is None:
             return None
-        from ._statsd import StatsdConfig, StatsdExporter
+        from ._onprem.statsd import StatsdConfig, StatsdExporter
 
         return StatsdExporter(StatsdConfig.parse(statsd))
 

@@ -10,8 +10,8 @@ import os
 import threading
 from typing import Any, Optional, Union
 
+from ._capture.hooks import Hooks
 from ._client import Client
-from ._hooks import Hooks
 from .exceptions import ConfigError
 from .logging import LoggingHandler
 

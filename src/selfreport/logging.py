@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Optional, Union
 
 from . import _state
-from ._guard import in_nested_log_record, is_reporting
+from ._core.guard import in_nested_log_record, is_reporting
 
 if TYPE_CHECKING:
     from ._client import Client

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 
 from ._client import Client
-from ._envelope import Envelope, parse_envelope
-from ._transport import Response
+from ._delivery.envelope import Envelope, parse_envelope
+from ._delivery.transport import Response
 
 __all__ = [
     "CapturedEvents",

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from selfreport._dsn import parse_dsn
+from selfreport._core.dsn import parse_dsn
 from selfreport.collector.health import (
     CheckResult,
     HealthChecks,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from selfreport._dsn import parse_dsn
+from selfreport._core.dsn import parse_dsn
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ pytestmark = [
 COLLECTOR = r"""
 import gzip, json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from selfreport._envelope import parse_envelope
+from selfreport._delivery.envelope import parse_envelope
 
 port, out, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 

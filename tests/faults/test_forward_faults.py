@@ -18,7 +18,7 @@ from typing import Optional
 import pytest
 from tests.conftest import wait_until
 
-from selfreport._dsn import parse_dsn
+from selfreport._core.dsn import parse_dsn
 from selfreport.testing import FakeCollector
 
 pytestmark = pytest.mark.slow

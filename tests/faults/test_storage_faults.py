@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import pytest
 from tests.conftest import wait_until
 
-from selfreport._dsn import Dsn, parse_dsn
+from selfreport._core.dsn import Dsn, parse_dsn
 
 pytestmark = pytest.mark.slow
 

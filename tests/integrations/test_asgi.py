@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route, Router
 
 import selfreport
 from selfreport import Client
-from selfreport._transport import ORIGIN_HEADER, origin_value
+from selfreport._delivery.transport import ORIGIN_HEADER, origin_value
 from selfreport.integrations import filter_headers, filter_url, report_request_exception
 from selfreport.integrations.asgi import SelfreportMiddleware, request_info
 from selfreport.testing import FakeCollector

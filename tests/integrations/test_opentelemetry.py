@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from selfreport import Client, LoggingHandler
-from selfreport._dsn import Dsn, parse_dsn
-from selfreport._transport import ORIGIN_HEADER, USER_AGENT, HttpTransport, Response
+from selfreport._core.dsn import Dsn, parse_dsn
+from selfreport._delivery.transport import ORIGIN_HEADER, USER_AGENT, HttpTransport, Response
 from selfreport.integrations import opentelemetry as otel_integration
 from selfreport.testing import FakeCollector
 

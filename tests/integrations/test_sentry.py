@@ -24,7 +24,7 @@ from sentry_sdk.integrations.threading import ThreadingIntegration
 import selfreport
 import selfreport.integrations.sentry as sentry_integration
 from selfreport import ConfigError
-from selfreport._transport import ORIGIN_HEADER
+from selfreport._delivery.transport import ORIGIN_HEADER
 from selfreport.integrations.sentry import SelfreportIntegration
 from selfreport.testing import FakeCollector
 

@@ -13,7 +13,7 @@ import pytest
 
 import selfreport
 from selfreport import Client
-from selfreport._transport import ORIGIN_HEADER, origin_value
+from selfreport._delivery.transport import ORIGIN_HEADER, origin_value
 from selfreport.integrations.wsgi import SelfreportWSGIMiddleware, request_info
 from selfreport.testing import FakeCollector
 

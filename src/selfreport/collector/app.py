@@ -20,11 +20,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfreport._client import Client
-from selfreport._dsn import Dsn, parse_dsn
+from selfreport._core.dsn import Dsn, parse_dsn
+from selfreport.collector import auth as _auth
+from selfreport.collector import web
 from selfreport.integrations.asgi import SelfreportMiddleware
 
-from . import auth as _auth
-from . import web
 from .health import HealthChecks, default_checks, upstream_reachable
 from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
 from .limits import LogThrottle

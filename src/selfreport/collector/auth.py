@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from selfreport._guard import reporting_path
+from selfreport._core.guard import reporting_path
 
 from .accounts import DUMMY_HASH, MAX_PASSWORD, hash_password, hash_secret, needs_rehash
 from .accounts import verify_password as _verify_password

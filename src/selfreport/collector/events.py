@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
-from selfreport._json import loads
+from selfreport._core.untrusted_json import loads
 
 __all__ = [
     "LEVELS",
@@ -263,8 +263,8 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_event_json(text: Union[str, bytes], repair: bool = True) -> Any:
-    """Untrusted JSON (see :func:`selfreport._json.loads`: bounded depth, lone surrogates
-    replaced), refusing NaN and Infinity (Python accepts them, JSON does not)."""
+    """Untrusted JSON (see :func:`selfreport._core.untrusted_json.loads`: bounded depth,
+    lone surrogates replaced), refusing NaN and Infinity (Python accepts them, JSON does not)."""
     return loads(text, parse_constant=_reject_constant, repair=repair)
 
 

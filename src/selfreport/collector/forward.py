@@ -11,8 +11,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-from selfreport._destination import Destination
-from selfreport._guard import enter_thread_for_life, reporting_path
+from selfreport._core.guard import enter_thread_for_life, reporting_path
+from selfreport._onprem.destination import Destination
 from selfreport.exceptions import ConfigError
 
 from .ingest import StoredEnvelope

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from selfreport._dsn import Dsn
+from selfreport._core.dsn import Dsn
 
 from .store import Store
 

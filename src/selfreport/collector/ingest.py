@@ -14,10 +14,10 @@ from urllib.parse import parse_qsl
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from selfreport._dsn import parse_dsn
-from selfreport._envelope import EnvelopeError, parse_envelope
-from selfreport._guard import is_reporting
-from selfreport._json import JSONDepthError, repair_surrogates
+from selfreport._core.dsn import parse_dsn
+from selfreport._core.guard import is_reporting
+from selfreport._core.untrusted_json import JSONDepthError, repair_surrogates
+from selfreport._delivery.envelope import EnvelopeError, parse_envelope
 from selfreport.exceptions import ConfigError
 
 from .events import (

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from selfreport._guard import reporting_path
+from selfreport._core.guard import reporting_path
 
 __all__ = [
     "DEFAULT_MAX_BODY",

@@ -17,12 +17,12 @@ from typing import Any, Optional, TextIO, Union
 
 import uvicorn
 
-from selfreport._dsn import parse_dsn
-from selfreport._guard import reporting_path
+from selfreport._core.dsn import parse_dsn
+from selfreport._core.guard import reporting_path
 from selfreport._version import __version__
+from selfreport.collector import auth as _auth
 from selfreport.exceptions import ConfigError
 
-from . import auth as _auth
 from .app import Collector, CollectorApp, create_app
 from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor

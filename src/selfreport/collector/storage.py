@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from selfreport._guard import reporting_path
+from selfreport._core.guard import reporting_path
 
 from .events import PreparedEvent
 from .store import (

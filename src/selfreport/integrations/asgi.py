@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, MutableMapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from selfreport._guard import reporting_path
-
-from . import filter_headers, filter_url, report_request_exception
+from selfreport._core.guard import reporting_path
+from selfreport.integrations import filter_headers, filter_url, report_request_exception
 
 if TYPE_CHECKING:
     from selfreport._client import Client

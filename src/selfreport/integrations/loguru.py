@@ -13,7 +13,7 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with l
         name=__name__,
     ) from _missing
 
-from selfreport._guard import is_reporting, originated_in_reporting_path
+from selfreport._core.guard import is_reporting, originated_in_reporting_path
 from selfreport._state import current_client
 from selfreport.exceptions import ConfigError
 

@@ -25,13 +25,12 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with s
         name=__name__,
     ) from _missing
 
-from selfreport._admission import Admission, Fingerprint
-from selfreport._counters import Counters
-from selfreport._delivery import unobserved
-from selfreport._diag import Diagnostics
-from selfreport._dsn import Dsn, parse_dsn
-from selfreport._event import safe_str
-from selfreport._guard import (
+from selfreport._admission.admission import Admission, Fingerprint
+from selfreport._capture.event import safe_str
+from selfreport._core.counters import Counters
+from selfreport._core.diag import Diagnostics
+from selfreport._core.dsn import Dsn, parse_dsn
+from selfreport._core.guard import (
     ReportingPath,
     in_nested_log_record,
     install_propagation,
@@ -40,9 +39,10 @@ from selfreport._guard import (
     thread_is_reporting,
     uninstall_propagation,
 )
-from selfreport._options import check_number
-from selfreport._patching import Patches
-from selfreport._transport import ORIGIN_HEADER, register_origin
+from selfreport._core.options import check_number
+from selfreport._core.patching import Patches
+from selfreport._delivery.delivery import unobserved
+from selfreport._delivery.transport import ORIGIN_HEADER, register_origin
 from selfreport.exceptions import ConfigError
 
 __all__ = ["STAT_KEYS", "SelfreportIntegration", "stats"]

@@ -15,8 +15,8 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with s
         name=__name__,
     ) from _missing
 
-from selfreport._event import safe_str
-from selfreport._guard import is_reporting
+from selfreport._capture.event import safe_str
+from selfreport._core.guard import is_reporting
 from selfreport._state import current_client
 from selfreport.exceptions import ConfigError
 

@@ -6,9 +6,8 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import quote
 
-from selfreport._guard import reporting_path
-
-from . import filter_headers, filter_url, report_request_exception
+from selfreport._core.guard import reporting_path
+from selfreport.integrations import filter_headers, filter_url, report_request_exception
 
 if TYPE_CHECKING:
     from selfreport._client import Client

@@ -1,0 +1,1 @@
+"""Admission: the cheap decision whether a captured error becomes an event (dedupe, rate limit)."""

@@ -1,0 +1,1 @@
+"""Foundations every stage uses: the reporting-path guard, diagnostics, counters, options, DSNs."""

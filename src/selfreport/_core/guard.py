@@ -1,0 +1,347 @@
+"""The reporting-path flag: a contextvars flag plus a thread-local depth, propagated to new work."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+import logging
+import threading
+import types
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Callable, Optional, TypeVar, cast
+
+import wrapt  # its stubs cover Python 3.10+ only: mypy --python-version 3.9 sees no names
+
+from .patching import Patches, Replace
+
+__all__ = [
+    "ReportingPath",
+    "context_is_reporting",
+    "enter_thread_for_life",
+    "guarded",
+    "in_nested_log_record",
+    "install_propagation",
+    "is_reporting",
+    "mark_exception",
+    "on_own_thread",
+    "originated_in_reporting_path",
+    "reporting_path",
+    "thread_is_reporting",
+    "uninstall_propagation",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The contextvar follows asyncio tasks, callbacks and copy_context().run(); the thread-local
+# depth survives code that runs synchronously in a fresh Context (C callbacks, Context().run).
+_in_path: contextvars.ContextVar[bool] = contextvars.ContextVar("selfreport_in_path", default=False)
+_local = threading.local()
+
+# Attribute set on exceptions that escaped the reporting path and on threads started inside it,
+# so a hook that runs later, outside the path, still recognises them.
+_MARK = "__selfreport_reporting_path__"
+
+
+def _running_loop_or_none() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+# The private getter answers "no loop" without raising, which matters on a path taken for every
+# report; the public one is the fallback should an interpreter not have it.
+_get_running_loop: Callable[[], Optional[asyncio.AbstractEventLoop]] = getattr(
+    asyncio, "_get_running_loop", _running_loop_or_none
+)
+
+
+def is_reporting() -> bool:
+    """Whether the calling code runs inside selfreport's reporting path."""
+    return _in_path.get() or getattr(_local, "depth", 0) > 0
+
+
+def context_is_reporting(context: object) -> bool:
+    """Whether ``context`` (a ``contextvars.Context``, say an asyncio handle's) is in the path."""
+    return isinstance(context, contextvars.Context) and bool(context.get(_in_path, False))
+
+
+def mark_exception(exc: BaseException) -> None:
+    """Tag ``exc`` as raised inside the reporting path; later captures of it are dropped."""
+    try:
+        setattr(exc, _MARK, True)
+    except Exception:  # pragma: no cover - exceptions with __slots__ and no __dict__ are exotic
+        pass
+
+
+def originated_in_reporting_path(exc: Optional[BaseException]) -> bool:
+    """Whether ``exc`` (or any exception it was chained from) escaped the reporting path."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if getattr(exc, _MARK, False):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+class ReportingPath:
+    """Context manager marking its body as part of the reporting path (sync and async)."""
+
+    __slots__ = ("_thread_depth", "_token")
+
+    def __init__(self) -> None:
+        self._token: Optional[contextvars.Token[bool]] = None
+        self._thread_depth = False
+
+    def __enter__(self) -> ReportingPath:
+        self._token = _in_path.set(True)
+        # Inside an event loop the body may await, and a thread-local would leak into every
+        # other task on this thread; the task's own context carries the flag there instead.
+        if _get_running_loop() is None:
+            _local.depth = getattr(_local, "depth", 0) + 1
+            self._thread_depth = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if self._thread_depth:
+            _local.depth -= 1
+            self._thread_depth = False
+        if self._token is not None:
+            _in_path.reset(self._token)
+            self._token = None
+        if exc is not None:
+            mark_exception(exc)
+
+    async def __aenter__(self) -> ReportingPath:
+        self._token = _in_path.set(True)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def reporting_path() -> ReportingPath:
+    """Mark the code inside ``with reporting_path():`` (or ``async with``) as reporting path.
+
+    Errors logged or raised there, and in threads, executor work and asyncio tasks started
+    there, are never reported by selfreport. Other logging handlers still see them.
+    """
+    return ReportingPath()
+
+
+@contextmanager
+def _thread_in_path() -> Iterator[None]:
+    _local.depth = getattr(_local, "depth", 0) + 1
+    token = _in_path.set(True)
+    try:
+        yield
+    except BaseException as exc:
+        mark_exception(exc)
+        raise
+    finally:
+        _in_path.reset(token)
+        _local.depth -= 1
+
+
+def guarded(func: F) -> F:
+    """Decorator: run ``func`` (a plain or ``async`` function) inside the reporting path.
+
+    Generator functions are refused: their bodies run later, step by step, outside the call;
+    use ``with reporting_path():`` inside them instead.
+    """
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(
+            "guarded() cannot wrap a generator function: its body runs after the call returns; "
+            "use `with reporting_path():` inside it instead"
+        )
+    if inspect.iscoroutinefunction(func):
+
+        @wrapt.decorator  # type: ignore[attr-defined,untyped-decorator,unused-ignore]
+        async def async_wrapper(
+            wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+        ) -> Any:
+            async with ReportingPath():
+                return await wrapped(*args, **kwargs)
+
+        return cast(F, async_wrapper(func))
+
+    @wrapt.decorator  # type: ignore[attr-defined,untyped-decorator,unused-ignore]
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        with ReportingPath():
+            return wrapped(*args, **kwargs)
+
+    return cast(F, wrapper(func))
+
+
+# --- propagation into threads, executors and asyncio tasks started inside the path ----------
+
+
+def _run_in_path(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def run_in_path(*args: Any, **kwargs: Any) -> Any:
+        with _thread_in_path():
+            return func(*args, **kwargs)
+
+    return run_in_path
+
+
+def _thread_run_in_path(func: Callable[..., Any]) -> Callable[..., Any]:
+    # The contextvar only, in the new thread's own context: a pool thread (anyio's, say) started
+    # here runs each later job in that job's own copied context, and must not stay in the path
+    # for life the way a thread-local depth would keep it.
+    @functools.wraps(func)
+    def run_in_path(*args: Any, **kwargs: Any) -> Any:
+        token = _in_path.set(True)
+        try:
+            return func(*args, **kwargs)
+        except BaseException as exc:
+            mark_exception(exc)
+            raise
+        finally:
+            _in_path.reset(token)
+
+    return run_in_path
+
+
+async def _await_in_path(coro: Coroutine[Any, Any, Any]) -> Any:
+    # Set here as well: a task given its own ``context=`` does not inherit the flag.
+    _in_path.set(True)
+    try:
+        return await coro
+    except BaseException as exc:
+        mark_exception(exc)
+        raise
+
+
+def _thread_start(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if is_reporting() and isinstance(instance, threading.Thread):
+        setattr(instance, _MARK, True)
+        run: Callable[..., Any] = instance.run
+        # Stay a bound method: other patches of Thread.start (sentry-sdk's threading
+        # integration) unwrap run.__func__ and call it with the thread as first argument.
+        # (setattr: mypy refuses assigning to a method.)
+        func = getattr(run, "__func__", None)
+        if func is not None and getattr(run, "__self__", None) is instance:
+            setattr(instance, "run", types.MethodType(_thread_run_in_path(func), instance))  # noqa: B010
+        else:
+            setattr(instance, "run", _thread_run_in_path(run))  # noqa: B010
+    return wrapped(*args, **kwargs)
+
+
+def _executor_submit(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if not (is_reporting() and args):
+        return wrapped(*args, **kwargs)
+    args = (_run_in_path(args[0]), *args[1:])
+    # The pool may start a worker thread for this submit; that thread outlives the work item
+    # and must not be marked as reporting path for life, so start it from outside the path.
+    depth = getattr(_local, "depth", 0)
+    token = _in_path.set(False)
+    _local.depth = 0
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _local.depth = depth
+        _in_path.reset(token)
+
+
+def _loop_create_task(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if is_reporting():
+        # The task inherits the contextvar by itself; wrapping only tags what it raises, so
+        # the loop's exception handler (called later, from any context) can recognise it.
+        if args and inspect.iscoroutine(args[0]):
+            args = (_await_in_path(args[0]), *args[1:])
+        elif inspect.iscoroutine(kwargs.get("coro")):
+            kwargs = {**kwargs, "coro": _await_in_path(kwargs["coro"])}
+    return wrapped(*args, **kwargs)
+
+
+def _counting_logger_handle(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    # A plain function, not a wrapt wrapper: this runs for every record of every logger.
+    @functools.wraps(original)
+    def handle(self: Any, record: Any) -> Any:
+        local = _local
+        depth = getattr(local, "log_depth", 0)
+        local.log_depth = depth + 1
+        try:
+            return original(self, record)
+        finally:
+            local.log_depth = depth
+
+    return handle
+
+
+def in_nested_log_record() -> bool:
+    """Whether a record is being logged while another is being handled on this thread.
+
+    That happens when a handler formats a log argument whose ``__str__`` logs, or a handler
+    fails and logs about it: errors of the logging path, which are never reported.
+    """
+    return getattr(_local, "log_depth", 0) > 1
+
+
+_propagation = Patches(
+    (logging.Logger, "handle", Replace(_counting_logger_handle)),
+    (threading.Thread, "start", _thread_start),
+    (concurrent.futures.ThreadPoolExecutor, "submit", _executor_submit),
+    (asyncio.BaseEventLoop, "create_task", _loop_create_task),
+)
+
+
+_propagation_users = 0
+_propagation_lock = threading.Lock()
+
+
+def install_propagation() -> None:
+    """Patch logging dispatch, thread start, executor submit and task creation.
+
+    Counted: every install needs its uninstall, so selfreport's hooks and the sentry-sdk
+    integration can share the patches and neither removes them from under the other.
+    """
+    global _propagation_users
+    with _propagation_lock:
+        _propagation_users += 1
+        _propagation.install()
+
+
+def uninstall_propagation() -> None:
+    """Undo one :func:`install_propagation`; the patches go when the last user is gone."""
+    global _propagation_users
+    with _propagation_lock:
+        if _propagation_users == 0:
+            return
+        _propagation_users -= 1
+        if _propagation_users == 0:
+            _propagation.uninstall()
+
+
+def thread_is_reporting(thread: Optional[threading.Thread]) -> bool:
+    """Whether ``thread`` was started inside the reporting path."""
+    return thread is not None and bool(getattr(thread, _MARK, False))
+
+
+def on_own_thread() -> bool:
+    """Whether the calling thread is one of selfreport's own (worker, replay, metrics)."""
+    return getattr(_local, "own_thread", False)
+
+
+def enter_thread_for_life() -> None:
+    """Mark the calling thread (selfreport's worker) as reporting path until it ends."""
+    _local.own_thread = True
+    _local.depth = getattr(_local, "depth", 0) + 1
+    _in_path.set(True)

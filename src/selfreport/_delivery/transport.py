@@ -1,0 +1,217 @@
+"""Sentry envelopes over HTTP: serialization, auth, gzip, timeouts and the origin mark."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import math
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+from selfreport._capture.event import SDK_INFO, safe_repr
+from selfreport._core.dsn import Dsn
+from selfreport._version import __version__
+
+__all__ = [
+    "ORIGIN_HEADER",
+    "HttpTransport",
+    "Response",
+    "Transport",
+    "is_marked_origin",
+    "origin_value",
+    "register_origin",
+    "serialize_envelope",
+]
+
+# Every request a selfreport client sends carries this header, naming the DSN project it reports
+# to, so the receiving service can tell its own reports from others' (see is_own_report).
+ORIGIN_HEADER = "X-Selfreport-Origin"
+_ORIGIN_LOWER = ORIGIN_HEADER.lower()
+USER_AGENT = f"selfreport/{__version__}"
+_MAX_RESPONSE = 65536
+# What reusing a connection the server has closed in the meantime raises (RemoteDisconnected is
+# a ConnectionResetError); timeouts are not among them.
+_STALE_CONNECTION = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+def origin_value(dsn: Dsn) -> str:
+    return f"{dsn.project_id}:{dsn.public_key}"
+
+
+# Origins of other senders in this process that mark their requests the same way (the sentry-sdk
+# integration registers its DSN here), so is_own_report() recognises their reports too.
+_extra_origins: set[str] = set()
+
+
+def register_origin(dsn: Dsn) -> str:
+    """Count requests marked with ``dsn``'s origin as this process's own; returns the value."""
+    value = origin_value(dsn)
+    _extra_origins.add(value)
+    return value
+
+
+def is_marked_origin(headers: Mapping[str, str], own: Optional[str]) -> bool:
+    """Whether ``headers`` carry the origin mark of ``own`` or of a registered sender."""
+    try:
+        for key, value in headers.items():
+            if isinstance(key, str) and key.lower() == _ORIGIN_LOWER:
+                mark = str(value).strip()
+                return mark == own or mark in _extra_origins
+    except Exception:
+        return False
+    return False
+
+
+def _jsonable(value: Any) -> Any:
+    """Replace what JSON cannot carry (NaN, infinities, arbitrary objects) after a failed dump."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return safe_repr(value)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        text = json.dumps(_jsonable(value), ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "replace")
+
+
+def serialize_envelope(event: Mapping[str, Any], dsn: Optional[Dsn], sent_at: str) -> bytes:
+    """One event as a Sentry envelope: envelope header, item header, payload."""
+    header: dict[str, Any] = {
+        "event_id": event.get("event_id"),
+        "sent_at": sent_at,
+        "sdk": SDK_INFO,
+    }
+    if dsn is not None:
+        header["dsn"] = str(dsn.public())  # never the secret key: envelopes get spooled
+    payload = _dumps(event)
+    item = {"type": "event", "length": len(payload), "content_type": "application/json"}
+    return b"\n".join((_dumps(header), _dumps(item), payload)) + b"\n"
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """Anything that can deliver one serialized envelope; raises OSError on connection trouble."""
+
+    def send(self, body: bytes, timeout: float) -> Response: ...
+
+    def close(self) -> None: ...
+
+
+class HttpTransport:
+    """Keep-alive HTTP(S) to the DSN's envelope endpoint, via the standard library only."""
+
+    def __init__(
+        self,
+        dsn: Dsn,
+        *,
+        compress: bool = True,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dsn = dsn
+        self.compress = compress
+        self._ssl_context = ssl_context
+        self._clock = clock
+        self._conn: Optional[http.client.HTTPConnection] = None
+        self._origin = origin_value(dsn)
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._conn is None:
+            port = self.dsn.port
+            if self.dsn.scheme == "https":
+                if self._ssl_context is None:  # loading the CA store is slow: once per transport
+                    self._ssl_context = ssl.create_default_context()
+                self._conn = http.client.HTTPSConnection(
+                    self.dsn.host, port, timeout=timeout, context=self._ssl_context
+                )
+            else:
+                self._conn = http.client.HTTPConnection(self.dsn.host, port, timeout=timeout)
+        self._conn.timeout = timeout
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(timeout)
+        return self._conn
+
+    def send(self, body: bytes, timeout: float) -> Response:
+        headers = {
+            "Content-Type": "application/x-sentry-envelope",
+            "User-Agent": USER_AGENT,
+            "X-Sentry-Auth": self.dsn.auth_header(USER_AGENT, self._clock()),
+            ORIGIN_HEADER: self._origin,
+        }
+        if self.compress and len(body) > 1024:
+            body = gzip.compress(body, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        timeout = max(timeout, 0.001)
+        reused = self._conn is not None and self._conn.sock is not None
+        try:
+            return self._post(body, headers, timeout)
+        except _STALE_CONNECTION:
+            if not reused:
+                raise
+            # The server closed the idle keep-alive connection before our request reached it:
+            # not a failure of the collector, so try once more at once on a fresh connection.
+            return self._post(body, headers, timeout)
+
+    def _post(self, body: bytes, headers: dict[str, str], timeout: float) -> Response:
+        conn = self._connection(timeout)
+        try:
+            conn.request("POST", self.dsn.envelope_path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read(_MAX_RESPONSE)  # drain so the connection can be reused
+            result = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()})
+            if resp.will_close or not resp.isclosed():
+                resp.close()  # the server closes, or answered more than we read: start afresh
+                self.close()
+            return result
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            if isinstance(exc, OSError):
+                raise
+            raise ConnectionError(f"bad HTTP response: {exc!r}") from exc
+
+    def interrupt(self) -> None:
+        """Unblock a send in progress on another thread (used by a bounded close)."""
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:  # pragma: no cover - closing a broken socket
+                pass
+
+    def forget_after_fork(self) -> None:
+        """Drop the parent's connection: close only this process's copy of the socket (no
+        shutdown, no TLS close_notify), so the parent's connection is untouched."""
+        conn, self._conn = self._conn, None
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:  # pragma: no cover - an already broken descriptor
+                pass

@@ -1,0 +1,1 @@
+"""On-prem: forwarding destinations with their own scrubbing and spool, and StatsD metrics."""
