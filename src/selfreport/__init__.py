@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ._client import Client
 from ._core.guard import guarded, is_reporting, reporting_path
+from ._core.processors import activate_on_import
 from ._delivery.transport import is_marked_origin
 from ._onprem.destination import Destination
 from ._state import current_client
@@ -18,6 +19,10 @@ from .logging import LoggingHandler
 
 if TYPE_CHECKING:
     from ._capture.scrub import Scrubber
+
+# Documented as needing no set-up: the OpenTelemetry integration registers its event processor
+# and send wrapper once the application has imported OpenTelemetry (never on our account).
+activate_on_import("opentelemetry.context", "selfreport.integrations.opentelemetry")
 
 __all__ = [
     "Client",
@@ -85,22 +90,9 @@ def init(
     Raises:
         ConfigError: a malformed DSN or option, naming the offending part.
     """
-    return _init(
-        dsn,
-        environment=environment,
-        release=release,
-        before_send=before_send,
-        sample_rate=sample_rate,
-        max_queue=max_queue,
-        shutdown_timeout=shutdown_timeout,
-        logging_level=logging_level,
-        install_hooks=install_hooks,
-        debug=debug,
-        rate_limit=rate_limit,
-        rate_burst=rate_burst,
-        dedupe_window=dedupe_window,
-        **options,
-    )
+    arguments = dict(locals())
+    options = arguments.pop("options")
+    return _init(**arguments, make_handler=LoggingHandler, **options)
 
 
 def capture_exception(exc: Optional[BaseException] = None) -> Optional[str]:

@@ -1,4 +1,4 @@
-"""The Client: options, the capture pipeline on the caller's side, and delivery on the worker."""
+"""The Client: the capture pipeline (caller's side, then its worker) and the upstream it feeds."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -21,31 +22,33 @@ from ._capture.event import (
     capture_from_exception,
     capture_from_message,
     capture_from_record,
-    safe_repr,
 )
 from ._core.counters import Counters
 from ._core.diag import Diagnostics
 from ._core.dsn import Dsn, parse_dsn
+from ._core.fork import fresh_event, on_fork_child
 from ._core.guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
 from ._core.options import Scrub, check_number, resolve_scrub
-from ._delivery.delivery import Delivery, otel_integration
-from ._delivery.retry import Retry, UpstreamLimits
+from ._core.processors import process_event
+from ._core.text import safe_repr
+from ._delivery.retry import Retry
 from ._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
 from ._delivery.transport import (
-    HttpTransport,
     Transport,
+    as_transport,
     is_marked_origin,
     origin_value,
     serialize_envelope,
 )
+from ._delivery.upstream import SpoolOptions, Upstream, stop_worker
 from ._delivery.worker import Worker
-from ._onprem.destination import Destination, Uplink
+from ._onprem.destination import Destination
 from .exceptions import ConfigError
 
 if TYPE_CHECKING:
     from ._onprem.statsd import StatsdConfig, StatsdExporter
 
-__all__ = ["STAT_KEYS", "Client", "Event", "Hint"]
+__all__ = ["STAT_KEYS", "Client", "ClientOptions", "Event", "Hint", "client_options"]
 
 Event = dict[str, Any]
 Hint = dict[str, Any]
@@ -79,6 +82,70 @@ _process_diagnostics = Diagnostics()
 _admitting = threading.local()
 
 
+@dataclass(frozen=True)
+class ClientOptions:
+    """A Client's checked options (those it keeps; destinations and statsd are built)."""
+
+    dsn: Optional[Dsn]
+    environment: Optional[str]
+    release: Optional[str]
+    server_name: Optional[str]
+    before_send: Optional[BeforeSend]
+    sample_rate: float
+    shutdown_timeout: float
+    include_locals: bool
+    http_timeout: float
+    retry: Retry
+    compress: bool
+    scrub: Optional[Scrub]
+    spool: Optional[SpoolOptions]
+    transport: Optional[Transport]
+
+
+def client_options(arguments: dict[str, Any]) -> ClientOptions:
+    """The Client's arguments checked: ConfigError naming the first offending one."""
+    get: Callable[[str], Any] = arguments.__getitem__
+    check_number("sample_rate", get("sample_rate"), 0.0, 1.0)
+    check_number("max_queue", get("max_queue"), 1, 10_000_000, integer=True)
+    check_number("shutdown_timeout", get("shutdown_timeout"), 0.0, 3600.0)
+    check_number("rate_limit", get("rate_limit"), 0.0)
+    check_number("rate_burst", get("rate_burst"), 1, 10_000_000, integer=True)
+    check_number("dedupe_window", get("dedupe_window"), 0.0)
+    check_number("http_timeout", get("http_timeout"), 0.001, 600.0)
+    retry = Retry.for_delivery(get("max_retries"), get("retry_backoff"))
+    if get("before_send") is not None and not callable(get("before_send")):
+        raise ConfigError("before_send", "must be callable or None")
+    for name in ("environment", "release", "server_name"):
+        text = get(name)
+        if text is not None and not isinstance(text, str):
+            raise ConfigError(name, f"expected a string or None, got {type(text).__name__}")
+    transport = as_transport(get("transport")) if get("transport") is not None else None
+    dsn = get("dsn") or os.environ.get("SELFREPORT_DSN") or None
+    if dsn is not None and not isinstance(dsn, Dsn):
+        dsn = parse_dsn(dsn)
+    spool = None
+    if get("spool_dir") is not None:
+        if transport is None and dsn is None:
+            raise ConfigError("spool_dir", "needs a DSN (or a transport) to replay to")
+        spool = SpoolOptions(get("spool_dir"), get("spool_max_bytes"), get("spool_max_age"))
+    return ClientOptions(
+        dsn=dsn,
+        environment=get("environment"),
+        release=get("release"),
+        server_name=get("server_name"),
+        before_send=get("before_send"),
+        sample_rate=float(get("sample_rate")),
+        shutdown_timeout=float(get("shutdown_timeout")),
+        include_locals=bool(get("include_locals")),
+        http_timeout=float(get("http_timeout")),
+        retry=retry,
+        compress=bool(get("compress")),
+        scrub=resolve_scrub(get("scrub")),
+        spool=spool,
+        transport=transport,
+    )
+
+
 def _is_sdk_logger(name: str) -> bool:
     """The SDK's own loggers are never reported; the collector is an application and is."""
     return name == "selfreport" or (
@@ -87,7 +154,14 @@ def _is_sdk_logger(name: str) -> bool:
 
 
 class Client:
-    """One configured reporter. Use :func:`selfreport.init` to make the global one."""
+    """One configured reporter. Use :func:`selfreport.init` to make the global one.
+
+    ``options`` holds its checked options, ``upstream`` where its events go (None without a
+    DSN or transport) and ``destinations`` the further upstreams that get a copy of each.
+    ``transport`` may be any object with a ``send(body, timeout)`` method returning a
+    ``Response``; ``close()``, ``interrupt()`` and ``reset_after_fork()`` are called when it
+    has them.
+    """
 
     def __init__(
         self,
@@ -114,42 +188,13 @@ class Client:
         spool_max_age: float = DEFAULT_MAX_AGE,
         destinations: Sequence[Union[Destination, str]] = (),
         statsd: Union[str, StatsdConfig, Mapping[str, Any], None] = None,
-        transport: Optional[Transport] = None,
+        transport: object = None,
         debug: bool = False,
     ) -> None:
-        check_number("sample_rate", sample_rate, 0.0, 1.0)
-        check_number("max_queue", max_queue, 1, 10_000_000, integer=True)
-        check_number("shutdown_timeout", shutdown_timeout, 0.0, 3600.0)
-        check_number("rate_limit", rate_limit, 0.0)
-        check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
-        check_number("dedupe_window", dedupe_window, 0.0)
-        check_number("http_timeout", http_timeout, 0.001, 600.0)
-        retry = Retry.for_delivery(max_retries, retry_backoff)
-        if before_send is not None and not callable(before_send):
-            raise ConfigError("before_send", "must be callable or None")
-        for name, text in (("environment", environment), ("release", release)):
-            if text is not None and not isinstance(text, str):
-                raise ConfigError(name, f"expected a string or None, got {type(text).__name__}")
-        if server_name is not None and not isinstance(server_name, str):
-            raise ConfigError("server_name", f"expected a string, got {type(server_name).__name__}")
-        if transport is not None and not callable(getattr(transport, "send", None)):
-            raise ConfigError("transport", "must have a send(body, timeout) method")
-        if dsn is None:
-            dsn = os.environ.get("SELFREPORT_DSN") or None
-        self.dsn: Optional[Dsn] = dsn if isinstance(dsn, Dsn) or dsn is None else parse_dsn(dsn)
-        self.environment = environment
-        self.release = release
-        self.server_name = server_name
-        self.before_send = before_send
-        self.sample_rate = float(sample_rate)
-        self.shutdown_timeout = float(shutdown_timeout)
-        self.include_locals = include_locals
-        self.http_timeout = float(http_timeout)
-        self.max_retries = max_retries
-        self.retry_backoff = float(retry_backoff)
-        self.debug = debug
-        self._scrub = resolve_scrub(scrub)
-        self._limits = UpstreamLimits()
+        arguments = dict(locals())
+        del arguments["self"]
+        self.options = options = client_options(arguments)
+        self._keep_options(options)
         self.diagnostics = Diagnostics()
         self._counters = Counters(STAT_KEYS)
         self._admission = Admission(
@@ -158,48 +203,42 @@ class Client:
         self._reentrant_told: set[str] = set()
         self._last_record: Optional[weakref.ref[logging.LogRecord]] = None
         self._closed = threading.Event()
-        self._close_deadline: Optional[float] = None
         self._origin = origin_value(self.dsn) if self.dsn is not None else None
-        own_transport = transport is None
-        if transport is None and self.dsn is not None:
-            transport = HttpTransport(self.dsn, compress=compress)
-        self.transport = transport
         # Validated in this order so a ConfigError leaves no thread behind.
         self._statsd = self._make_statsd(statsd)
         self.destinations = self._resolve_destinations(destinations)
-        self._uplink: Optional[Uplink] = None
-        if spool_dir is not None:
-            self._uplink = self._make_uplink(
-                spool_dir, spool_max_bytes, spool_max_age, compress, own_transport
-            )
-        self._delivery: Optional[Delivery] = None
-        if transport is not None:
-            self._delivery = Delivery(
-                transport,
-                limits=self._limits,
-                count=self._count,
-                diagnostics=self.diagnostics,
-                closed=self._closed,
-                http_timeout=self.http_timeout,
-                retry=retry,
-                observe=self._observe_latency,
-                uplink=self._uplink,
-            )
-        self.enabled = transport is not None or bool(self.destinations)
+        self.upstream = self._make_upstream(options)
+        self.enabled = self.upstream is not None or bool(self.destinations)
         self._worker: Worker[Capture] = Worker(self._process, max_queue)
-        if self._statsd is not None:
-            self._statsd.add_source(self.stats)
-            for destination in self.destinations:
-                self._statsd.add_source(destination.stats, destination.tags)
-                destination.latency = self._statsd.timing
-            self._statsd.start()
-        _live_clients.add(self)
+        self._start_statsd()
+        on_fork_child(self.after_fork_in_child)
         if not self.enabled:
             _process_diagnostics.once("no_dsn", _NO_DSN_MESSAGE)  # once per process, not init
+        self.debug = debug
         if debug:
             self._enable_debug_logging()
 
     # --- configuration helpers -----------------------------------------------------------
+
+    def _keep_options(self, options: ClientOptions) -> None:
+        """The options as attributes, as they always were (before_send may be swapped later)."""
+        self.dsn = options.dsn
+        self.environment = options.environment
+        self.release = options.release
+        self.server_name = options.server_name
+        self.before_send = options.before_send
+        self.sample_rate = options.sample_rate
+        self.shutdown_timeout = options.shutdown_timeout
+        self.include_locals = options.include_locals
+        self.http_timeout = options.http_timeout
+        self.max_retries = options.retry.total
+        self.retry_backoff = options.retry.backoff_factor
+        self._scrub = options.scrub
+
+    @property
+    def transport(self) -> Optional[Transport]:
+        """Where events go (None: only to destinations, or nowhere)."""
+        return self.upstream.transport if self.upstream is not None else None
 
     def _make_statsd(
         self, statsd: Union[str, StatsdConfig, Mapping[str, Any], None]
@@ -209,6 +248,14 @@ class Client:
         from ._onprem.statsd import StatsdConfig, StatsdExporter
 
         return StatsdExporter(StatsdConfig.parse(statsd))
+
+    def _start_statsd(self) -> None:
+        if self._statsd is not None:
+            self._statsd.add_source(self.stats)
+            for destination in self.destinations:
+                self._statsd.add_source(destination.stats, destination.tags)
+                destination.latency = self._statsd.timing
+            self._statsd.start()
 
     def _resolve_destinations(
         self, destinations: Union[Sequence[Union[Destination, str]], Destination, str]
@@ -228,30 +275,20 @@ class Client:
                 )
         return resolved
 
-    def _make_uplink(
-        self,
-        spool_dir: Union[str, os.PathLike[str]],
-        max_bytes: int,
-        max_age: float,
-        compress: bool,
-        own_transport: bool,
-    ) -> Uplink:
-        if self.transport is None:
-            raise ConfigError("spool_dir", "needs a DSN (or a transport) to replay to")
-        # Replays run on their own thread: a connection of their own, or the custom transport.
-        replay = self.transport
-        if own_transport and self.dsn is not None:
-            replay = HttpTransport(self.dsn, compress=compress)
-        return Uplink(
-            spool_dir,
-            transport=replay,
-            limits=self._limits,
+    def _make_upstream(self, options: ClientOptions) -> Optional[Upstream]:
+        if options.transport is None and options.dsn is None:
+            return None
+        return Upstream.connect(
+            options.dsn,
+            options.transport,
+            compress=options.compress,
+            spool=options.spool,
             count=self._count,
             diagnostics=self.diagnostics,
-            http_timeout=self.http_timeout,
-            max_bytes=max_bytes,
-            max_age=max_age,
-            latency=self._observe_latency,
+            closed=self._closed,
+            http_timeout=options.http_timeout,
+            retry=options.retry,
+            observe=self._observe_latency,
         )
 
     def _observe_latency(self, seconds: float) -> None:
@@ -459,9 +496,7 @@ class Client:
     def _prepare(self, capture: Capture) -> Optional[Event]:
         with ReportingPath():
             event = build_event(capture, self.environment, self.release, self.server_name)
-            otel = otel_integration()
-            if otel is not None:  # the caller's span is current here: we run in its Context
-                otel.add_trace_context(event)
+            process_event(event)  # the caller's span is current here: we run in its Context
             if self.before_send is not None:
                 hint: Hint = {"exc_info": capture.exc_info}
                 result = self.before_send(event, hint)
@@ -475,7 +510,8 @@ class Client:
 
     def _process(self, capture: Capture) -> None:
         # A spool keeps what the collector cannot take now; destinations have their own limits.
-        limited = self._limits.is_limited("error") and self._uplink is None
+        upstream = self.upstream
+        limited = upstream is not None and upstream.holding_back()
         if limited and not self.destinations:
             self._count("dropped_rate_limited")
             return
@@ -487,7 +523,7 @@ class Client:
                 return
             for destination in self.destinations:
                 destination.send_event(event, copy=True)  # each scrubs its own copy
-            if self.transport is None:
+            if upstream is None:
                 return
             if limited:
                 self._count("dropped_rate_limited")
@@ -503,11 +539,7 @@ class Client:
                 f"dropped an event because building, before_send or scrubbing it raised {error!r}",
             )
             return
-        self._deliver(body)
-
-    def _deliver(self, body: bytes) -> None:
-        assert self._delivery is not None
-        self._delivery.deliver(body)
+        upstream.deliver(body)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -529,41 +561,31 @@ class Client:
         if self._closed.is_set():
             return
         limit = self.shutdown_timeout if timeout is None else max(0.0, float(timeout))
-        self._close_deadline = time.monotonic() + limit
-        if self._delivery is not None:
-            self._delivery.close_deadline = self._close_deadline
+        deadline = time.monotonic() + limit
         try:
             self._send_repeat_summaries()
             self._closed.set()
-            if self.enabled:
-                # Keep a sliver of the budget to unblock a send stuck on a silent upstream, so
-                # the in-flight event is counted before close() returns.
-                grace = min(0.1, limit / 10)
-                finished = self._worker.stop(limit - grace)
-                left = self._worker.drain()
-                if left:
-                    self._count("dropped_closed", len(left))
-                if not finished:
-                    interrupt = getattr(self.transport, "interrupt", None)
-                    if interrupt is not None:
-                        interrupt()
-                    finished = self._worker.stop(grace)
-                    self.diagnostics.warn(
-                        "close_timeout",
-                        f"close() gave up after {limit:.1f}s; undelivered events were dropped",
-                    )
-                elif self.transport is not None:
-                    self.transport.close()
-            self._close_extras(self._close_deadline)
+            if self.enabled and not self._stop_worker(limit):
+                self.diagnostics.warn(
+                    "close_timeout",
+                    f"close() gave up after {limit:.1f}s; undelivered events were dropped",
+                )
+            self._close_extras(deadline)
         except Exception as error:  # pragma: no cover - never raise into the caller
             self.diagnostics.warn("close_error", f"error while closing: {error!r}")
 
+    def _stop_worker(self, limit: float) -> bool:
+        def left(captures: list[Capture]) -> None:
+            self._count("dropped_closed", len(captures))
+
+        if self.upstream is None:
+            return stop_worker(self._worker, limit, left)
+        return self.upstream.close(self._worker, limit, left)
+
     def _close_extras(self, deadline: float) -> None:
-        """Destinations, the spool's replay thread and metrics, within what is left of close()."""
+        """Destinations and metrics, within what is left of close()."""
         for destination in self.destinations:
             destination.close(max(0.0, deadline - time.monotonic()))
-        if self._uplink is not None:
-            self._uplink.close(max(0.0, deadline - time.monotonic()))
         if self._statsd is not None:  # last, so the final counts go out
             self._statsd.close(max(0.0, deadline - time.monotonic()))
 
@@ -585,18 +607,11 @@ class Client:
         """Give the child its own queue, locks and connection; the parent sends what it queued."""
         self._worker.reset_after_fork()
         self._counters.reset()
-        closed, self._closed = self._closed.is_set(), threading.Event()  # its lock may be held
-        if closed:
-            self._closed.set()
-        if self._delivery is not None:
-            self._delivery.closed = self._closed
+        self._closed = fresh_event(self._closed)  # its lock may be held
         self._admission.reset_after_fork()
         self.diagnostics.reset_after_fork()
-        forget = getattr(self.transport, "forget_after_fork", None)
-        if forget is not None:
-            forget()
-        if self._uplink is not None:
-            self._uplink.after_fork_in_child()
+        if self.upstream is not None:
+            self.upstream.after_fork_in_child(self._closed)
         if self._statsd is not None:
             self._statsd.after_fork_in_child()
 
@@ -605,15 +620,3 @@ class Client:
     def is_own_report(self, headers: Mapping[str, str]) -> bool:
         """Whether a request with ``headers`` carries a report sent for this client's project."""
         return is_marked_origin(headers, self._origin)
-
-
-_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_live_clients):
-        client.after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

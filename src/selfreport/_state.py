@@ -6,19 +6,18 @@ import atexit
 import difflib
 import inspect
 import logging
-import os
 import threading
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from ._capture.hooks import Hooks
 from ._client import Client
+from ._core.fork import on_fork_child
 from .exceptions import ConfigError
-from .logging import LoggingHandler
 
 __all__ = ["close", "current_client", "init", "set_client"]
 
 _client: Optional[Client] = None
-_handler: Optional[LoggingHandler] = None
+_handler: Optional[logging.Handler] = None
 _lock = threading.RLock()
 
 
@@ -79,9 +78,13 @@ def init(
     *,
     logging_level: Union[int, str, None] = logging.ERROR,
     install_hooks: bool = True,
+    make_handler: Callable[[int], logging.Handler] = logging.NullHandler,
     **options: Any,
 ) -> Client:
-    """Create the global client; a second call closes the previous one first."""
+    """Create the global client; a second call closes the previous one first.
+
+    ``make_handler(level)`` makes the root-logger handler (selfreport.init passes its
+    LoggingHandler, which looks the client up here: the dependency goes one way)."""
     global _handler
     # Every ConfigError comes before anything is replaced.
     level = _check_level(logging_level)
@@ -96,7 +99,7 @@ def init(
             root.removeHandler(_handler)
             _handler = None
         if level is not None:
-            _handler = LoggingHandler(level)
+            _handler = make_handler(level)
             root.addHandler(_handler)
         if install_hooks:
             _hooks.install()
@@ -130,5 +133,4 @@ def _after_fork_in_child() -> None:
 
 
 atexit.register(_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+on_fork_child(_after_fork_in_child)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from ._client import Client
 from ._delivery.envelope import Envelope, parse_envelope
-from ._delivery.transport import Response
+from ._delivery.transport import Response, Transport
 
 __all__ = [
     "CapturedEvents",
@@ -47,7 +47,7 @@ class CapturedEvents(list):  # type: ignore[type-arg]
         return out
 
 
-class MemoryTransport:
+class MemoryTransport(Transport):
     """A transport that parses each envelope and keeps the events in memory."""
 
     def __init__(self, sink: Optional[list[Event]] = None) -> None:

@@ -225,14 +225,14 @@ def test_https_to_a_plain_http_server_raises_oserror(collector: FakeCollector) -
     sender.close()
 
 
-def test_forget_after_fork_drops_the_connection_without_closing_it(
+def test_reset_after_fork_drops_the_connection_without_closing_it(
     collector: FakeCollector, transport: HttpTransport
 ) -> None:
     transport.send(envelope(), timeout=5)
     conn = transport._conn
     assert conn is not None
     assert conn.sock is not None
-    transport.forget_after_fork()
+    transport.reset_after_fork()
     assert transport._conn is None
     assert conn.sock is not None  # untouched: the parent still owns that socket
     conn.close()

@@ -160,17 +160,30 @@ def test_suppression_keys_cover_the_api_and_the_plain_key() -> None:
     assert not any(otel_context.get_value(key) for key in keys)
 
 
-def test_a_broken_opentelemetry_integration_does_not_stop_reporting(
-    collector: FakeCollector, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+def test_the_integration_switches_itself_on_once_the_app_imports_opentelemetry(
+    collector: FakeCollector,
 ) -> None:
-    monkeypatch.delattr(sys.modules["selfreport.integrations"], "opentelemetry")
-    monkeypatch.setitem(sys.modules, "selfreport.integrations.opentelemetry", None)
-    client = make_client(collector.dsn)
-    with trace.get_tracer("tests").start_as_current_span("unused"):
-        client.capture_message("reported without OpenTelemetry help")
-    assert client.flush(5.0)
-    assert collector.wait_for(1)
-    assert "trace" not in collector.events[0]["contexts"]
+    """The core imports no integration: it is imported for it, on the first event or send after
+    the application imported OpenTelemetry (a broken one: tests/core/test_processors.py)."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import selfreport
+        client = selfreport.init({collector.dsn!r})
+        client.capture_message("before")
+        client.flush(5.0)
+        before = "selfreport.integrations.opentelemetry" in sys.modules
+        import opentelemetry.context
+        client.capture_message("after")
+        selfreport.close(5.0)
+        print(before, "selfreport.integrations.opentelemetry" in sys.modules)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "True"]
+    assert collector.wait_for(2)
 
 
 # --- trace context -----------------------------------------------------------------------------

@@ -816,7 +816,7 @@ def test_state_is_fresh_after_fork() -> None:
     integration = SelfreportIntegration()
     integration._count("dropped_reentrant")
     integration._counters._lock.acquire()  # held by another thread at fork time
-    sentry_integration._after_fork_in_child()
+    integration._after_fork_in_child()
     integration._count("forwarded")  # would block for ever on the old lock
     expected = dict.fromkeys(sentry_integration.STAT_KEYS, 0)
     assert integration.stats() == {**expected, "forwarded": 1}

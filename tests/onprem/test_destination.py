@@ -300,11 +300,12 @@ def test_a_rate_limit_announced_by_an_accepted_replay_holds_the_rest_back(
     assert upstream.stats()["spool_size"] == 3
     collector.response_headers = {"X-Sentry-Rate-Limits": "60:error:organization:quota"}
     collector.status = 200
-    replayer = upstream._uplink.replayer
+    replayer = upstream.upstream.replayer
+    assert replayer is not None
     assert wait_until(lambda: upstream.stats()["replayed"] == 1 and not replayer._busy)
     stats = upstream.stats()
     assert (stats["replayed"], stats["spool_size"]) == (1, 2)  # the round stopped there
-    assert upstream._limits.seconds_left("error") > 50
+    assert upstream.upstream.limits.seconds_left("error") > 50
     sent = len(collector.requests)
     upstream.send_event(event(3))  # a live event waits in the spool too
     assert upstream.flush(5)

@@ -10,8 +10,8 @@ from collections import OrderedDict
 from types import TracebackType
 from typing import Callable, NamedTuple, Optional
 
-from selfreport._capture.event import safe_str
 from selfreport._core.diag import Diagnostics
+from selfreport._core.text import safe_str
 
 from .ratelimit import Clock, TokenBucket
 

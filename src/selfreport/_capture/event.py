@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Optional
 
+from selfreport._core.text import MAX_STRING, safe_repr, safe_str
 from selfreport._version import __version__
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ __all__ = [
     "capture_from_exception",
     "capture_from_message",
     "capture_from_record",
+    "safe_repr",  # re-exported from _core.text, where they live
     "safe_str",
 ]
 
@@ -36,7 +38,6 @@ ExcInfo = tuple[type[BaseException], BaseException, Optional[TracebackType]]
 SDK_NAME = "selfreport.python"
 SDK_INFO = {"name": SDK_NAME, "version": __version__}
 
-MAX_STRING = 8192
 MAX_FRAMES = 100
 MAX_CHAINED = 10
 CONTEXT_LINES = 5
@@ -60,24 +61,6 @@ _RECORD_ATTRS = frozenset(
 # included. Plain logging with a handler that renders nothing (NullHandler) would not have
 # raised, so neither does selfreport: the object is shown as unprintable. (logging's own
 # handlers catch only Exception, but they render for the application, not for a reporter.)
-
-
-def safe_str(value: object, limit: int = MAX_STRING) -> str:
-    """``str(value)``, never raising, cut to ``limit`` characters."""
-    try:
-        text = value if isinstance(value, str) else str(value)
-    except BaseException as exc:
-        text = f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def safe_repr(value: object, limit: int = 1024) -> str:
-    """``repr(value)``, never raising, cut to ``limit`` characters."""
-    try:
-        text = repr(value)
-    except BaseException as exc:
-        text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json_safe(value: object) -> object:

@@ -15,12 +15,15 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 from selfreport._capture.event import SDK_INFO, safe_repr
 from selfreport._core.dsn import Dsn
 from selfreport._version import __version__
+from selfreport.exceptions import ConfigError
 
 __all__ = [
     "ORIGIN_HEADER",
     "HttpTransport",
     "Response",
+    "SendsEnvelopes",
     "Transport",
+    "as_transport",
     "is_marked_origin",
     "origin_value",
     "register_origin",
@@ -107,15 +110,71 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class Transport(Protocol):
-    """Anything that can deliver one serialized envelope; raises OSError on connection trouble."""
+class Transport:
+    """What delivers one serialized envelope; raises OSError on connection trouble.
+
+    Subclasses implement :meth:`send`; the rest are no-ops to override when there is something
+    to do. Any other object with a ``send(body, timeout)`` method is accepted as a transport too,
+    through :func:`as_transport`.
+    """
+
+    def send(self, body: bytes, timeout: float) -> Response:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections (after the last send)."""
+
+    def interrupt(self) -> None:
+        """Unblock a send in progress on another thread (a bounded close)."""
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without closing them."""
+
+
+class SendsEnvelopes(Protocol):
+    """A custom transport: anything with ``send``; ``close``, ``interrupt`` and
+    ``reset_after_fork`` (or ``forget_after_fork``) are used when it has them."""
 
     def send(self, body: bytes, timeout: float) -> Response: ...
 
-    def close(self) -> None: ...
+
+class _Adapter(Transport):
+    """A duck-typed transport, its optional methods looked up once."""
+
+    def __init__(self, wrapped: SendsEnvelopes) -> None:
+        self.wrapped = wrapped
+        nothing: Callable[[], None] = lambda: None  # noqa: E731
+        for name, aliases in _OPTIONAL.items():
+            found = [getattr(wrapped, alias, None) for alias in aliases]
+            method = next((m for m in found if callable(m)), nothing)
+            setattr(self, name, method)
+
+    def send(self, body: bytes, timeout: float) -> Response:
+        return self.wrapped.send(body, timeout)
+
+    def __repr__(self) -> str:
+        return f"Transport({self.wrapped!r})"
 
 
-class HttpTransport:
+_OPTIONAL = {
+    "close": ("close",),
+    "interrupt": ("interrupt",),
+    "reset_after_fork": ("reset_after_fork", "forget_after_fork"),
+}
+
+
+def as_transport(transport: object) -> Transport:
+    """``transport`` as a :class:`Transport`: as it is, or adapted once if it only has ``send``.
+
+    Raises ConfigError when it has no ``send`` method."""
+    if isinstance(transport, Transport):
+        return transport
+    if not callable(getattr(transport, "send", None)):
+        raise ConfigError("transport", "must have a send(body, timeout) method")
+    return _Adapter(transport)  # type: ignore[arg-type]
+
+
+class HttpTransport(Transport):
     """Keep-alive HTTP(S) to the DSN's envelope endpoint, via the standard library only."""
 
     def __init__(
@@ -205,7 +264,7 @@ class HttpTransport:
             except OSError:  # pragma: no cover - closing a broken socket
                 pass
 
-    def forget_after_fork(self) -> None:
+    def reset_after_fork(self) -> None:
         """Drop the parent's connection: close only this process's copy of the socket (no
         shutdown, no TLS close_notify), so the parent's connection is untouched."""
         conn, self._conn = self._conn, None

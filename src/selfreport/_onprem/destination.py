@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-import weakref
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional, Union
@@ -14,19 +12,19 @@ from selfreport._admission.ratelimit import TokenBucket
 from selfreport._core.counters import Counters
 from selfreport._core.diag import Diagnostics
 from selfreport._core.dsn import Dsn, parse_dsn
+from selfreport._core.fork import fresh_event, on_fork_child
 from selfreport._core.guard import ReportingPath
 from selfreport._core.options import Scrub, check_number, resolve_scrub
-from selfreport._delivery.delivery import Delivery, send_unobserved
-from selfreport._delivery.retry import Outcome, Retry, UpstreamLimits
-from selfreport._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, Replayer, Spool
-from selfreport._delivery.transport import HttpTransport, Transport, serialize_envelope
+from selfreport._delivery.retry import Retry
+from selfreport._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
+from selfreport._delivery.transport import Transport, serialize_envelope
+from selfreport._delivery.upstream import SpoolOptions, Upstream
 from selfreport._delivery.worker import Worker
 from selfreport.exceptions import ConfigError
 
-__all__ = ["DESTINATION_STAT_KEYS", "Destination", "Uplink", "plain_copy"]
+__all__ = ["DESTINATION_STAT_KEYS", "Destination", "plain_copy"]
 
 Event = dict[str, Any]
-Count = Callable[[str, int], None]
 Latency = Callable[[float, tuple[str, ...]], None]
 
 DESTINATION_STAT_KEYS = (
@@ -48,14 +46,6 @@ DESTINATION_STAT_KEYS = (
 )
 
 
-# What the spool's drops are counted as.
-_SPOOL_DROPS = {
-    "full": "dropped_spool_full",
-    "expired": "dropped_spool_expired",
-    "quarantined": "quarantined",
-}
-
-
 def plain_copy(value: Any, depth: int = 0) -> Any:
     """A copy of the dicts and lists in an event (other values are shared), so that several
     destinations can scrub it on their own threads without seeing each other's changes."""
@@ -70,107 +60,6 @@ def plain_copy(value: Any, depth: int = 0) -> Any:
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class Uplink:
-    """The durable side of one upstream: a :class:`Spool` and the :class:`Replayer` draining it.
-
-    A delivery path asks :meth:`should_spool` before sending (the upstream is down or has
-    rate limited us) and hands failed envelopes to :meth:`keep`.
-    """
-
-    def __init__(
-        self,
-        spool_dir: Union[str, os.PathLike[str]],
-        *,
-        transport: Transport,
-        limits: UpstreamLimits,
-        count: Count,
-        diagnostics: Diagnostics,
-        http_timeout: float = 5.0,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        max_age: float = DEFAULT_MAX_AGE,
-        policy: Optional[Retry] = None,
-        latency: Callable[[float], None] = lambda seconds: None,
-        name: str = "selfreport-replay",
-    ) -> None:
-        self.transport = transport
-        self.limits = limits
-        self.http_timeout = http_timeout
-        self.diagnostics = diagnostics
-        self.latency = latency
-        self._count = count
-        self.spool = Spool(
-            spool_dir,
-            max_bytes,
-            max_age,
-            diagnostics=diagnostics,
-            on_drop=lambda reason, amount: count(_SPOOL_DROPS[reason], amount),
-        )
-        self.replayer = Replayer(
-            self.spool,
-            self._replay,
-            retry_after=lambda: limits.seconds_left("error"),
-            on_sent=self._replayed,
-            interrupt=getattr(transport, "interrupt", None),
-            policy=policy or Retry.for_replay(),
-            name=name,
-        )
-        if self.spool.pending():  # left by an earlier run: send it now
-            self.replayer.start()
-
-    def should_spool(self) -> bool:
-        """Whether to spool without trying: the upstream is down or told us to wait."""
-        return self.replayer.down or self.limits.is_limited("error")
-
-    def keep(self, body: bytes, upstream_failed: bool) -> None:
-        """Spool ``body``; ``upstream_failed``: because sending it just failed."""
-        if self.spool.put(body):
-            self._count("spooled", 1)
-            self.replayer.spooled(upstream_failed)
-        elif self.spool.fits(body):  # too big for the spool is counted as dropped_spool_full
-            self._count("send_failed", 1)
-
-    def reject(self, body: bytes, status: int) -> None:
-        """``body`` was refused for good (a 4xx other than 429): quarantined, for inspection;
-        if even that fails (disk full, read-only), it is lost and counted as ``send_failed``."""
-        if not self.spool.quarantine_body(body, f"the upstream refused it with HTTP {status}"):
-            self._count("send_failed", 1)
-
-    def _replayed(self) -> None:
-        self._count("sent", 1)
-        self._count("replayed", 1)
-
-    def _replay(self, body: bytes) -> Outcome:
-        started = time.monotonic()
-        try:
-            response = send_unobserved(self.transport, body, self.http_timeout)
-        except Exception:
-            return Outcome.UNREACHABLE
-        self.latency(time.monotonic() - started)
-        outcome = self.limits.answer(response.status, response.headers)
-        if outcome is Outcome.REFUSED:  # counted as quarantined
-            self.diagnostics.warn(
-                f"replay_http_{response.status}",
-                f"the upstream refused a spooled envelope with HTTP {response.status}: quarantined",
-            )
-        return outcome
-
-    def close(self, timeout: float) -> bool:
-        finished = self.replayer.stop(timeout)
-        if finished:
-            try:
-                self.transport.close()
-            except Exception:  # pragma: no cover - closing is best effort
-                pass
-        return finished
-
-    def after_fork_in_child(self) -> None:
-        self.spool.after_fork_in_child()
-        self.replayer.after_fork_in_child()
-        forget = getattr(self.transport, "forget_after_fork", None)
-        if forget is not None:
-            forget()
 
 
 class Destination:
@@ -211,7 +100,8 @@ class Destination:
             seconds (0.001 to 60), doubled each time up to ``replay_max_backoff`` (at most
             3600); a ``Retry-After`` or rate limit is waited out whatever its length (up to
             an hour).
-        transport: a custom transport (tests); default HTTP to the DSN.
+        transport: a custom transport, any object with ``send(body, timeout)`` (tests); default
+            HTTP to the DSN.
 
     Raises:
         ConfigError: a malformed DSN or option.
@@ -235,7 +125,7 @@ class Destination:
         spool_max_age: float = DEFAULT_MAX_AGE,
         replay_backoff: float = 1.0,
         replay_max_backoff: float = 60.0,
-        transport: Optional[Transport] = None,
+        transport: object = None,
         diagnostics: Optional[Diagnostics] = None,
     ) -> None:
         check_number("rate_limit", rate_limit, 0.0)
@@ -244,68 +134,42 @@ class Destination:
         check_number("http_timeout", http_timeout, 0.001, 600.0)
         retry = Retry.for_delivery(max_retries, retry_backoff)
         replay = Retry.for_replay(replay_backoff, replay_max_backoff)
-        if isinstance(dsn, str):
-            dsn = parse_dsn(dsn)
-        if dsn is None and transport is None:
-            raise ConfigError("dsn", "a destination needs a DSN (or a transport)")
-        self.dsn: Optional[Dsn] = dsn
-        if name is None:
-            name = f"{dsn.netloc}/{dsn.project_id}" if dsn is not None else "custom"
-        if not isinstance(name, str) or not name:
-            raise ConfigError("name", "must be a non-empty string")
-        self.name = name
-        self.tags = (f"destination:{name}",)
+        self.dsn: Optional[Dsn] = parse_dsn(dsn) if isinstance(dsn, str) else dsn
+        self.name = _check_name(name, self.dsn, transport)
+        self.tags = (f"destination:{self.name}",)
         self.http_timeout = float(http_timeout)
         self.max_retries = max_retries
         self.retry_backoff = float(retry_backoff)
         self._scrub = resolve_scrub(scrub)
         self._bucket = TokenBucket(rate_limit, rate_burst)
-        self._limits = UpstreamLimits()
         self.diagnostics = diagnostics or Diagnostics()
         self._counters = Counters(DESTINATION_STAT_KEYS)
         self._closed = threading.Event()
         self.latency: Optional[Latency] = None  # set by a metrics exporter
-        own_transport = transport is None
-        if transport is None:
-            assert dsn is not None
-            transport = HttpTransport(dsn, compress=compress)
-        self.transport: Transport = transport
-        self._uplink: Optional[Uplink] = None
+        spool = None
         if spool_dir is not None:
-            # The replay thread gets its own connection; a custom transport is shared.
-            replay_transport: Transport = transport
-            if own_transport:
-                assert dsn is not None
-                replay_transport = HttpTransport(dsn, compress=compress)
-            self._uplink = Uplink(
-                spool_dir,
-                transport=replay_transport,
-                limits=self._limits,
-                count=self._count,
-                diagnostics=self.diagnostics,
-                http_timeout=self.http_timeout,
-                max_bytes=spool_max_bytes,
-                max_age=spool_max_age,
-                policy=replay,
-                latency=self._observe,
-                name=f"selfreport-replay-{name}",
-            )
-        self._delivery = Delivery(
+            spool = SpoolOptions(spool_dir, spool_max_bytes, spool_max_age, replay)
+        self.upstream = Upstream.connect(
+            self.dsn,
             transport,
-            limits=self._limits,
+            compress=compress,
+            spool=spool,
             count=self._count,
             diagnostics=self.diagnostics,
             closed=self._closed,
             http_timeout=self.http_timeout,
             retry=retry,
             observe=self._observe,
-            name=name,
-            uplink=self._uplink,
+            name=self.name,
         )
         self._worker: Worker[Mapping[str, Any]] = Worker(
-            self._process, max_queue, name=f"selfreport-destination-{name}"
+            self._process, max_queue, name=f"selfreport-destination-{self.name}"
         )
-        _live_destinations.add(self)
+        on_fork_child(self.after_fork_in_child)
+
+    @property
+    def transport(self) -> Transport:
+        return self.upstream.transport
 
     def __repr__(self) -> str:
         return f"Destination({self.name!r})"
@@ -319,20 +183,14 @@ class Destination:
         """A snapshot of this destination's counters (``DESTINATION_STAT_KEYS``)."""
         out = self._counters.snapshot()
         out["queue_size"] = self._worker.qsize()
-        out["spool_size"] = len(self._uplink.spool) if self._uplink is not None else 0
+        out["spool_size"] = self.upstream.spool_size()
         return out
 
     def spool_nearly_full(self) -> bool:
         """Whether the spool is past 90% of its size bound, or two more envelopes of the
         average size would not fit: a sender that can keep events itself (a forwarding
         collector) should hold them back rather than make the spool drop its oldest."""
-        uplink = self._uplink
-        if uplink is None:
-            return False
-        stats = uplink.spool.stats()
-        used, files = stats["bytes"], stats["files"]
-        room = uplink.spool.max_bytes - used
-        return used >= 0.9 * uplink.spool.max_bytes or (files > 0 and room < 2 * used / files)
+        return self.upstream.spool_nearly_full()
 
     def _observe(self, seconds: float) -> None:
         latency = self.latency
@@ -401,7 +259,7 @@ class Destination:
             return None
 
     def _process(self, event: Mapping[str, Any]) -> None:
-        if self._uplink is None and self._limits.is_limited("error"):
+        if self.upstream.holding_back():
             self._count("dropped_rate_limited")
             return
         body = self._envelope(event)
@@ -416,7 +274,7 @@ class Destination:
             )
 
     def _deliver(self, body: bytes) -> None:
-        self._delivery.deliver(body)
+        self.upstream.deliver(body)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -431,65 +289,37 @@ class Destination:
         """Deliver or spool what is queued within ``timeout`` seconds, then stop."""
         if self._closed.is_set():
             return
-        limit = max(0.0, float(timeout))
-        deadline = time.monotonic() + limit
-        self._delivery.close_deadline = deadline
         try:
             self._closed.set()
-            # A sliver of the time is kept to unblock a send stuck on a silent upstream, so
-            # the envelope in flight is spooled (or counted) before close() returns.
-            grace = min(0.1, limit / 10)
-            finished = self._worker.stop(limit - grace)
-            left = self._worker.drain()
-            if left:
-                self._keep_or_drop(left)
-            if not finished:
-                interrupt = getattr(self.transport, "interrupt", None)
-                if interrupt is not None:
-                    interrupt()
-                self._worker.stop(grace)
-            else:
-                self.transport.close()
-            if self._uplink is not None:
-                self._uplink.close(max(0.0, deadline - time.monotonic()))
+            self.upstream.close(self._worker, max(0.0, float(timeout)), self._keep_or_drop)
         except Exception as error:  # pragma: no cover - never raise into the caller
             self.diagnostics.warn("destination_close", f"{self.name}: error closing: {error!r}")
 
     def _keep_or_drop(self, events: list[Mapping[str, Any]]) -> None:
         """Events still queued at a timed-out close: to the spool if there is one."""
-        uplink = self._uplink
-        if uplink is None:
+        if self.upstream.spool is None:
             self._count("dropped_closed", len(events))
             return
         for event in events:
             body = self._envelope(event)
             if body is not None:
-                uplink.keep(body, upstream_failed=False)
+                self.upstream.keep(body)
 
     def after_fork_in_child(self) -> None:
         """A fresh queue, locks and connections in a forked child."""
         self._worker.reset_after_fork()
         self._counters.reset()
-        closed, self._closed = self._closed.is_set(), threading.Event()  # its lock may be held
-        if closed:
-            self._closed.set()
-        self._delivery.closed = self._closed
+        self._closed = fresh_event(self._closed)  # its lock may be held
         self._bucket.reset_after_fork()
         self.diagnostics.reset_after_fork()
-        forget = getattr(self.transport, "forget_after_fork", None)
-        if forget is not None:
-            forget()
-        if self._uplink is not None:
-            self._uplink.after_fork_in_child()
+        self.upstream.after_fork_in_child(self._closed)
 
 
-_live_destinations: weakref.WeakSet[Destination] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:  # pragma: no cover - runs in forked children
-    for destination in list(_live_destinations):
-        destination.after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+def _check_name(name: Optional[str], dsn: Optional[Dsn], transport: object) -> str:
+    if dsn is None and transport is None:
+        raise ConfigError("dsn", "a destination needs a DSN (or a transport)")
+    if name is None:
+        name = f"{dsn.netloc}/{dsn.project_id}" if dsn is not None else "custom"
+    if not isinstance(name, str) or not name:
+        raise ConfigError("name", "must be a non-empty string")
+    return name

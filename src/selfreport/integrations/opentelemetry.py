@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
+from selfreport._core.processors import add_event_processor, add_send_wrapper
+
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import trace as otel_trace
@@ -85,3 +87,9 @@ def add_trace_context(event: dict[str, Any]) -> None:
     if not isinstance(contexts, dict):
         contexts = event["contexts"] = {}
     contexts.setdefault("trace", trace)
+
+
+# Registered at import: the core never imports integrations; selfreport imports this module
+# (see selfreport/__init__.py) once the application has imported OpenTelemetry.
+add_event_processor(add_trace_context)
+add_send_wrapper(suppress_instrumentation)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import sys
 import threading
-import weakref
 from collections.abc import Coroutine, Mapping
 from typing import Any, Callable, Optional
 
@@ -30,6 +28,7 @@ from selfreport._capture.event import safe_str
 from selfreport._core.counters import Counters
 from selfreport._core.diag import Diagnostics
 from selfreport._core.dsn import Dsn, parse_dsn
+from selfreport._core.fork import on_fork_child
 from selfreport._core.guard import (
     ReportingPath,
     in_nested_log_record,
@@ -41,7 +40,7 @@ from selfreport._core.guard import (
 )
 from selfreport._core.options import check_number
 from selfreport._core.patching import Patches
-from selfreport._delivery.delivery import unobserved
+from selfreport._core.processors import unobserved
 from selfreport._delivery.transport import ORIGIN_HEADER, register_origin
 from selfreport.exceptions import ConfigError
 
@@ -121,7 +120,7 @@ class SelfreportIntegration(Integration):
             what="sentry-sdk events",
         )
         self.origins: set[str] = set()
-        _live_integrations.add(self)
+        on_fork_child(self._after_fork_in_child)
 
     # --- sentry-sdk's integration protocol ----------------------------------------------
 
@@ -144,6 +143,11 @@ class SelfreportIntegration(Integration):
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters (see ``STAT_KEYS``)."""
         return self._counters.snapshot()
+
+    def _after_fork_in_child(self) -> None:
+        self._counters.reset()
+        self._admission.reset_after_fork()
+        self.diagnostics.reset_after_fork()
 
     # --- the guard ------------------------------------------------------------------------
 
@@ -259,8 +263,6 @@ class SelfreportIntegration(Integration):
 
 
 # --- hooks (installed once per process; every one passes through for clients without us) ---
-
-_live_integrations: weakref.WeakSet[SelfreportIntegration] = weakref.WeakSet()
 
 
 def _integration_of(client: Any) -> Optional[SelfreportIntegration]:
@@ -619,14 +621,3 @@ def stats() -> dict[str, int]:
     when it has none)."""
     integration = _integration_of(sentry_sdk.get_client())
     return integration.stats() if integration is not None else dict.fromkeys(STAT_KEYS, 0)
-
-
-def _after_fork_in_child() -> None:
-    for integration in list(_live_integrations):
-        integration._counters.reset()
-        integration._admission.reset_after_fork()
-        integration.diagnostics.reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
