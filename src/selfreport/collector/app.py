@@ -19,8 +19,9 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from selfreport._client import Client
+from selfreport._client import STAT_KEYS, Client
 from selfreport._core.dsn import Dsn, parse_dsn
+from selfreport._state import current_client
 from selfreport.collector import auth as _auth
 from selfreport.collector import web
 from selfreport.integrations.asgi import SelfreportMiddleware
@@ -62,11 +63,8 @@ class Collector:
 
     def reporter_stats(self) -> dict[str, int]:
         """The self-reporter's ``stats()`` (the given client's, else the global one's)."""
-        if self.reporter is not None:
-            return self.reporter.stats()
-        from selfreport import stats
-
-        return stats()
+        client = current_client(self.reporter)
+        return client.stats() if client is not None else dict.fromkeys(STAT_KEYS, 0)
 
     def forwarding_stats(self) -> Optional[dict[str, int]]:
         """Forwarding's counters, or None when the collector does not forward."""
