@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from collections.abc import Iterator
@@ -63,15 +64,16 @@ def activate_on_import(trigger: str, module: str) -> None:
 
 
 def _activate() -> None:
-    for trigger, module in list(_pending):
+    for entry in list(_pending):
+        trigger, module = entry
         if trigger not in sys.modules:
             continue
         try:
             importlib.import_module(module)
         except Exception as error:  # too old or broken to use: report without it, from now on
             _diagnostics.once("activate:" + module, f"not using {module}: {error!r}")
-        if (trigger, module) in _pending:
-            _pending.remove((trigger, module))
+        with contextlib.suppress(ValueError):  # another worker thread was as quick
+            _pending.remove(entry)
 
 
 def process_event(event: dict[str, Any]) -> None:
