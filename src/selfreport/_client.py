@@ -29,6 +29,7 @@ from ._core.dsn import Dsn, parse_dsn
 from ._core.guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
 from ._core.options import Scrub, check_number, resolve_scrub
 from ._delivery.delivery import Delivery, otel_integration
+from ._delivery.envelope import serialize_envelope
 from ._delivery.retry import Retry, UpstreamLimits
 from ._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
 from ._delivery.transport import (
@@ -36,7 +37,6 @@ from ._delivery.transport import (
     Transport,
     is_marked_origin,
     origin_value,
-    serialize_envelope,
 )
 from ._delivery.worker import Worker
 from ._onprem.destination import Destination, Uplink

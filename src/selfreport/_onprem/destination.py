@@ -17,9 +17,10 @@ from selfreport._core.dsn import Dsn, parse_dsn
 from selfreport._core.guard import ReportingPath
 from selfreport._core.options import Scrub, check_number, resolve_scrub
 from selfreport._delivery.delivery import Delivery, send_unobserved
+from selfreport._delivery.envelope import serialize_envelope
 from selfreport._delivery.retry import Outcome, Retry, UpstreamLimits
 from selfreport._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, Replayer, Spool
-from selfreport._delivery.transport import HttpTransport, Transport, serialize_envelope
+from selfreport._delivery.transport import HttpTransport, Transport
 from selfreport._delivery.worker import Worker
 from selfreport.exceptions import ConfigError
 
