@@ -12,6 +12,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 from urllib.parse import quote, unquote_plus
 
+from selfreport._capture.sensitive import (
+    DEFAULT_DENY_SUBSTRINGS,
+    DEFAULT_DENY_WORDS,
+    FILTERED,
+    compact_key,
+    matches_deny_lists,
+)
 from selfreport.exceptions import ConfigError
 
 __all__ = [
@@ -26,61 +33,7 @@ Event = dict[str, Any]
 Replacement = Union[str, Callable[["re.Match[str]"], str]]
 Handler = Callable[[Any, "_Walk", int], Any]
 
-FILTERED = "[Filtered]"
 TRUNCATED = "[Truncated]"
-
-# A key is sensitive when its compact form (lower case, only letters and digits) contains one of
-# these: the union of sentry-sdk's EventScrubber DEFAULT_DENYLIST + DEFAULT_PII_DENYLIST and
-# Relay's password-key rule, plus common names for card data and signed-URL signatures.
-DEFAULT_DENY_SUBSTRINGS = (
-    "password",
-    "passwd",
-    "passphrase",
-    "pwd",
-    "secret",
-    "token",
-    "apikey",
-    "auth",
-    "credential",
-    "privatekey",
-    "session",
-    "sessid",
-    "cookie",
-    "csrf",
-    "xsrf",
-    "bearer",
-    "signature",
-    "accesskey",
-    "twofactor",
-    "forwardedfor",
-    "realip",
-    "ipaddress",
-    "remoteaddr",
-    "clientip",
-    "creditcard",
-    "cardnumber",
-    "ccnumber",
-    "iban",
-    "socialsecurity",
-)
-# ... or when one of its words (split at separators and camelCase) is one of these: too short
-# to match inside other words safely ("ssn" is in "classname", "otp" in "footprint").
-DEFAULT_DENY_WORDS = (
-    "sid",
-    "otp",
-    "totp",
-    "mfa",
-    "ssn",
-    "pin",
-    "cvv",
-    "cvc",
-    "pw",
-    "pass",
-    "jwt",
-    "dsn",
-    "symfony",
-    "forwarded",
-)
 
 # Relay's rule for values: a string mentioning one of these is removed as a whole.
 _VALUE_KEYWORD = re.compile(
@@ -147,7 +100,6 @@ _MASK = re.compile(r"\[[\w -]{1,32}\]")
 _FORM_ENCODED = re.compile(
     r"[^\s=&]{1,256}=[^\s&]{0,4096}(?:&[^\s=&]{1,256}=[^\s&]{0,4096}){0,500}"
 )
-_KEY_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 
 # Relay's IBAN country list, for matching IBAN-shaped text when checksums are not verified.
 _IBAN_COUNTRIES = frozenset(
@@ -259,10 +211,6 @@ def _big_int(value: int) -> str:
         return str(value)
     except ValueError:  # more digits than int-to-str conversion allows
         return f"<int of {value.bit_length()} bits>"
-
-
-def _compact(key: str) -> str:
-    return "".join(c for c in key.lower() if c.isalnum())
 
 
 def _safe_text(value: object) -> str:
@@ -387,13 +335,13 @@ class Scrubber:
                 "skip", f"unknown rule(s) {sorted(unknown)}; known: {sorted(RULE_NAMES)}"
             )
         self._on = RULE_NAMES - skipped
-        extra_deny = [_compact(k) for k in self._strings("deny_keys", deny_keys)]
+        extra_deny = [compact_key(k) for k in self._strings("deny_keys", deny_keys)]
         if any(not k for k in extra_deny):
             raise ConfigError("deny_keys", "has an entry without letters or digits")
         substrings = list(DEFAULT_DENY_SUBSTRINGS) if default_deny else []
         self._deny_substrings = tuple(substrings + extra_deny)
         self._deny_words = frozenset(DEFAULT_DENY_WORDS if default_deny else ())
-        self._allow = frozenset(_compact(k) for k in self._strings("allow_keys", allow_keys))
+        self._allow = frozenset(compact_key(k) for k in self._strings("allow_keys", allow_keys))
         self._custom = self._compile_rules(rules)
         self._key_cache: dict[str, bool] = {}
         self._frame_fields = self._frame_handlers()
@@ -448,10 +396,8 @@ class Scrubber:
         cached = self._key_cache.get(key)
         if cached is not None:
             return cached
-        compact = _compact(key)
-        sensitive = compact not in self._allow and (
-            any(part in compact for part in self._deny_substrings)
-            or any(word.lower() in self._deny_words for word in _KEY_WORDS.findall(key))
+        sensitive = compact_key(key) not in self._allow and matches_deny_lists(
+            key, self._deny_substrings, self._deny_words
         )
         if len(self._key_cache) > 4096:
             self._key_cache.clear()
@@ -459,7 +405,7 @@ class Scrubber:
         return sensitive
 
     def _is_allowed_key(self, key: str) -> bool:
-        return bool(self._allow) and _compact(key) in self._allow
+        return bool(self._allow) and compact_key(key) in self._allow
 
     def _mask(self, kind: str) -> str:
         return f"[{kind}]" if self.typed_masks else self.replacement

@@ -12,37 +12,18 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from selfreport._capture.sensitive import FILTERED, is_sensitive_name
+
 if TYPE_CHECKING:
     from selfreport._client import Client
 
 __all__ = ["FILTERED", "filter_headers", "filter_url", "is_sensitive", "report_request_exception"]
 
-FILTERED = "[Filtered]"
-
-# Header and query-parameter names containing any of these carry credentials or sessions.
-_SENSITIVE_PARTS = (
-    "auth",
-    "cookie",
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "session",
-    "csrf",
-    "xsrf",
-    "api-key",
-    "api_key",
-    "apikey",
-    "sentry_key",
-    "signature",
-    "credential",
-)
-
 
 def is_sensitive(name: str) -> bool:
-    """Whether a header or parameter called ``name`` may carry a credential."""
-    lowered = name.lower()
-    return any(part in lowered for part in _SENSITIVE_PARTS)
+    """Whether a header or parameter called ``name`` may carry a credential or personal data:
+    the scrubber's default key lists (``Authorization``, ``Cookie``, ``X-Forwarded-For``...)."""
+    return is_sensitive_name(name)
 
 
 def filter_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
