@@ -23,11 +23,12 @@ from ._capture.event import (
     capture_from_record,
     safe_repr,
 )
+from ._capture.sensitive import Scrub, resolve_scrub
 from ._core.counters import Counters
 from ._core.diag import Diagnostics
 from ._core.dsn import Dsn, parse_dsn
 from ._core.guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
-from ._core.options import Scrub, check_number, resolve_scrub
+from ._core.options import check_callable, check_number, check_text
 from ._delivery.delivery import Delivery, otel_integration
 from ._delivery.envelope import serialize_envelope
 from ._delivery.retry import Retry, UpstreamLimits
@@ -125,13 +126,10 @@ class Client:
         check_number("dedupe_window", dedupe_window, 0.0)
         check_number("http_timeout", http_timeout, 0.001, 600.0)
         retry = Retry.for_delivery(max_retries, retry_backoff)
-        if before_send is not None and not callable(before_send):
-            raise ConfigError("before_send", "must be callable or None")
-        for name, text in (("environment", environment), ("release", release)):
-            if text is not None and not isinstance(text, str):
-                raise ConfigError(name, f"expected a string or None, got {type(text).__name__}")
-        if server_name is not None and not isinstance(server_name, str):
-            raise ConfigError("server_name", f"expected a string, got {type(server_name).__name__}")
+        check_callable("before_send", before_send)
+        check_text("environment", environment, optional=True)
+        check_text("release", release, optional=True)
+        check_text("server_name", server_name, optional=True)
         if transport is not None and not callable(getattr(transport, "send", None)):
             raise ConfigError("transport", "must have a send(body, timeout) method")
         if dsn is None:

@@ -19,6 +19,7 @@ from selfreport._capture.sensitive import (
     compact_key,
     matches_deny_lists,
 )
+from selfreport._core.options import check_number, check_strings, check_text
 from selfreport.exceptions import ConfigError
 
 __all__ = [
@@ -312,55 +313,37 @@ class Scrubber:
         max_nodes: int = 100_000,
         max_string: int = 65_536,
     ) -> None:
-        if not isinstance(replacement, str):
-            raise ConfigError("replacement", "must be a string")
+        check_text("replacement", replacement)
         self.replacement = replacement
         self.typed_masks = bool(typed_masks)
         self.strict = bool(strict)
         self.validate_checksums = bool(validate_checksums) and not self.strict
-        for name, value, low in (
-            ("max_depth", max_depth, 1),
-            ("max_nodes", max_nodes, 1),
-            ("max_string", max_string, 16),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(name, f"must be a whole number >= {low}, got {value!r}")
+        check_number("max_depth", max_depth, 1, integer=True)
+        check_number("max_nodes", max_nodes, 1, integer=True)
+        check_number("max_string", max_string, 16, integer=True)
         self.max_depth = max_depth
         self.max_nodes = max_nodes
         self.max_string = max_string
-        skipped = set(self._strings("skip", skip))
+        skipped = set(check_strings("skip", skip))
         unknown = skipped - RULE_NAMES
         if unknown:
             raise ConfigError(
                 "skip", f"unknown rule(s) {sorted(unknown)}; known: {sorted(RULE_NAMES)}"
             )
         self._on = RULE_NAMES - skipped
-        extra_deny = [compact_key(k) for k in self._strings("deny_keys", deny_keys)]
+        extra_deny = [compact_key(k) for k in check_strings("deny_keys", deny_keys)]
         if any(not k for k in extra_deny):
             raise ConfigError("deny_keys", "has an entry without letters or digits")
         substrings = list(DEFAULT_DENY_SUBSTRINGS) if default_deny else []
         self._deny_substrings = tuple(substrings + extra_deny)
         self._deny_words = frozenset(DEFAULT_DENY_WORDS if default_deny else ())
-        self._allow = frozenset(compact_key(k) for k in self._strings("allow_keys", allow_keys))
+        self._allow = frozenset(compact_key(k) for k in check_strings("allow_keys", allow_keys))
         self._custom = self._compile_rules(rules)
         self._key_cache: dict[str, bool] = {}
         self._frame_fields = self._frame_handlers()
         self._top_fields = self._top_handlers()
 
     # --- configuration ---------------------------------------------------------------------
-
-    @staticmethod
-    def _strings(option: str, values: Iterable[str]) -> list[str]:
-        if isinstance(values, str):
-            raise ConfigError(option, "must be a list of strings, not a single string")
-        try:
-            items = list(values)
-        except TypeError:
-            raise ConfigError(option, "must be a list of strings") from None
-        for item in items:
-            if not isinstance(item, str):
-                raise ConfigError(option, f"must contain strings, got {type(item).__name__}")
-        return items
 
     @staticmethod
     def _compile_rules(

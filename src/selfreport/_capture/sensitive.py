@@ -1,21 +1,29 @@
-"""The one list of secret-bearing names, shared by the scrubber and the integrations' filters."""
+"""The scrubber's light front: the one list of secret names (shared with the integrations'
+filters), the FILTERED marker and the ``scrub`` option, without loading its patterns."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable
+from typing import Any, Callable, Optional, Union
+
+from selfreport.exceptions import ConfigError
 
 __all__ = [
     "DEFAULT_DENY_SUBSTRINGS",
     "DEFAULT_DENY_WORDS",
     "FILTERED",
+    "Scrub",
     "compact_key",
     "is_sensitive_name",
     "matches_deny_lists",
+    "resolve_scrub",
 ]
 
-# Kept apart from scrub.py (whose compiled patterns are loaded only when scrubbing is asked for)
-# so that the web-framework middleware can filter headers without loading the scrubber.
+Scrub = Callable[[dict[str, Any]], dict[str, Any]]
+
+# Kept apart from scrub.py, whose compiled patterns are loaded only when scrubbing is asked for:
+# clients without scrubbing and the web-framework middleware do not load them.
 
 FILTERED = "[Filtered]"
 
@@ -97,3 +105,16 @@ def is_sensitive_name(name: str) -> bool:
     """Whether a key, header or parameter called ``name`` may carry a secret or personal data
     (the default lists: what ``Scrubber()`` filters and what the integrations filter)."""
     return matches_deny_lists(name, DEFAULT_DENY_SUBSTRINGS, _DEFAULT_WORDS)
+
+
+def resolve_scrub(scrub: Union[bool, Scrub, None], option: str = "scrub") -> Optional[Scrub]:
+    """``True`` -> the default :class:`~selfreport.Scrubber`; a callable as is; off otherwise."""
+    if scrub is None or scrub is False:
+        return None
+    if scrub is True:
+        from selfreport._capture.scrub import Scrubber  # compiled patterns: only when asked for
+
+        return Scrubber()
+    if callable(scrub):
+        return scrub
+    raise ConfigError(option, "must be True, False, None or a callable taking the event")

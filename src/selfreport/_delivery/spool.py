@@ -14,6 +14,7 @@ from typing import Callable, Optional, Union
 
 from selfreport._core.diag import Diagnostics
 from selfreport._core.guard import enter_thread_for_life, reporting_path
+from selfreport._core.options import check_number, check_positive
 from selfreport.exceptions import ConfigError
 
 from .retry import Outcome, Retry
@@ -143,17 +144,8 @@ class Spool:
         max_quarantined: int = 100,
         rescan_interval: float = 5.0,
     ) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1024:
-            problem = f"must be a whole number >= 1024, got {max_bytes!r}"
-            raise ConfigError("spool_max_bytes", problem)
-        if (
-            isinstance(max_age, bool)
-            or not isinstance(max_age, (int, float))
-            or not max_age > 0
-            or math.isnan(max_age)
-        ):
-            problem = f"must be a number of seconds > 0, got {max_age!r}"
-            raise ConfigError("spool_max_age", problem)
+        check_number("spool_max_bytes", max_bytes, 1024, integer=True)
+        check_positive("spool_max_age", max_age)
         try:
             path = os.path.abspath(os.fspath(directory))
         except TypeError:

@@ -11,11 +11,12 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Optional, Union
 
 from selfreport._admission.ratelimit import TokenBucket
+from selfreport._capture.sensitive import Scrub, resolve_scrub
 from selfreport._core.counters import Counters
 from selfreport._core.diag import Diagnostics
 from selfreport._core.dsn import Dsn, parse_dsn
 from selfreport._core.guard import ReportingPath
-from selfreport._core.options import Scrub, check_number, resolve_scrub
+from selfreport._core.options import check_number, check_text
 from selfreport._delivery.delivery import Delivery, send_unobserved
 from selfreport._delivery.envelope import serialize_envelope
 from selfreport._delivery.retry import Outcome, Retry, UpstreamLimits
@@ -252,8 +253,7 @@ class Destination:
         self.dsn: Optional[Dsn] = dsn
         if name is None:
             name = f"{dsn.netloc}/{dsn.project_id}" if dsn is not None else "custom"
-        if not isinstance(name, str) or not name:
-            raise ConfigError("name", "must be a non-empty string")
+        check_text("name", name, nonempty=True)
         self.name = name
         self.tags = (f"destination:{name}",)
         self.http_timeout = float(http_timeout)

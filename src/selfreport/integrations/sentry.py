@@ -39,7 +39,7 @@ from selfreport._core.guard import (
     thread_is_reporting,
     uninstall_propagation,
 )
-from selfreport._core.options import check_number
+from selfreport._core.options import check_bool, check_number
 from selfreport._core.patching import Patches
 from selfreport._delivery.delivery import unobserved
 from selfreport._delivery.transport import ORIGIN_HEADER, register_origin
@@ -107,8 +107,7 @@ class SelfreportIntegration(Integration):
         check_number("rate_limit", rate_limit, 0.0)
         check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
         check_number("dedupe_window", dedupe_window, 0.0)
-        if not isinstance(mark_requests, bool):
-            raise ConfigError("mark_requests", "must be True or False")
+        check_bool("mark_requests", mark_requests)
         self.mark_requests = mark_requests
         self.diagnostics = Diagnostics()
         self._counters = Counters(STAT_KEYS)
