@@ -18,6 +18,7 @@ from selfreport._core.options import check_number, check_positive
 from selfreport.exceptions import ConfigError
 
 from .retry import Outcome, Retry
+from .worker import ThreadOwner
 
 __all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BYTES", "Claim", "Replayer", "Spool"]
 
@@ -449,7 +450,7 @@ class Spool:
 _KEEP = frozenset({Outcome.FAILED, Outcome.RATE_LIMITED, Outcome.UNREACHABLE})
 
 
-class Replayer:
+class Replayer(ThreadOwner):
     """Drains a :class:`Spool` oldest first on its own thread, backing off while the upstream
     is down; the thread is part of the reporting path for its whole life.
 
@@ -510,20 +511,13 @@ class Replayer:
         """Whether the upstream failed and has not answered a replay since."""
         return self._down
 
-    @property
-    def alive(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
     def start(self) -> None:
         with self._cond:
             self._start_locked()
 
     def _start_locked(self) -> None:
         if self._thread is None and not self._stopping:
-            thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread = thread
-            thread.start()
+            self._start_thread()
 
     def spooled(self, upstream_failed: bool) -> None:
         """An envelope was just spooled; ``upstream_failed``: because sending it failed."""
@@ -540,11 +534,8 @@ class Replayer:
 
     def stop(self, timeout: float) -> bool:
         """Stop after the envelope in flight (bounded by ``timeout``); files stay spooled."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is None or thread is threading.current_thread():
+        thread = self._signal_stop()
+        if thread is None:
             return True
         thread.join(max(0.0, timeout))
         if thread.is_alive() and self._interrupt is not None:
