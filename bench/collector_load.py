@@ -45,7 +45,7 @@ from typing import Optional
 import selfreport
 from selfreport._capture.event import build_event, capture_from_exception
 from selfreport._core.dsn import parse_dsn
-from selfreport._delivery.transport import serialize_envelope
+from selfreport._delivery.envelope import serialize_envelope
 
 PYTHON = sys.executable
 

@@ -873,12 +873,14 @@ def test_init_installs_one_handler_and_hooks(collector: FakeCollector) -> None:
 
 def test_second_init_closes_the_first_and_never_doubles_up(collector: FakeCollector) -> None:
     first = selfreport.init(collector.dsn, **FAST_OPTIONS)
-    prev_sys = global_hooks._prev_sys
+    prev_sys = global_hooks._patches.replaced(sys, "excepthook")
     second = selfreport.init(collector.dsn, **FAST_OPTIONS)
     assert first._closed.is_set()
     assert not second._closed.is_set()
     assert len(root_selfreport_handlers()) == 1
-    assert global_hooks._prev_sys is prev_sys  # not chained to our own hook
+    assert (
+        global_hooks._patches.replaced(sys, "excepthook") is prev_sys
+    )  # not chained to our own hook
     logging.getLogger("test_client.init").error("once")
     assert selfreport.flush(5)
     assert collector.wait_for(1)
@@ -952,7 +954,7 @@ def test_hooks_instance_is_shared_and_idempotent() -> None:
     selfreport.init(logging_level=None)
     selfreport.init(logging_level=None)
     assert sys.excepthook == global_hooks._sys_hook
-    assert global_hooks._prev_sys != global_hooks._sys_hook
+    assert global_hooks._patches.replaced(sys, "excepthook") != global_hooks._sys_hook
 
 
 # --- rarer paths -----------------------------------------------------------------------------

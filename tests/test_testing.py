@@ -13,7 +13,8 @@ import pytest
 import selfreport
 from selfreport import LoggingHandler
 from selfreport._core.dsn import parse_dsn
-from selfreport._delivery.transport import HttpTransport, serialize_envelope
+from selfreport._delivery.envelope import serialize_envelope
+from selfreport._delivery.transport import HttpTransport
 from selfreport._state import current_client
 from selfreport.testing import (
     CapturedEvents,

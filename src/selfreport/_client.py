@@ -23,14 +23,16 @@ from ._capture.event import (
     capture_from_message,
     capture_from_record,
 )
+from ._capture.sensitive import Scrub, resolve_scrub
 from ._core.counters import Counters
 from ._core.diag import Diagnostics
 from ._core.dsn import Dsn, parse_dsn
 from ._core.fork import fresh_event, on_fork_child
 from ._core.guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
-from ._core.options import Scrub, check_number, resolve_scrub
+from ._core.options import check_callable, check_number, check_text
 from ._core.processors import process_event
 from ._core.text import safe_repr
+from ._delivery.envelope import serialize_envelope
 from ._delivery.retry import Retry
 from ._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
 from ._delivery.transport import (
@@ -38,7 +40,6 @@ from ._delivery.transport import (
     as_transport,
     is_marked_origin,
     origin_value,
-    serialize_envelope,
 )
 from ._delivery.upstream import SpoolOptions, Upstream, stop_worker
 from ._delivery.worker import Worker
@@ -113,12 +114,9 @@ def client_options(arguments: dict[str, Any]) -> ClientOptions:
     check_number("dedupe_window", get("dedupe_window"), 0.0)
     check_number("http_timeout", get("http_timeout"), 0.001, 600.0)
     retry = Retry.for_delivery(get("max_retries"), get("retry_backoff"))
-    if get("before_send") is not None and not callable(get("before_send")):
-        raise ConfigError("before_send", "must be callable or None")
+    check_callable("before_send", get("before_send"))
     for name in ("environment", "release", "server_name"):
-        text = get(name)
-        if text is not None and not isinstance(text, str):
-            raise ConfigError(name, f"expected a string or None, got {type(text).__name__}")
+        check_text(name, get(name), optional=True)
     transport = as_transport(get("transport")) if get("transport") is not None else None
     dsn = get("dsn") or os.environ.get("SELFREPORT_DSN") or None
     if dsn is not None and not isinstance(dsn, Dsn):

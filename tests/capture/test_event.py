@@ -29,7 +29,7 @@ from selfreport._capture.event import (
     safe_str,
 )
 from selfreport._core.dsn import parse_dsn
-from selfreport._delivery.transport import serialize_envelope
+from selfreport._delivery.envelope import serialize_envelope
 from selfreport.testing import FakeCollector
 
 DSN = parse_dsn("https://public@sentry.example.com/1")

@@ -331,17 +331,20 @@ def test_install_is_idempotent_and_uninstall_restores(
     assert len(recorder.captured) == 1
 
 
-@pytest.mark.skipif(sys.version_info < (3, 10), reason="threading.__excepthook__ is new in 3.10")
-def test_uninstall_without_previous_hooks_restores_the_defaults(recorder: Recorder) -> None:
+def test_without_previous_hooks_ours_chain_to_the_defaults(
+    recorder: Recorder, capsys: pytest.CaptureFixture[str]
+) -> None:
     saved = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+    sys.excepthook = threading.excepthook = sys.unraisablehook = None  # type: ignore[assignment]
     hooks = Hooks(recorder.capture, recorder.drop)
-    hooks.install()
-    hooks._prev_sys = hooks._prev_threading = hooks._prev_unraisable = None
     try:
+        hooks.install()
+        exc = raised(ValueError("to the default"))
+        call_excepthook(exc)
+        assert recorder.captured == [(exc, "excepthook", True)]
+        assert "ValueError: to the default" in capsys.readouterr().err  # sys.__excepthook__
         hooks.uninstall()
-        assert sys.excepthook is sys.__excepthook__
-        assert threading.excepthook is threading.__excepthook__
-        assert sys.unraisablehook is sys.__unraisablehook__
+        assert sys.excepthook is None  # what was there before, put back
     finally:
         sys.excepthook, threading.excepthook, sys.unraisablehook = saved
 

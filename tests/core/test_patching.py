@@ -162,3 +162,30 @@ def test_replace_installs_a_plain_function() -> None:
     assert Target().greet("d") == "replaced hello d"
     patches.uninstall()
     assert Target.__dict__["greet"] is ORIGINAL_GREET
+
+
+def test_reinstall_under_a_plain_patch_on_top_does_not_wrap_twice() -> None:
+    # The rule the exception hooks need too: a patch on top that does not say what it wraps is
+    # taken to chain to ours, so a re-install reuses ours instead of wrapping theirs again.
+    calls: list[str] = []
+    patches = Patches((Target, "greet", counting_wrapper(calls, "ours")))
+    patches.install()
+    ours = Target.__dict__["greet"]
+
+    def theirs(self: Target, name: str) -> str:
+        calls.append("theirs")
+        return ours(self, name)  # type: ignore[no-any-return]
+
+    Target.greet = theirs  # type: ignore[method-assign]
+    patches.uninstall()
+    patches.install()
+    assert Target.__dict__["greet"] is theirs
+    assert patches.replaced(Target, "greet") is ORIGINAL_GREET
+    assert Target().greet("d") == "hello d"
+    assert calls == ["theirs", "ours"]  # one "ours"
+    patches.uninstall()
+    Target.greet = ORIGINAL_GREET  # type: ignore[method-assign]
+    assert patches.replaced(Target, "greet") is ORIGINAL_GREET  # stuck in their chain
+    patches.install()
+    patches.uninstall()
+    assert patches.replaced(Target, "greet") is None

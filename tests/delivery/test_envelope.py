@@ -1,8 +1,9 @@
-"""Envelope parsing: our serializer and sentry-sdk's as producers, malformed bodies as errors."""
+"""Envelopes: what we write, parsed back by us and by sentry-sdk; malformed bodies as errors."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given
@@ -11,9 +12,92 @@ from sentry_sdk.envelope import Envelope as SentryEnvelope
 from sentry_sdk.envelope import Item as SentryItem
 from sentry_sdk.envelope import PayloadRef
 
+from selfreport import __version__
 from selfreport._core.dsn import parse_dsn
-from selfreport._delivery.envelope import Envelope, EnvelopeError, Item, parse_envelope
-from selfreport._delivery.transport import serialize_envelope
+from selfreport._delivery.envelope import (
+    Envelope,
+    EnvelopeError,
+    Item,
+    parse_envelope,
+    serialize_envelope,
+)
+
+SENT_AT = "2024-01-01T00:00:00.000000Z"
+
+
+# --- serialization -------------------------------------------------------------------------
+
+
+def test_serialized_envelope_is_what_sentry_sdk_reads() -> None:
+    dsn = parse_dsn("http://pub@h/3")
+    event = {"event_id": "a" * 32, "message": "ünïcode ✓", "nested": {"list": [1, 2.5, None]}}
+    body = serialize_envelope(event, dsn, SENT_AT)
+    theirs = SentryEnvelope.deserialize(body)
+    assert theirs.headers == {
+        "event_id": "a" * 32,
+        "sent_at": SENT_AT,
+        "sdk": {"name": "selfreport.python", "version": __version__},
+        "dsn": "http://pub@h/3",
+    }
+    assert theirs.get_event() == event
+    assert theirs.items[0].headers["length"] == len(body.split(b"\n")[2])
+
+
+def test_serialization_survives_what_json_cannot_carry() -> None:
+    class Thing:
+        def __repr__(self) -> str:
+            return "<thing>"
+
+    event = {"event_id": "x", "nan": float("nan"), "inf": [float("-inf")], 3: Thing(), "t": (1,)}
+    body = serialize_envelope(event, None, SENT_AT)
+    (parsed,) = parse_envelope(body).events()
+    assert parsed == {"event_id": "x", "nan": "nan", "inf": ["-inf"], "3": "<thing>", "t": [1]}
+    assert "dsn" not in parse_envelope(body).headers
+
+
+def test_serialization_of_lone_surrogates_does_not_raise() -> None:
+    body = serialize_envelope({"event_id": "x", "message": "bad \udc80 text"}, None, SENT_AT)
+    assert parse_envelope(body).events()[0]["message"].startswith("bad ")
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(
+    st.dictionaries(st.text(), _json_values, max_size=6),
+    st.sampled_from([None, "http://pub@h/3", "https://k:s3kr1t@host:9000/7"]),
+)
+def test_what_we_write_reads_back(extra: dict[str, object], dsn: str | None) -> None:
+    event: dict[str, object] = {**extra, "event_id": "e" * 32}
+    body = serialize_envelope(event, parse_dsn(dsn) if dsn else None, SENT_AT)
+    envelope = parse_envelope(body)
+    assert envelope.headers["event_id"] == "e" * 32
+    assert envelope.headers["sent_at"] == SENT_AT
+    assert envelope.headers.get("dsn") == (str(parse_dsn(dsn).public()) if dsn else None)
+    assert b"s3kr1t" not in body.split(b"\n")[0]  # never the DSN's secret key
+    (item,) = envelope.items
+    assert item.headers == {
+        "type": "event",
+        "length": len(item.payload),
+        "content_type": "application/json",
+    }
+    (parsed,) = envelope.events()
+    # What JSON carries survives unchanged; NaN and infinities come back as their repr.
+    assert parsed == json.loads(json.dumps(_jsonable_floats(event)))
+
+
+def _jsonable_floats(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _jsonable_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable_floats(v) for v in value]
+    return value
 
 
 def test_parses_what_we_serialize() -> None:

@@ -11,11 +11,10 @@ from collections.abc import Iterator
 from typing import Callable
 
 import pytest
-from sentry_sdk.envelope import Envelope as SentryEnvelope
 
 from selfreport import __version__
 from selfreport._core.dsn import parse_dsn
-from selfreport._delivery.envelope import parse_envelope
+from selfreport._delivery.envelope import parse_envelope, serialize_envelope
 from selfreport._delivery.transport import (
     ORIGIN_HEADER,
     HttpTransport,
@@ -23,7 +22,6 @@ from selfreport._delivery.transport import (
     is_marked_origin,
     origin_value,
     register_origin,
-    serialize_envelope,
 )
 from selfreport.testing import FakeCollector
 
@@ -40,41 +38,6 @@ def transport(collector: FakeCollector) -> Iterator[HttpTransport]:
     sender = HttpTransport(parse_dsn(collector.dsn), clock=lambda: 1700000000.0)
     yield sender
     sender.close()
-
-
-# --- serialization -------------------------------------------------------------------------
-
-
-def test_serialized_envelope_is_what_sentry_sdk_reads() -> None:
-    dsn = parse_dsn("http://pub@h/3")
-    event = {"event_id": "a" * 32, "message": "ünïcode ✓", "nested": {"list": [1, 2.5, None]}}
-    body = serialize_envelope(event, dsn, SENT_AT)
-    theirs = SentryEnvelope.deserialize(body)
-    assert theirs.headers == {
-        "event_id": "a" * 32,
-        "sent_at": SENT_AT,
-        "sdk": {"name": "selfreport.python", "version": __version__},
-        "dsn": "http://pub@h/3",
-    }
-    assert theirs.get_event() == event
-    assert theirs.items[0].headers["length"] == len(body.split(b"\n")[2])
-
-
-def test_serialization_survives_what_json_cannot_carry() -> None:
-    class Thing:
-        def __repr__(self) -> str:
-            return "<thing>"
-
-    event = {"event_id": "x", "nan": float("nan"), "inf": [float("-inf")], 3: Thing(), "t": (1,)}
-    body = serialize_envelope(event, None, SENT_AT)
-    (parsed,) = parse_envelope(body).events()
-    assert parsed == {"event_id": "x", "nan": "nan", "inf": ["-inf"], "3": "<thing>", "t": [1]}
-    assert "dsn" not in parse_envelope(body).headers
-
-
-def test_serialization_of_lone_surrogates_does_not_raise() -> None:
-    body = serialize_envelope({"event_id": "x", "message": "bad \udc80 text"}, None, SENT_AT)
-    assert parse_envelope(body).events()[0]["message"].startswith("bad ")
 
 
 # --- the origin mark -----------------------------------------------------------------------

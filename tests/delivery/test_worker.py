@@ -219,7 +219,7 @@ def test_submit_never_raises_when_no_thread_can_start(
     def cannot_start() -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    monkeypatch.setattr(worker, "_start", cannot_start)
+    monkeypatch.setattr(worker, "_start_thread", cannot_start)
     assert not worker.submit(1)
     assert worker.qsize() == 0
     assert worker.flush(0)  # the refused item is not waited for

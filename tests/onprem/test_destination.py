@@ -17,8 +17,9 @@ from tests.conftest import FAST_OPTIONS
 
 import selfreport
 from selfreport import Client, ConfigError, Destination
+from selfreport._delivery.envelope import serialize_envelope
 from selfreport._delivery.spool import Spool
-from selfreport._delivery.transport import Response, serialize_envelope
+from selfreport._delivery.transport import Response
 from selfreport._onprem.destination import DESTINATION_STAT_KEYS, plain_copy
 from selfreport.testing import FakeCollector, MemoryTransport
 

@@ -15,7 +15,7 @@ from selfreport._core.guard import (
     thread_is_reporting,
     uninstall_propagation,
 )
-from selfreport._core.patching import Patches
+from selfreport._core.patching import Patches, Replace
 
 __all__ = ["Hooks"]
 
@@ -54,12 +54,13 @@ class Hooks:
         self._capture = capture
         self._reentrant = reentrant
         self.active = False
-        self._prev_sys: Optional[Callable[..., Any]] = None
-        self._prev_threading: Optional[Callable[..., Any]] = None
-        self._prev_unraisable: Optional[Callable[..., Any]] = None
-        self._stuck: dict[str, set[str]] = {}  # module name -> hooks left in another's chain
-        self._asyncio = Patches(
-            (asyncio.BaseEventLoop, "call_exception_handler", self._asyncio_handler)
+        # Replace(...): the hooks are our bound methods themselves; each chains to what
+        # self._patches.replaced() says it replaced.
+        self._patches = Patches(
+            (sys, "excepthook", Replace(lambda previous: self._sys_hook)),
+            (threading, "excepthook", Replace(lambda previous: self._threading_hook)),
+            (sys, "unraisablehook", Replace(lambda previous: self._unraisable_hook)),
+            (asyncio.BaseEventLoop, "call_exception_handler", self._asyncio_handler),
         )
 
     def _safe_capture(self, exc: BaseException, mechanism: str, context_meaningful: bool) -> None:
@@ -76,7 +77,7 @@ class Hooks:
     ) -> None:
         if self.active and _reportable(exc):
             self._safe_capture(exc, "excepthook", True)
-        previous = self._prev_sys or sys.__excepthook__
+        previous = self._patches.replaced(sys, "excepthook") or sys.__excepthook__
         previous(exc_type, exc, tb)
 
     def _threading_hook(self, args: Any) -> None:
@@ -85,14 +86,14 @@ class Hooks:
                 self._reentrant("thread exception")
             else:
                 self._safe_capture(args.exc_value, "threading", True)
-        previous = self._prev_threading or _threading_default
+        previous = self._patches.replaced(threading, "excepthook") or _threading_default
         previous(args)
 
     def _unraisable_hook(self, unraisable: Any) -> None:
         if self.active and _reportable(unraisable.exc_value):
             # Unraisable errors surface in finalizers, whatever code the GC interrupted.
             self._safe_capture(unraisable.exc_value, "unraisablehook", False)
-        previous = self._prev_unraisable or sys.__unraisablehook__
+        previous = self._patches.replaced(sys, "unraisablehook") or sys.__unraisablehook__
         previous(unraisable)
 
     def _asyncio_handler(
@@ -115,27 +116,10 @@ class Hooks:
                 self._safe_capture(exc, "asyncio", not from_finalizer)
         return wrapped(*args, **kwargs)
 
-    def _hook_points(self) -> tuple[tuple[Any, str, Callable[..., Any], str], ...]:
-        return (
-            (sys, "excepthook", self._sys_hook, "_prev_sys"),
-            (threading, "excepthook", self._threading_hook, "_prev_threading"),
-            (sys, "unraisablehook", self._unraisable_hook, "_prev_unraisable"),
-        )
-
     def install(self) -> None:
         if self.active:
             return
-        for module, name, ours, previous in self._hook_points():
-            current = getattr(module, name)
-            if name in self._stuck.get(module.__name__, ()):
-                self._stuck[module.__name__].discard(name)
-                if current != getattr(self, previous):
-                    # Our hook is still in the chain of one installed on top of it since;
-                    # chaining to that one again would make the two call each other forever.
-                    continue
-            setattr(self, previous, current)
-            setattr(module, name, ours)
-        self._asyncio.install()
+        self._patches.install()
         install_propagation()
         self.active = True
 
@@ -145,11 +129,5 @@ class Hooks:
         if not self.active:
             return
         self.active = False
-        for module, name, ours, previous in self._hook_points():
-            if getattr(module, name) == ours:
-                default = getattr(module, f"__{name}__", _threading_default)
-                setattr(module, name, getattr(self, previous) or default)
-            else:
-                self._stuck.setdefault(module.__name__, set()).add(name)
-        self._asyncio.uninstall()
+        self._patches.uninstall()
         uninstall_propagation()

@@ -12,6 +12,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 from urllib.parse import quote, unquote_plus
 
+from selfreport._capture.sensitive import (
+    DEFAULT_DENY_SUBSTRINGS,
+    DEFAULT_DENY_WORDS,
+    FILTERED,
+    compact_key,
+    matches_deny_lists,
+)
+from selfreport._core.options import check_number, check_strings, check_text
 from selfreport.exceptions import ConfigError
 
 __all__ = [
@@ -26,61 +34,7 @@ Event = dict[str, Any]
 Replacement = Union[str, Callable[["re.Match[str]"], str]]
 Handler = Callable[[Any, "_Walk", int], Any]
 
-FILTERED = "[Filtered]"
 TRUNCATED = "[Truncated]"
-
-# A key is sensitive when its compact form (lower case, only letters and digits) contains one of
-# these: the union of sentry-sdk's EventScrubber DEFAULT_DENYLIST + DEFAULT_PII_DENYLIST and
-# Relay's password-key rule, plus common names for card data and signed-URL signatures.
-DEFAULT_DENY_SUBSTRINGS = (
-    "password",
-    "passwd",
-    "passphrase",
-    "pwd",
-    "secret",
-    "token",
-    "apikey",
-    "auth",
-    "credential",
-    "privatekey",
-    "session",
-    "sessid",
-    "cookie",
-    "csrf",
-    "xsrf",
-    "bearer",
-    "signature",
-    "accesskey",
-    "twofactor",
-    "forwardedfor",
-    "realip",
-    "ipaddress",
-    "remoteaddr",
-    "clientip",
-    "creditcard",
-    "cardnumber",
-    "ccnumber",
-    "iban",
-    "socialsecurity",
-)
-# ... or when one of its words (split at separators and camelCase) is one of these: too short
-# to match inside other words safely ("ssn" is in "classname", "otp" in "footprint").
-DEFAULT_DENY_WORDS = (
-    "sid",
-    "otp",
-    "totp",
-    "mfa",
-    "ssn",
-    "pin",
-    "cvv",
-    "cvc",
-    "pw",
-    "pass",
-    "jwt",
-    "dsn",
-    "symfony",
-    "forwarded",
-)
 
 # Relay's rule for values: a string mentioning one of these is removed as a whole.
 _VALUE_KEYWORD = re.compile(
@@ -147,7 +101,6 @@ _MASK = re.compile(r"\[[\w -]{1,32}\]")
 _FORM_ENCODED = re.compile(
     r"[^\s=&]{1,256}=[^\s&]{0,4096}(?:&[^\s=&]{1,256}=[^\s&]{0,4096}){0,500}"
 )
-_KEY_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 
 # Relay's IBAN country list, for matching IBAN-shaped text when checksums are not verified.
 _IBAN_COUNTRIES = frozenset(
@@ -261,10 +214,6 @@ def _big_int(value: int) -> str:
         return f"<int of {value.bit_length()} bits>"
 
 
-def _compact(key: str) -> str:
-    return "".join(c for c in key.lower() if c.isalnum())
-
-
 def _safe_text(value: object) -> str:
     try:
         return str(value)
@@ -364,55 +313,37 @@ class Scrubber:
         max_nodes: int = 100_000,
         max_string: int = 65_536,
     ) -> None:
-        if not isinstance(replacement, str):
-            raise ConfigError("replacement", "must be a string")
+        check_text("replacement", replacement)
         self.replacement = replacement
         self.typed_masks = bool(typed_masks)
         self.strict = bool(strict)
         self.validate_checksums = bool(validate_checksums) and not self.strict
-        for name, value, low in (
-            ("max_depth", max_depth, 1),
-            ("max_nodes", max_nodes, 1),
-            ("max_string", max_string, 16),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(name, f"must be a whole number >= {low}, got {value!r}")
+        check_number("max_depth", max_depth, 1, integer=True)
+        check_number("max_nodes", max_nodes, 1, integer=True)
+        check_number("max_string", max_string, 16, integer=True)
         self.max_depth = max_depth
         self.max_nodes = max_nodes
         self.max_string = max_string
-        skipped = set(self._strings("skip", skip))
+        skipped = set(check_strings("skip", skip))
         unknown = skipped - RULE_NAMES
         if unknown:
             raise ConfigError(
                 "skip", f"unknown rule(s) {sorted(unknown)}; known: {sorted(RULE_NAMES)}"
             )
         self._on = RULE_NAMES - skipped
-        extra_deny = [_compact(k) for k in self._strings("deny_keys", deny_keys)]
+        extra_deny = [compact_key(k) for k in check_strings("deny_keys", deny_keys)]
         if any(not k for k in extra_deny):
             raise ConfigError("deny_keys", "has an entry without letters or digits")
         substrings = list(DEFAULT_DENY_SUBSTRINGS) if default_deny else []
         self._deny_substrings = tuple(substrings + extra_deny)
         self._deny_words = frozenset(DEFAULT_DENY_WORDS if default_deny else ())
-        self._allow = frozenset(_compact(k) for k in self._strings("allow_keys", allow_keys))
+        self._allow = frozenset(compact_key(k) for k in check_strings("allow_keys", allow_keys))
         self._custom = self._compile_rules(rules)
         self._key_cache: dict[str, bool] = {}
         self._frame_fields = self._frame_handlers()
         self._top_fields = self._top_handlers()
 
     # --- configuration ---------------------------------------------------------------------
-
-    @staticmethod
-    def _strings(option: str, values: Iterable[str]) -> list[str]:
-        if isinstance(values, str):
-            raise ConfigError(option, "must be a list of strings, not a single string")
-        try:
-            items = list(values)
-        except TypeError:
-            raise ConfigError(option, "must be a list of strings") from None
-        for item in items:
-            if not isinstance(item, str):
-                raise ConfigError(option, f"must contain strings, got {type(item).__name__}")
-        return items
 
     @staticmethod
     def _compile_rules(
@@ -448,10 +379,8 @@ class Scrubber:
         cached = self._key_cache.get(key)
         if cached is not None:
             return cached
-        compact = _compact(key)
-        sensitive = compact not in self._allow and (
-            any(part in compact for part in self._deny_substrings)
-            or any(word.lower() in self._deny_words for word in _KEY_WORDS.findall(key))
+        sensitive = compact_key(key) not in self._allow and matches_deny_lists(
+            key, self._deny_substrings, self._deny_words
         )
         if len(self._key_cache) > 4096:
             self._key_cache.clear()
@@ -459,7 +388,7 @@ class Scrubber:
         return sensitive
 
     def _is_allowed_key(self, key: str) -> bool:
-        return bool(self._allow) and _compact(key) in self._allow
+        return bool(self._allow) and compact_key(key) in self._allow
 
     def _mask(self, kind: str) -> str:
         return f"[{kind}]" if self.typed_masks else self.replacement

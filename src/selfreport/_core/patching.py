@@ -1,4 +1,4 @@
-"""Reversible wrapt patches of methods on classes we do not own."""
+"""Reversible patches of attributes we do not own (methods, sys and threading hooks)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,17 @@ class Replace:
 
 
 class Patches:
-    """A set of ``(owner, attribute, wrapper)`` patches applied and removed together."""
+    """A set of ``(owner, attribute, wrapper)`` patches applied and removed together: the one
+    mechanism for installing, removing and re-installing what selfreport hooks into (class
+    methods, and the sys / threading exception hooks, via :class:`Replace`)."""
 
     def __init__(self, *patches: tuple[Any, str, Union[Wrapper, Replace]]) -> None:
         self._patches = patches
         # (owner, name) -> (what we wrapped, our wrapper)
         self._applied: dict[tuple[Any, str], tuple[Any, Any]] = {}
         # Patches we could not remove because someone patched on top of ours since: our wrapper
-        # still runs inside their chain, so a re-install reuses it instead of wrapping twice.
+        # still runs inside their chain, so a re-install reuses it instead of wrapping twice
+        # (which, for a hook chaining to what it replaced, would make the two call each other).
         self._stuck: dict[tuple[Any, str], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
@@ -46,8 +49,11 @@ class Patches:
                 if applied is not None and _reaches(current, applied[1]):
                     continue  # still in place (possibly under someone else's patch)
                 stuck = self._stuck.pop(key, None)
-                if stuck is not None and _reaches(current, stuck[1]):
-                    self._applied[key] = stuck  # still in their chain: reuse, never wrap twice
+                if stuck is not None and (_reaches(current, stuck[1]) or current != stuck[0]):
+                    # Still in their chain: reuse, never wrap twice. A patch on top that does
+                    # not say what it wraps (no __wrapped__) is taken to chain to ours, as
+                    # hooks do; only the original back in place means we are out of every chain.
+                    self._applied[key] = stuck
                     continue
                 if isinstance(wrapper, Replace):
                     ours = wrapper.factory(current)
@@ -55,6 +61,12 @@ class Patches:
                     ours = wrapt.FunctionWrapper(current, wrapper)  # type: ignore[attr-defined,unused-ignore]
                 self._applied[key] = (current, ours)
                 setattr(owner, name, ours)
+
+    def replaced(self, owner: Any, name: str) -> Any:
+        """What our patch of ``owner.name`` replaced (also once stuck in another's chain), or
+        None if it is not patched: where a hook chains to."""
+        entry = self._applied.get((owner, name)) or self._stuck.get((owner, name))
+        return entry[0] if entry is not None else None
 
     def uninstall(self) -> None:
         """Restore the originals, except where someone else has patched on top of ours since."""

@@ -1,13 +1,18 @@
-"""Parsing Sentry envelopes (for the test collector and the collector's ingestion)."""
+"""Sentry envelopes both ways: written by the SDK, parsed by the test and real collectors."""
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from selfreport._capture.event import SDK_INFO, safe_repr
+from selfreport._core.dsn import Dsn
 from selfreport._core.untrusted_json import loads
 
-__all__ = ["Envelope", "EnvelopeError", "Item", "parse_envelope"]
+__all__ = ["Envelope", "EnvelopeError", "Item", "parse_envelope", "serialize_envelope"]
 
 
 class EnvelopeError(ValueError):
@@ -80,3 +85,41 @@ def parse_envelope(body: bytes, max_items: int = 1000) -> Envelope:
             pos = len(body) if end < 0 else end + 1
         envelope.items.append(Item(headers, payload))
     return envelope
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Replace what JSON cannot carry (NaN, infinities, arbitrary objects) after a failed dump."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return safe_repr(value)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        text = json.dumps(_jsonable(value), ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "replace")
+
+
+def serialize_envelope(event: Mapping[str, Any], dsn: Optional[Dsn], sent_at: str) -> bytes:
+    """One event as a Sentry envelope: envelope header, item header, payload."""
+    header: dict[str, Any] = {
+        "event_id": event.get("event_id"),
+        "sent_at": sent_at,
+        "sdk": SDK_INFO,
+    }
+    if dsn is not None:
+        header["dsn"] = str(dsn.public())  # never the secret key: envelopes get spooled
+    payload = _dumps(event)
+    item = {"type": "event", "length": len(payload), "content_type": "application/json"}
+    return b"\n".join((_dumps(header), _dumps(item), payload)) + b"\n"

@@ -14,9 +14,11 @@ from typing import Callable, Optional, Union
 
 from selfreport._core.diag import Diagnostics
 from selfreport._core.guard import enter_thread_for_life, reporting_path
+from selfreport._core.options import check_number, check_positive
 from selfreport.exceptions import ConfigError
 
 from .retry import Outcome, Retry
+from .worker import ThreadOwner
 
 __all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BYTES", "Claim", "Replayer", "Spool"]
 
@@ -143,17 +145,8 @@ class Spool:
         max_quarantined: int = 100,
         rescan_interval: float = 5.0,
     ) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1024:
-            problem = f"must be a whole number >= 1024, got {max_bytes!r}"
-            raise ConfigError("spool_max_bytes", problem)
-        if (
-            isinstance(max_age, bool)
-            or not isinstance(max_age, (int, float))
-            or not max_age > 0
-            or math.isnan(max_age)
-        ):
-            problem = f"must be a number of seconds > 0, got {max_age!r}"
-            raise ConfigError("spool_max_age", problem)
+        check_number("spool_max_bytes", max_bytes, 1024, integer=True)
+        check_positive("spool_max_age", max_age)
         try:
             path = os.path.abspath(os.fspath(directory))
         except TypeError:
@@ -457,7 +450,7 @@ class Spool:
 _KEEP = frozenset({Outcome.FAILED, Outcome.RATE_LIMITED, Outcome.UNREACHABLE})
 
 
-class Replayer:
+class Replayer(ThreadOwner):
     """Drains a :class:`Spool` oldest first on its own thread, backing off while the upstream
     is down; the thread is part of the reporting path for its whole life.
 
@@ -518,20 +511,13 @@ class Replayer:
         """Whether the upstream failed and has not answered a replay since."""
         return self._down
 
-    @property
-    def alive(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
     def start(self) -> None:
         with self._cond:
             self._start_locked()
 
     def _start_locked(self) -> None:
         if self._thread is None and not self._stopping:
-            thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread = thread
-            thread.start()
+            self._start_thread()
 
     def spooled(self, upstream_failed: bool) -> None:
         """An envelope was just spooled; ``upstream_failed``: because sending it failed."""
@@ -548,11 +534,8 @@ class Replayer:
 
     def stop(self, timeout: float) -> bool:
         """Stop after the envelope in flight (bounded by ``timeout``); files stay spooled."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is None or thread is threading.current_thread():
+        thread = self._signal_stop()
+        if thread is None:
             return True
         thread.join(max(0.0, timeout))
         if thread.is_alive() and self._interrupt is not None:

@@ -1,18 +1,15 @@
-"""Sentry envelopes over HTTP: serialization, auth, gzip, timeouts and the origin mark."""
+"""Sentry envelopes over HTTP: auth, gzip, timeouts and the origin mark."""
 
 from __future__ import annotations
 
 import gzip
 import http.client
-import json
-import math
 import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Protocol
+from typing import Callable, Mapping, Optional, Protocol
 
-from selfreport._capture.event import SDK_INFO, safe_repr
 from selfreport._core.dsn import Dsn
 from selfreport._version import __version__
 from selfreport.exceptions import ConfigError
@@ -27,7 +24,6 @@ __all__ = [
     "is_marked_origin",
     "origin_value",
     "register_origin",
-    "serialize_envelope",
 ]
 
 # Every request a selfreport client sends carries this header, naming the DSN project it reports
@@ -67,41 +63,6 @@ def is_marked_origin(headers: Mapping[str, str], own: Optional[str]) -> bool:
     except Exception:
         return False
     return False
-
-
-def _jsonable(value: Any) -> Any:
-    """Replace what JSON cannot carry (NaN, infinities, arbitrary objects) after a failed dump."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return safe_repr(value)
-
-
-def _dumps(value: Any) -> bytes:
-    try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        text = json.dumps(_jsonable(value), ensure_ascii=False, separators=(",", ":"))
-    return text.encode("utf-8", "replace")
-
-
-def serialize_envelope(event: Mapping[str, Any], dsn: Optional[Dsn], sent_at: str) -> bytes:
-    """One event as a Sentry envelope: envelope header, item header, payload."""
-    header: dict[str, Any] = {
-        "event_id": event.get("event_id"),
-        "sent_at": sent_at,
-        "sdk": SDK_INFO,
-    }
-    if dsn is not None:
-        header["dsn"] = str(dsn.public())  # never the secret key: envelopes get spooled
-    payload = _dumps(event)
-    item = {"type": "event", "length": len(payload), "content_type": "application/json"}
-    return b"\n".join((_dumps(header), _dumps(item), payload)) + b"\n"
 
 
 @dataclass

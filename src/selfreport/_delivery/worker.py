@@ -9,13 +9,48 @@ from typing import Callable, Generic, Optional, TypeVar
 
 from selfreport._core.guard import enter_thread_for_life
 
-__all__ = ["Worker"]
+__all__ = ["ThreadOwner", "Worker"]
 
 
 T = TypeVar("T")
 
 
-class Worker(Generic[T]):
+class ThreadOwner:
+    """One daemon thread running ``_run``, woken through ``_cond`` and told to stop by
+    ``_stopping``: what the Worker and the spool's Replayer share."""
+
+    name: str
+    _cond: threading.Condition
+    _thread: Optional[threading.Thread]
+    _stopping: bool
+
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def _run(self) -> None:  # pragma: no cover - every owner defines it
+        raise NotImplementedError
+
+    def _start_thread(self) -> None:
+        """Start the thread (``_cond`` held); RuntimeError at interpreter shutdown."""
+        thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        thread.start()
+        self._thread = thread
+
+    def _signal_stop(self) -> Optional[threading.Thread]:
+        """Tell the thread to stop; the thread to join, or None when there is none to join
+        (never started, or the caller is that thread)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return None
+        return thread
+
+
+class Worker(ThreadOwner, Generic[T]):
     """Runs ``process(item)`` for each submitted item on one daemon thread, started lazily.
 
     The thread is part of the reporting path for its whole life. After a fork the child gets a
@@ -43,11 +78,6 @@ class Worker(Generic[T]):
     def reset_after_fork(self) -> None:
         self._reset()
 
-    @property
-    def alive(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
     def qsize(self) -> int:
         return len(self._items)
 
@@ -61,18 +91,13 @@ class Worker(Generic[T]):
                 return False
             if self._thread is None:
                 try:
-                    self._start()
+                    self._start_thread()
                 except RuntimeError:  # no new threads at interpreter shutdown: drop, not raise
                     return False
             self._items.append(item)
             self._submitted += 1
             self._cond.notify()
         return True
-
-    def _start(self) -> None:
-        thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        thread.start()
-        self._thread = thread
 
     def _run(self) -> None:
         enter_thread_for_life()
@@ -114,11 +139,8 @@ class Worker(Generic[T]):
     def stop(self, timeout: float) -> bool:
         """Stop accepting, let the thread finish what is queued within ``timeout``."""
         deadline = time.monotonic() + max(0.0, timeout)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is None or thread is threading.current_thread():
+        thread = self._signal_stop()
+        if thread is None:
             return True
         thread.join(max(0.0, deadline - time.monotonic()))
         return not thread.is_alive()

@@ -9,15 +9,17 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Optional, Union
 
 from selfreport._admission.ratelimit import TokenBucket
+from selfreport._capture.sensitive import Scrub, resolve_scrub
 from selfreport._core.counters import Counters
 from selfreport._core.diag import Diagnostics
 from selfreport._core.dsn import Dsn, parse_dsn
 from selfreport._core.fork import fresh_event, on_fork_child
 from selfreport._core.guard import ReportingPath
-from selfreport._core.options import Scrub, check_number, resolve_scrub
+from selfreport._core.options import check_number, check_text
+from selfreport._delivery.envelope import serialize_envelope
 from selfreport._delivery.retry import Retry
 from selfreport._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
-from selfreport._delivery.transport import Transport, serialize_envelope
+from selfreport._delivery.transport import Transport
 from selfreport._delivery.upstream import SpoolOptions, Upstream
 from selfreport._delivery.worker import Worker
 from selfreport.exceptions import ConfigError
@@ -320,6 +322,5 @@ def _check_name(name: Optional[str], dsn: Optional[Dsn], transport: object) -> s
         raise ConfigError("dsn", "a destination needs a DSN (or a transport)")
     if name is None:
         name = f"{dsn.netloc}/{dsn.project_id}" if dsn is not None else "custom"
-    if not isinstance(name, str) or not name:
-        raise ConfigError("name", "must be a non-empty string")
+    check_text("name", name, nonempty=True)
     return name

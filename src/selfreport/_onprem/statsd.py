@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Union
 from urllib.parse import urlsplit
 
 from selfreport._core.guard import enter_thread_for_life, reporting_path
+from selfreport._core.options import check_choice, check_number, check_strings, check_text
 from selfreport.exceptions import ConfigError
 
 __all__ = ["StatsdConfig", "StatsdExporter"]
@@ -46,26 +47,13 @@ class StatsdConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)  # more DogStatsd() arguments
 
     def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host:
-            raise ConfigError("statsd", "host must be a non-empty string")
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ConfigError("statsd", f"port must be a whole number, got {self.port!r}")
-        if not 0 < self.port < 65536:
-            raise ConfigError("statsd", f"port must be between 1 and 65535, got {self.port}")
-        if not isinstance(self.prefix, str):
-            raise ConfigError("statsd", "prefix must be a string")
-        tags: Any = self.tags
-        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
-            raise ConfigError("statsd", "tags must be a list of 'key:value' strings")
+        check_text("statsd", self.host, nonempty=True, what="host")
+        check_number("statsd", self.port, 1, 65535, integer=True, what="port")
+        check_text("statsd", self.prefix, what="prefix")
+        tags = check_strings("statsd", self.tags, what="tags ('key:value')")
         object.__setattr__(self, "tags", tuple(tags))
-        if (
-            isinstance(self.interval, bool)
-            or not isinstance(self.interval, (int, float))
-            or not 0.01 <= self.interval <= 3600
-        ):
-            raise ConfigError("statsd", f"interval must be 0.01 to 3600 seconds: {self.interval!r}")
-        if self.protocol not in _PROTOCOLS:
-            raise ConfigError("statsd", f"protocol must be one of {_PROTOCOLS}: {self.protocol!r}")
+        check_number("statsd", self.interval, 0.01, 3600, what="interval (seconds)")
+        check_choice("statsd", self.protocol, _PROTOCOLS, what="protocol")
 
     @classmethod
     def parse(cls, value: Union[str, StatsdConfig, Mapping[str, Any]]) -> StatsdConfig:

@@ -9,40 +9,30 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from selfreport._capture.sensitive import FILTERED, is_sensitive_name
 
 if TYPE_CHECKING:
     from selfreport._client import Client
 
-__all__ = ["FILTERED", "filter_headers", "filter_url", "is_sensitive", "report_request_exception"]
+__all__ = [
+    "FILTERED",
+    "RequestMiddleware",
+    "filter_headers",
+    "filter_url",
+    "is_sensitive",
+    "report_request_exception",
+]
 
-FILTERED = "[Filtered]"
-
-# Header and query-parameter names containing any of these carry credentials or sessions.
-_SENSITIVE_PARTS = (
-    "auth",
-    "cookie",
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "session",
-    "csrf",
-    "xsrf",
-    "api-key",
-    "api_key",
-    "apikey",
-    "sentry_key",
-    "signature",
-    "credential",
-)
+App = TypeVar("App")
 
 
 def is_sensitive(name: str) -> bool:
-    """Whether a header or parameter called ``name`` may carry a credential."""
-    lowered = name.lower()
-    return any(part in lowered for part in _SENSITIVE_PARTS)
+    """Whether a header or parameter called ``name`` may carry a credential or personal data:
+    the scrubber's default key lists (``Authorization``, ``Cookie``, ``X-Forwarded-For``...)."""
+    return is_sensitive_name(name)
 
 
 def filter_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -87,3 +77,18 @@ def report_request_exception(
         return reporter.capture_exception(exc, mechanism=mechanism, handled=False, request=request)
     except Exception:  # pragma: no cover - reporting never raises into the request
         return None
+
+
+class RequestMiddleware(Generic[App]):
+    """What the ASGI and WSGI middleware share: the wrapped app, the client, own-report checks."""
+
+    def __init__(self, app: App, *, client: Optional[Client] = None) -> None:
+        self.app = app
+        self.client = client
+
+    def _is_own(self, headers: dict[str, str]) -> bool:
+        if self.client is not None:
+            return self.client.is_own_report(headers)
+        from selfreport import is_own_report
+
+        return is_own_report(headers)

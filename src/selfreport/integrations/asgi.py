@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, MutableMapping
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from selfreport._core.guard import reporting_path
-from selfreport.integrations import filter_headers, filter_url, report_request_exception
-
-if TYPE_CHECKING:
-    from selfreport._client import Client
+from selfreport.integrations import (
+    RequestMiddleware,
+    filter_headers,
+    filter_url,
+    report_request_exception,
+)
 
 __all__ = ["SelfreportMiddleware", "request_info"]
 
@@ -20,7 +22,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class SelfreportMiddleware:
+class SelfreportMiddleware(RequestMiddleware[ASGIApp]):
     """Wrap an ASGI app (Starlette: ``Middleware(SelfreportMiddleware)``)::
 
         app = SelfreportMiddleware(app)
@@ -34,17 +36,6 @@ class SelfreportMiddleware:
 
     ``client``: the selfreport client to consult and report to; default: the global one.
     """
-
-    def __init__(self, app: ASGIApp, *, client: Optional[Client] = None) -> None:
-        self.app = app
-        self.client = client
-
-    def _is_own(self, headers: dict[str, str]) -> bool:
-        if self.client is not None:
-            return self.client.is_own_report(headers)
-        from selfreport import is_own_report
-
-        return is_own_report(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") not in ("http", "websocket"):

@@ -14,8 +14,8 @@ except ImportError as _missing:  # pragma: no cover - exercised in a test with l
     ) from _missing
 
 from selfreport._core.guard import is_reporting, originated_in_reporting_path
+from selfreport._core.options import check_callable
 from selfreport._state import current_client
-from selfreport.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from selfreport._client import Client
@@ -112,14 +112,13 @@ def add_sink(
     target = logger if logger is not None else loguru.logger
     sink = LoguruSink(client)
     user_filter = options.pop("filter", None)
+    check_callable("filter", user_filter)
     if user_filter is None:
         record_filter = sink.filter
-    elif callable(user_filter):
+    else:
 
         def record_filter(record: Any) -> bool:
             return sink.filter(record) and bool(user_filter(record))
 
-    else:
-        raise ConfigError("filter", "must be a callable taking loguru's record, or None")
     handler_id: int = target.add(sink, level=level, filter=record_filter, **options)
     return handler_id

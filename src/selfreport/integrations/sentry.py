@@ -38,7 +38,7 @@ from selfreport._core.guard import (
     thread_is_reporting,
     uninstall_propagation,
 )
-from selfreport._core.options import check_number
+from selfreport._core.options import check_bool, check_number
 from selfreport._core.patching import Patches
 from selfreport._core.processors import unobserved
 from selfreport._delivery.transport import ORIGIN_HEADER, register_origin
@@ -106,8 +106,7 @@ class SelfreportIntegration(Integration):
         check_number("rate_limit", rate_limit, 0.0)
         check_number("rate_burst", rate_burst, 1, 10_000_000, integer=True)
         check_number("dedupe_window", dedupe_window, 0.0)
-        if not isinstance(mark_requests, bool):
-            raise ConfigError("mark_requests", "must be True or False")
+        check_bool("mark_requests", mark_requests)
         self.mark_requests = mark_requests
         self.diagnostics = Diagnostics()
         self._counters = Counters(STAT_KEYS)
@@ -501,15 +500,9 @@ def _mark_request(
         integration._count("requests_marked")
 
 
-def _transport_send_request(
-    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
-) -> Any:
-    integration = _transport_integration(instance)
-    if integration is None:
-        return wrapped(*args, **kwargs)
-    _mark_request(instance, integration, args, kwargs)
+def _in_path(call: Callable[[], Any]) -> Any:
     with ReportingPath(), unobserved():
-        return wrapped(*args, **kwargs)
+        return call()
 
 
 async def _await_in_path(coroutine: Coroutine[Any, Any, Any], suppress: bool) -> Any:
@@ -520,14 +513,24 @@ async def _await_in_path(coroutine: Coroutine[Any, Any, Any], suppress: bool) ->
             return await coroutine
 
 
-def _transport_send_request_async(
-    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
-) -> Any:
-    integration = _transport_integration(instance)
-    if integration is None:
-        return wrapped(*args, **kwargs)
-    _mark_request(instance, integration, args, kwargs)
-    return _await_in_path(wrapped(*args, **kwargs), suppress=True)
+def _send_request_wrapper(run: Callable[[Callable[[], Any]], Any]) -> Callable[..., Any]:
+    """A wrapper of a transport's ``_send_request``: requests of a client with the integration
+    are marked and sent by ``run`` (in the reporting path); other clients' pass through."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        integration = _transport_integration(instance)
+        if integration is None:
+            return wrapped(*args, **kwargs)
+        _mark_request(instance, integration, args, kwargs)
+        return run(lambda: wrapped(*args, **kwargs))
+
+    return wrapper
+
+
+_transport_send_request = _send_request_wrapper(_in_path)
+_transport_send_request_async = _send_request_wrapper(
+    lambda call: _await_in_path(call(), suppress=True)
+)
 
 
 def _worker_target(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:

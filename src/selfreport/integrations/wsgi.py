@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import quote
 
 from selfreport._core.guard import reporting_path
-from selfreport.integrations import filter_headers, filter_url, report_request_exception
-
-if TYPE_CHECKING:
-    from selfreport._client import Client
+from selfreport.integrations import (
+    RequestMiddleware,
+    filter_headers,
+    filter_url,
+    report_request_exception,
+)
 
 __all__ = ["SelfreportWSGIMiddleware", "request_info"]
 
@@ -19,7 +21,7 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
-class SelfreportWSGIMiddleware:
+class SelfreportWSGIMiddleware(RequestMiddleware[WSGIApp]):
     """Wrap a WSGI app (Flask: ``app.wsgi_app = SelfreportWSGIMiddleware(app.wsgi_app)``).
 
     Requests carrying this process's own reports (:func:`selfreport.is_own_report`) run inside
@@ -29,17 +31,6 @@ class SelfreportWSGIMiddleware:
 
     ``client``: the selfreport client to consult and report to; default: the global one.
     """
-
-    def __init__(self, app: WSGIApp, *, client: Optional[Client] = None) -> None:
-        self.app = app
-        self.client = client
-
-    def _is_own(self, headers: dict[str, str]) -> bool:
-        if self.client is not None:
-            return self.client.is_own_report(headers)
-        from selfreport import is_own_report
-
-        return is_own_report(headers)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         headers = _headers(environ)
