@@ -110,14 +110,6 @@ def create_app(
         metrics_public: ``/metrics`` needs no login.
     """
     storage.start()
-    internal = next((p for p in storage.projects() if p.internal), None)
-    metrics_ = CollectorMetrics(storage)
-    extra_checks = []
-    if upstream is not None:
-        dsn = upstream if isinstance(upstream, Dsn) else parse_dsn(upstream)
-        extra_checks.append(("upstream_reachable", upstream_reachable(dsn)))
-    keys = KeyCache(storage)
-    keys.load()
     public_url = _auth.check_public_url(public_url or _auth.DEFAULT_PUBLIC_URL)
     policy = _auth.AuthPolicy(
         storage,
@@ -129,37 +121,48 @@ def create_app(
         metrics_public=metrics_public,
     )
     policy.secret  # noqa: B018 - made now, not in the first request on the event loop
+    extra_checks = []
+    if upstream is not None:
+        dsn = upstream if isinstance(upstream, Dsn) else parse_dsn(upstream)
+        extra_checks.append(("upstream_reachable", upstream_reachable(dsn)))
+    keys = KeyCache(storage)
+    keys.load()
     collector = Collector(
         storage=storage,
-        metrics=metrics_,
+        metrics=CollectorMetrics(storage),
         health=default_checks(storage, min_free_bytes=min_free_bytes, extra=extra_checks),
         keys=keys,
         reporter=reporter,
         processors=list(processors),
-        internal_project=internal,
+        internal_project=next((p for p in storage.projects() if p.internal), None),
         auth=policy,
         public_url=public_url,
     )
-    metrics_.reporter_stats = collector.reporter_stats
-    metrics_.forward_stats = collector.forwarding_stats
+    collector.metrics.reporter_stats = collector.reporter_stats
+    collector.metrics.forward_stats = collector.forwarding_stats
+    return CollectorApp(
+        _site(collector, policy, close_storage),
+        _ingest_endpoint(collector, "envelope", max_body),
+        _ingest_endpoint(collector, "store", max_body),
+        reporter,
+    )
 
-    def ingest(kind: str) -> IngestEndpoint:
-        return IngestEndpoint(
-            storage,
-            metrics_,
-            kind=kind,
-            max_body=max_body,
-            processors=collector.processors,
-            on_stored=collector.on_stored,
-            keys=keys,
-        )
 
-    routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        *_auth.routes(),
-        *web.routes(),
-    ]
+def _ingest_endpoint(collector: Collector, kind: str, max_body: int) -> IngestEndpoint:
+    return IngestEndpoint(
+        collector.storage,
+        collector.metrics,
+        kind=kind,
+        max_body=max_body,
+        processors=collector.processors,
+        on_stored=collector.on_stored,
+        keys=collector.keys,
+    )
+
+
+def _site(collector: Collector, policy: _auth.AuthPolicy, close_storage: bool) -> Starlette:
+    """Starlette, for everything but ingestion: health, metrics, logins, pages, the JSON API."""
+    storage = collector.storage
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -170,9 +173,14 @@ def create_app(
                 storage.close()
 
     site = Starlette(
-        routes=routes,
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *_auth.routes(),
+            *web.routes(),
+        ],
         middleware=[
-            Middleware(SelfreportMiddleware, client=reporter),
+            Middleware(SelfreportMiddleware, client=collector.reporter),
             Middleware(_auth.AuthMiddleware, policy=policy),
         ],
         exception_handlers={Exception: _internal_error, HTTPException: _http_error},
@@ -180,7 +188,7 @@ def create_app(
     )
     site.router.redirect_slashes = False
     site.state.collector = collector
-    return CollectorApp(site, ingest("envelope"), ingest("store"), reporter)
+    return site
 
 
 # /api/{project_id}/envelope/ and /api/{project_id}/store/, trailing slash optional
