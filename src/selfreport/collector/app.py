@@ -60,6 +60,10 @@ class Collector:
     # Forwarding's counters (Forwarder.stats) for /metrics and /status, when forwarding.
     forwarding: Optional[Callable[[], dict[str, int]]] = None
 
+    def __post_init__(self) -> None:
+        self.metrics.reporter_stats = self.reporter_stats
+        self.metrics.forward_stats = self.forwarding_stats
+
     def reporter_stats(self) -> dict[str, int]:
         """The self-reporter's ``stats()`` (the given client's, else the global one's)."""
         if self.reporter is not None:
@@ -111,26 +115,17 @@ def create_app(
     """
     storage.start()
     public_url = _auth.check_public_url(public_url or _auth.DEFAULT_PUBLIC_URL)
+    hosts = _auth.allowed_hosts("127.0.0.1", public_url) if allowed_hosts is None else allowed_hosts
     policy = _auth.AuthPolicy(
-        storage,
-        mode=login,
-        hosts=_auth.allowed_hosts("127.0.0.1", public_url)
-        if allowed_hosts is None
-        else allowed_hosts,
-        public_url=public_url,
-        metrics_public=metrics_public,
+        storage, mode=login, hosts=hosts, public_url=public_url, metrics_public=metrics_public
     )
     policy.secret  # noqa: B018 - made now, not in the first request on the event loop
-    extra_checks = []
-    if upstream is not None:
-        dsn = upstream if isinstance(upstream, Dsn) else parse_dsn(upstream)
-        extra_checks.append(("upstream_reachable", upstream_reachable(dsn)))
     keys = KeyCache(storage)
     keys.load()
     collector = Collector(
         storage=storage,
         metrics=CollectorMetrics(storage),
-        health=default_checks(storage, min_free_bytes=min_free_bytes, extra=extra_checks),
+        health=_health_checks(storage, upstream, min_free_bytes),
         keys=keys,
         reporter=reporter,
         processors=list(processors),
@@ -138,14 +133,22 @@ def create_app(
         auth=policy,
         public_url=public_url,
     )
-    collector.metrics.reporter_stats = collector.reporter_stats
-    collector.metrics.forward_stats = collector.forwarding_stats
     return CollectorApp(
         _site(collector, policy, close_storage),
         _ingest_endpoint(collector, "envelope", max_body),
         _ingest_endpoint(collector, "store", max_body),
         reporter,
     )
+
+
+def _health_checks(
+    storage: Store, upstream: Union[str, Dsn, None], min_free_bytes: int
+) -> HealthChecks:
+    extra = []
+    if upstream is not None:
+        dsn = upstream if isinstance(upstream, Dsn) else parse_dsn(upstream)
+        extra.append(("upstream_reachable", upstream_reachable(dsn)))
+    return default_checks(storage, min_free_bytes=min_free_bytes, extra=extra)
 
 
 def _ingest_endpoint(collector: Collector, kind: str, max_body: int) -> IngestEndpoint:
