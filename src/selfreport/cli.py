@@ -63,11 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--once", action="store_true", help="exit after printing the summary")
     serve = sub.add_parser("serve", help="run the collector (needs selfreport[collector])")
     _add_serve_arguments(serve)
-    _add_access_arguments(serve.add_argument_group("who may read (see docs/security.md)"))
-    _add_limit_arguments(
-        serve.add_argument_group("limits on clients (see the Security and limits docs)")
-    )
-    _add_forwarding_arguments(serve.add_argument_group("forwarding upstream"))
+    _add_access_arguments(serve)
+    _add_limit_arguments(serve)
+    _add_forwarding_arguments(serve)
     _add_project_command(sub.add_parser("project", help="manage the collector's projects and keys"))
     _named_actions(
         sub.add_parser("user", help="manage who may log in to the pages and the API"),
@@ -105,7 +103,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_access_arguments(access: argparse._ArgumentGroup) -> None:
+def _add_access_arguments(serve: argparse.ArgumentParser) -> None:
+    access = serve.add_argument_group("who may read (see docs/security.md)")
     access.add_argument(
         "--public-url",
         metavar="URL",
@@ -139,7 +138,8 @@ _LIMITS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
 )
 
 
-def _add_limit_arguments(limits: argparse._ArgumentGroup) -> None:
+def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
+    limits = serve.add_argument_group("limits on clients (see the Security and limits docs)")
     for name, kind, metavar, what in _LIMITS:
         limits.add_argument(
             "--" + name.replace("_", "-"),
@@ -150,7 +150,8 @@ def _add_limit_arguments(limits: argparse._ArgumentGroup) -> None:
         )
 
 
-def _add_forwarding_arguments(forwarding: argparse._ArgumentGroup) -> None:
+def _add_forwarding_arguments(serve: argparse.ArgumentParser) -> None:
+    forwarding = serve.add_argument_group("forwarding upstream")
     forwarding.add_argument(
         "--upstream",
         metavar="DSN",
