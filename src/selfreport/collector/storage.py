@@ -233,6 +233,22 @@ def _resolve_safely(done: Union[_ThreadDone, _LoopDone], ok: bool, value: Any) -
             logger.debug("could not resolve a storage write: %r", exc)
 
 
+def _issue_columns(event: PreparedEvent, times: int) -> list[Any]:
+    """An issue's columns from title to last_event_id, as ``event`` (seen ``times`` times)
+    leaves them: the order of _Batch's rows and of the INSERT of a new issue."""
+    return [
+        event.title,
+        event.culprit,
+        event.level,
+        event.environment,
+        event.release,
+        event.received,
+        event.received,
+        times,
+        event.event_id,
+    ]
+
+
 class _Batch:
     """Issue counters of one transaction, written once per issue at its end (a storm of one
     error costs one UPDATE per batch, not one per event)."""
@@ -247,17 +263,7 @@ class _Batch:
         times = 1 + event.repeats
         row = self.updates.get(issue_id)
         if row is None:
-            self.updates[issue_id] = [
-                event.title,
-                event.culprit,
-                event.level,
-                event.environment,
-                event.release,
-                event.received,
-                event.received,
-                times,
-                event.event_id,
-            ]
+            self.updates[issue_id] = _issue_columns(event, times)
             return
         row[0:5] = [
             event.title,
@@ -1413,19 +1419,8 @@ def _insert_event(
             cursor = conn.execute(
                 "INSERT INTO issues (project_id, fingerprint, title, culprit, level, environment,"
                 " release, first_seen, last_seen, times_seen, last_event_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-                (
-                    project_id,
-                    event.fingerprint,
-                    event.title,
-                    event.culprit,
-                    event.level,
-                    event.environment,
-                    event.release,
-                    event.received,
-                    event.received,
-                    event.event_id,
-                ),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (project_id, event.fingerprint, *_issue_columns(event, 0)),
             )
             issue_id = int(cursor.lastrowid or 0)
         batch.issue_ids[key] = issue_id
