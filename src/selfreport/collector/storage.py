@@ -142,6 +142,10 @@ _ISSUE_COLUMNS = (
     "i.id, i.project_id, p.name, i.title, i.culprit, i.level, i.environment, i.release,"
     " i.first_seen, i.last_seen, i.times_seen, i.last_event_id"
 )
+# Event's fields but the payload, in their order.
+_EVENT_COLUMNS = (
+    "event_id, received, timestamp, level, environment, release, id, project_id, issue_id"
+)
 _SORTS = {"last_seen": "i.last_seen DESC", "first_seen": "i.first_seen DESC", "count": None}
 
 
@@ -1182,8 +1186,7 @@ class SqliteStorage:
         payload = "payload" if payloads else "''"
         with self._reader() as conn:
             rows = conn.execute(
-                "SELECT id, project_id, issue_id, event_id, received, timestamp, level,"
-                f" environment, release, {payload} FROM events WHERE issue_id = ?"
+                f"SELECT {_EVENT_COLUMNS}, {payload} FROM events WHERE issue_id = ?"
                 " ORDER BY id DESC LIMIT ?",
                 (issue_id, limit),
             ).fetchall()
@@ -1192,8 +1195,7 @@ class SqliteStorage:
     def event(self, project_id: int, event_id: str) -> Optional[Event]:
         with self._reader() as conn:
             rows = conn.execute(
-                "SELECT id, project_id, issue_id, event_id, received, timestamp, level,"
-                " environment, release, payload FROM events"
+                f"SELECT {_EVENT_COLUMNS}, payload FROM events"
                 " WHERE project_id = ? AND event_id = ?",
                 (project_id, event_id),
             ).fetchall()
