@@ -1184,22 +1184,22 @@ class SqliteStorage:
         """The newest events of an issue, newest first; with ``payloads=False`` their
         ``payload`` is ``""`` (lists need no payload, which may be megabytes each)."""
         payload = "payload" if payloads else "''"
-        with self._reader() as conn:
-            rows = conn.execute(
-                f"SELECT {_EVENT_COLUMNS}, {payload} FROM events WHERE issue_id = ?"
-                " ORDER BY id DESC LIMIT ?",
-                (issue_id, limit),
-            ).fetchall()
-        return [Event(*row) for row in rows]
+        return self._select_events(
+            "issue_id = ? ORDER BY id DESC LIMIT ?", (issue_id, limit), payload
+        )
 
     def event(self, project_id: int, event_id: str) -> Optional[Event]:
+        found = self._select_events("project_id = ? AND event_id = ?", (project_id, event_id))
+        return found[0] if found else None
+
+    def _select_events(
+        self, where: str, params: Sequence[Any], payload: str = "payload"
+    ) -> list[Event]:
         with self._reader() as conn:
             rows = conn.execute(
-                f"SELECT {_EVENT_COLUMNS}, payload FROM events"
-                " WHERE project_id = ? AND event_id = ?",
-                (project_id, event_id),
+                f"SELECT {_EVENT_COLUMNS}, {payload} FROM events WHERE {where}", params
             ).fetchall()
-        return Event(*rows[0]) if rows else None
+        return [Event(*row) for row in rows]
 
     def environments(self) -> list[str]:
         with self._reader() as conn:
