@@ -394,6 +394,7 @@ class SqliteStorage:
         self.writer_last_error: Optional[str] = None
         self.writer_last_error_at: Optional[float] = None
         self.deleted_for_space = 0
+        self.checkpoints = 0  # passes of the background checkpoint that succeeded
         self._consecutive_failures = 0
         self._inflight: list[_Write] = []
         self._queue: queue.SimpleQueue[Optional[_Write]] = queue.SimpleQueue()
@@ -721,6 +722,7 @@ class SqliteStorage:
                 except sqlite3.Error as exc:  # busy or I/O: the next round tries again
                     logger.debug("background checkpoint failed: %r", exc)
                 else:
+                    self.checkpoints += 1
                     # Under steady writes this pass never catches up with the end of the WAL,
                     # and SQLite only starts the WAL afresh once all of it was copied: the
                     # writer copies the little that came since, between two batches.
