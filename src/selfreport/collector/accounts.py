@@ -8,7 +8,6 @@ import hmac
 import os
 import re
 import secrets
-import sqlite3
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -189,9 +188,7 @@ def _run(
             return change(storage)
         finally:
             storage.close()
-    except (StorageError, OSError, sqlite3.DatabaseError) as exc:
-        if isinstance(exc, sqlite3.DatabaseError):  # the file is damaged past opening
-            return _fail(f"the database is unusable: {exc}")
+    except (StorageError, OSError) as exc:  # the storage says which file, and what is wrong
         return _fail(str(exc))
 
 
