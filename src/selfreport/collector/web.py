@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from .auth import page_context
 from .events import LEVELS, exception_values, frames_of, parse_id
-from .storage import Event, Issue, Project
+from .store import Event, Issue, Project
 
 if TYPE_CHECKING:
     from .app import Collector
