@@ -115,11 +115,7 @@ def create_app(
     """
     storage.start()
     public_url = _auth.check_public_url(public_url or _auth.DEFAULT_PUBLIC_URL)
-    hosts = _auth.allowed_hosts("127.0.0.1", public_url) if allowed_hosts is None else allowed_hosts
-    policy = _auth.AuthPolicy(
-        storage, mode=login, hosts=hosts, public_url=public_url, metrics_public=metrics_public
-    )
-    policy.secret  # noqa: B018 - made now, not in the first request on the event loop
+    policy = _policy(storage, login, public_url, allowed_hosts, metrics_public)
     keys = KeyCache(storage)
     keys.load()
     collector = Collector(
@@ -139,6 +135,21 @@ def create_app(
         _ingest_endpoint(collector, "store", max_body),
         reporter,
     )
+
+
+def _policy(
+    storage: Store,
+    login: str,
+    public_url: str,
+    allowed_hosts: Optional[Sequence[str]],
+    metrics_public: bool,
+) -> _auth.AuthPolicy:
+    hosts = _auth.allowed_hosts("127.0.0.1", public_url) if allowed_hosts is None else allowed_hosts
+    policy = _auth.AuthPolicy(
+        storage, mode=login, hosts=hosts, public_url=public_url, metrics_public=metrics_public
+    )
+    policy.secret  # noqa: B018 - made now, not in the first request on the event loop
+    return policy
 
 
 def _health_checks(
