@@ -6,7 +6,7 @@ import argparse
 import math
 import re
 import sys
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from ._version import __version__
 from .collector.limits import HttpLimits  # the standard library only: defaults for --help
@@ -62,9 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the demonstration of recursion-safe reporting")
     demo.add_argument("--once", action="store_true", help="exit after printing the summary")
     serve = sub.add_parser("serve", help="run the collector (needs selfreport[collector])")
+    _add_serve_arguments(serve)
+    _add_access_arguments(serve)
+    _add_limit_arguments(serve)
+    _add_forwarding_arguments(serve)
+    _add_project_command(sub.add_parser("project", help="manage the collector's projects and keys"))
+    _named_actions(
+        sub.add_parser("user", help="manage who may log in to the pages and the API"),
+        [
+            ("add", "add a user (the password is asked for, or read from stdin)"),
+            ("passwd", "change a user's password (and end their sessions)"),
+            ("remove", "remove a user (and end their sessions)"),
+            ("list", "list the users"),
+        ],
+    )
+    _named_actions(
+        sub.add_parser("token", help="manage API tokens (Authorization: Bearer TOKEN)"),
+        [
+            ("create", "create a token and print it (once: only its hash is kept)"),
+            ("revoke", "revoke a token"),
+            ("list", "list the tokens by name"),
+        ],
+    )
+    return parser
+
+
+# Each dest is the name of server.serve()'s keyword argument it becomes.
+def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
-    serve.add_argument("--data", metavar="DIR", help="database directory (default: ~/.local/...)")
+    serve.add_argument(
+        "--data", dest="data_dir", metavar="DIR", help="database directory (default: ~/.local/...)"
+    )
     serve.add_argument(
         "--max-storage",
         metavar="SIZE",
@@ -72,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the database under SIZE (500MB, 10GB, 2GiB) by deleting the oldest events"
         " (default: half the free disk, at most 2GB)",
     )
+
+
+def _add_access_arguments(serve: argparse.ArgumentParser) -> None:
     access = serve.add_argument_group("who may read (see docs/security.md)")
     access.add_argument(
         "--public-url",
@@ -81,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     access.add_argument(
         "--allowed-host",
+        dest="allowed_hosts",
         metavar="NAME",
         action="append",
         default=[],
@@ -95,19 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument(
         "--metrics-public", action="store_true", help="/metrics needs no login (default: it does)"
     )
+
+
+# The HttpLimits fields that `serve` takes as options: (field, type, metavar, what it limits).
+_LIMITS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
+    ("max_connections", int, "N", "connections served at once; more get a 503"),
+    ("header_timeout", float, "SECONDS", "time a client has to send its request headers"),
+    ("body_timeout", float, "SECONDS", "time a client has to send a request body"),
+)
+
+
+def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
     limits = serve.add_argument_group("limits on clients (see the Security and limits docs)")
-    for flag, kind, metavar, what in (
-        ("--max-connections", int, "N", "connections served at once; more get a 503"),
-        ("--header-timeout", float, "SECONDS", "time a client has to send its request headers"),
-        ("--body-timeout", float, "SECONDS", "time a client has to send a request body"),
-    ):
+    for name, kind, metavar, what in _LIMITS:
         limits.add_argument(
-            flag,
+            "--" + name.replace("_", "-"),
             type=_positive(kind),
-            default=getattr(HttpLimits, flag[2:].replace("-", "_")),
+            default=getattr(HttpLimits, name),
             metavar=metavar,
             help=f"{what} (default: %(default)s)",
         )
+
+
+def _add_forwarding_arguments(serve: argparse.ArgumentParser) -> None:
     forwarding = serve.add_argument_group("forwarding upstream")
     forwarding.add_argument(
         "--upstream",
@@ -131,10 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forwarding.add_argument(
         "--spool",
+        dest="spool_dir",
         metavar="DIR",
         help="where what the upstream cannot take yet waits (default: DATA/spool)",
     )
-    project = sub.add_parser("project", help="manage the collector's projects and keys")
+
+
+def _add_project_command(project: argparse.ArgumentParser) -> None:
     actions = project.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a project and print its DSN")
     create.add_argument("name")
@@ -148,24 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
             default="http://127.0.0.1:8000",
             help="the collector's public URL, for the DSN (default: %(default)s)",
         )
-    _named_actions(
-        sub.add_parser("user", help="manage who may log in to the pages and the API"),
-        [
-            ("add", "add a user (the password is asked for, or read from stdin)"),
-            ("passwd", "change a user's password (and end their sessions)"),
-            ("remove", "remove a user (and end their sessions)"),
-            ("list", "list the users"),
-        ],
-    )
-    _named_actions(
-        sub.add_parser("token", help="manage API tokens (Authorization: Bearer TOKEN)"),
-        [
-            ("create", "create a token and print it (once: only its hash is kept)"),
-            ("revoke", "revoke a token"),
-            ("list", "list the tokens by name"),
-        ],
-    )
-    return parser
 
 
 def _named_actions(parser: argparse.ArgumentParser, actions: list[tuple[str, str]]) -> None:
@@ -194,29 +222,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             command = accounts.user_command if args.command == "user" else accounts.token_command
             return command(args.action, args.data, getattr(args, "name", ""))
+        if args.command == "serve":
+            return _serve(args)
         from .collector import server
 
-        if args.command == "serve":
-            return server.serve(
-                host=args.host,
-                port=args.port,
-                data_dir=args.data,
-                upstream=args.upstream,
-                upstream_file=args.upstream_file,
-                forward=args.forward,
-                scrub=args.scrub,
-                spool_dir=args.spool,
-                insecure_no_auth=args.insecure_no_auth,
-                public_url=args.public_url,
-                allowed_hosts=args.allowed_host,
-                metrics_public=args.metrics_public,
-                max_storage=args.max_storage,
-                limits=HttpLimits(
-                    max_connections=args.max_connections,
-                    header_timeout=args.header_timeout,
-                    body_timeout=args.body_timeout,
-                ),
-            )
         return server.project_command(args.action, args.data, getattr(args, "name", ""), args.url)
     parser.print_help(sys.stderr)
     return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``selfreport serve``: the serve options are server.serve()'s keyword arguments."""
+    from .collector import server
+
+    options = dict(vars(args))
+    del options["command"]
+    limits = HttpLimits(**{name: options.pop(name) for name, *_ in _LIMITS})
+    return server.serve(limits=limits, **options)

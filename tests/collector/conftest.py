@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,12 +229,3 @@ def send_all(sock: socket.socket, data: bytes) -> int:
     except (BrokenPipeError, ConnectionResetError):
         pass
     return sent
-
-
-def wait_until(check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)

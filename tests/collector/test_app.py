@@ -7,12 +7,12 @@ import json
 import logging
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import uvicorn
+from tests.conftest import wait_until
 
 from selfreport import Client
 from selfreport.collector.app import _answer_500_on_error, create_app
@@ -116,9 +116,7 @@ def test_the_lifespan_closes_the_storage_when_asked(tmp_path: Path) -> None:
     server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(lambda: server.started)
     assert storage.writer_alive
     server.should_exit = True
     thread.join(10)

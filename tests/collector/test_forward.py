@@ -32,6 +32,15 @@ def _attach(server: CollectorServer, forwarder: Forwarder) -> Forwarder:
     return forwarder.start(server.storage, server.internal_project.id)
 
 
+def _handed_on(server: CollectorServer, forwarder: Forwarder, event_id: str) -> bool:
+    """The forwarder's cursor is past the stored event ``event_id`` (of any project)."""
+    for project in server.storage.projects():
+        stored = server.storage.event(project.id, event_id)
+        if stored is not None:
+            return forwarder.cursor >= stored.id
+    return False
+
+
 def test_forwards_new_events_scrubbed(
     make_server: Callable[..., CollectorServer],
     upstream: FakeCollector,
@@ -51,7 +60,8 @@ def test_forwards_new_events_scrubbed(
         # The same event again (a retry): stored once, forwarded once.
         assert call(server.port, "POST", path, envelope_of(event), auth).status == 200
         assert upstream.wait_for(1)
-        time.sleep(0.3)
+        # Everything stored was handed on (sent, spooled or counted): nothing else can come.
+        assert wait_until(lambda: _handed_on(server, forwarder, event["event_id"]))
         assert len(upstream.events) == 1
         sent = upstream.events[0]
         assert sent["event_id"] == event["event_id"]
@@ -72,16 +82,20 @@ def test_own_mode_forwards_only_the_collectors_self_reports(
     server = make_server()
     forwarder = _attach(server, Forwarder(upstream.dsn, mode="own"))
     try:
-        for project in (server.default_project, server.internal_project):
+        for project in (server.internal_project, server.default_project):
             auth = {"X-Sentry-Auth": f"Sentry sentry_key={project.public_key}"}
-            body = envelope_of(make_event(message=f"from project {project.name}"))
-            reply = call(server.port, "POST", f"/api/{project.id}/envelope/", body, auth)
+            event = make_event(message=f"from project {project.name}")
+            reply = call(
+                server.port, "POST", f"/api/{project.id}/envelope/", envelope_of(event), auth
+            )
             assert reply.status == 200
         assert upstream.wait_for(1)
-        time.sleep(0.3)
+        # The cursor passed the default project's event (stored last) too: it was skipped.
+        assert wait_until(lambda: _handed_on(server, forwarder, event["event_id"]))
         assert [e["message"] for e in upstream.events] == [
             f"from project {server.internal_project.name}"
         ]
+        assert forwarder.stats()["sent"] == 1
     finally:
         forwarder.close()
 

@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable, Optional
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport.collector import limits
 from selfreport.collector.limits import (
@@ -18,7 +19,7 @@ from selfreport.collector.limits import (
 )
 from selfreport.collector.server import CollectorServer
 
-from .conftest import DEADLINE, connect, detail_of, read_all, send_all, status_of, wait_until
+from .conftest import DEADLINE, connect, detail_of, read_all, send_all, status_of
 
 
 def rejected(server: CollectorServer) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -9,12 +10,13 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from tests.conftest import wait_until
 
 import selfreport
 import selfreport.collector
@@ -122,21 +124,27 @@ def test_serve_prints_the_dsn_and_stops_on_sigterm(tmp_path: Path, quiet_sigterm
     out = io.StringIO()
     url: list[str] = []
 
+    def answering() -> bool:
+        # An HTTP answer, not just a connection: the socket listens before uvicorn runs, and
+        # uvicorn installs its signal handlers before it serves anything.
+        found = [
+            line.rsplit(" ", 1)[1] for line in out.getvalue().splitlines() if "web page" in line
+        ]
+        if not found:
+            return False
+        url[:] = found[:1]
+        conn = http.client.HTTPConnection(urlsplit(found[0]).netloc, timeout=5)
+        try:
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            return True
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
     def stop_when_up() -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            for line in out.getvalue().splitlines():
-                if "web page" in line:
-                    url.append(line.rsplit(" ", 1)[1])
-            if url:
-                port = int(url[0].rsplit(":", 1)[1].strip("/"))
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=1):
-                        break
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        time.sleep(0.3)
+        wait_until(answering, 20)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=stop_when_up, daemon=True).start()

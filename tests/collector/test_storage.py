@@ -310,11 +310,7 @@ def test_the_writer_runs_retention_when_idle(tmp_path: Path, make_event: Any) ->
     try:
         storage.start()
         storage.store(1, [prepared(make_event), prepared(make_event)]).result(5)
-        for _ in range(200):
-            if storage.event_count(1) == 1:
-                break
-            threading.Event().wait(0.02)
-        assert storage.event_count(1) == 1
+        assert wait_until(lambda: storage.event_count(1) == 1)
     finally:
         storage.close()
 
@@ -381,7 +377,10 @@ def test_the_wal_is_checkpointed_in_the_background_and_restarted(
         sizes = []
         for _ in range(30):
             storage.store(1, [prepared(make_event) for _ in range(50)]).result(5)
-            time.sleep(0.03)
+            # Two passes of the checkpoint thread: the second began after this commit and,
+            # with no write in between, copied all of it (however slow the machine).
+            passes = storage.checkpoints
+            assert wait_until(lambda passes=passes: storage.checkpoints >= passes + 2)
             sizes.append(wal.stat().st_size)
         # The WAL is reused from its start once fully copied: it stops growing.
         assert max(sizes) < 3 * sizes[len(sizes) // 3], sizes
@@ -408,11 +407,7 @@ def test_retention_works_in_bounded_steps(tmp_path: Path, make_event: Any) -> No
         storage.store(1, [prepared(make_event, 10.0 + n) for n in range(5)]).result(5)
         storage.last_retention = 0.0
         storage.store(1, [prepared(make_event, 20.0)]).result(5)
-        for _ in range(100):
-            if storage.event_count(1) == 2:
-                break
-            time.sleep(0.02)
-        assert storage.event_count(1) == 2
+        assert wait_until(lambda: storage.event_count(1) == 2)
     finally:
         storage.close()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport.collector.accounts import hash_password
 from selfreport.collector.server import CollectorServer
@@ -393,15 +394,17 @@ class Browser:
 
     def wait_for(self, path: str, timeout: float = 30.0) -> str:
         """Wait until the page at ``path`` (pathname) has loaded; its text."""
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.js("[location.pathname, document.readyState]")
-            if state == [path, "complete"]:
-                return str(self.js("document.body ? document.body.innerText : ''"))
-            if time.monotonic() > deadline:
-                text = self.js("document.body ? document.body.innerText : ''")
-                raise AssertionError(f"still at {state}, waiting for {path}: {text!r}")
-            time.sleep(0.05)
+        states: list[Any] = []
+
+        def loaded() -> bool:
+            states.append(self.js("[location.pathname, document.readyState]"))
+            return bool(states[-1] == [path, "complete"])
+
+        ok = wait_until(loaded, timeout)
+        text = str(self.js("document.body ? document.body.innerText : ''"))
+        if not ok:
+            raise AssertionError(f"still at {states[-1]}, waiting for {path}: {text!r}")
+        return text
 
     def go(self, url: str, path: str) -> str:
         self.page("Page.navigate", url=url)

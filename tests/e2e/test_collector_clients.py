@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sentry_sdk
+from tests.conftest import wait_until
 
 from selfreport import Client
 from selfreport.collector.server import CollectorServer
@@ -28,15 +29,17 @@ def server(tmp_path: Path) -> Iterator[CollectorServer]:
         collector.stop()
 
 
-def stored_events(server: CollectorServer, timeout: float = 10.0, at_least: int = 1):
-    deadline = time.monotonic() + timeout
-    while True:
-        events = []
+def stored_events(server: CollectorServer, at_least: int = 1) -> list[dict[str, Any]]:
+    """The default project's events, once there are ``at_least`` (or the wait ran out)."""
+
+    def events() -> list[dict[str, Any]]:
+        found = []
         for issue in server.storage.issues(project_id=server.default_project.id, limit=100):
-            events += [json.loads(e.payload) for e in server.storage.events(issue.id)]
-        if len(events) >= at_least or time.monotonic() > deadline:
-            return events
-        time.sleep(0.05)
+            found += [json.loads(e.payload) for e in server.storage.events(issue.id)]
+        return found
+
+    wait_until(lambda: len(events()) >= at_least)
+    return events()
 
 
 def run_script(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

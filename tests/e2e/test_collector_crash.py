@@ -10,11 +10,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport._core.dsn import parse_dsn
 
@@ -72,12 +72,7 @@ def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
     ]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with lock:
-            if len(acked) >= 300:
-                break
-        time.sleep(0.01)
+    wait_until(lambda: len(acked) >= 300)
     os.kill(proc.pid, signal.SIGKILL)  # mid-write: requests are in flight on 8 connections
     proc.wait(10)
     assert proc.stdout is not None

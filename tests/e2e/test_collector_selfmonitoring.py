@@ -5,13 +5,13 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from tests.conftest import wait_until
 
 import selfreport
 from selfreport.collector.server import CollectorServer
@@ -88,15 +88,6 @@ def send_event(server: CollectorServer, message: str) -> int:
         conn.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def internal_events(server: CollectorServer) -> list[dict[str, Any]]:
     storage = server.storage
     out = []
@@ -110,7 +101,8 @@ def test_a_poison_event_gives_exactly_one_self_report(
 ) -> None:
     assert send_event(server, f"a {POISON} event") == 500
     assert wait_until(lambda: len(internal_events(server)) >= 1)
-    time.sleep(2.0)  # a loop would keep adding reports
+    # All the reporter queued was delivered: a loop would have queued another report first.
+    assert selfreport.flush(10)
     reports = internal_events(server)
     assert len(reports) == 1
     report = reports[0]
@@ -139,7 +131,7 @@ def test_a_self_report_that_is_poison_too_is_dropped_not_looped(
     # The self-report arrives, fails to ingest inside the reporting path, is answered 500 and
     # retried by the reporter (max_retries=3), then given up: nothing more, ever.
     assert wait_until(lambda: selfreport.stats()["send_failed"] == 1)
-    time.sleep(2.0)
+    assert selfreport.flush(10)  # nothing else queued or in flight
     stats = selfreport.stats()
     assert stats["captured"] == 1  # the one report of the original failure
     assert stats["sent"] == 0
@@ -185,7 +177,7 @@ def test_errors_the_collector_logs_are_reported_once(server: CollectorServer) ->
 
     logging.getLogger("selfreport_collector_test").error("the collector noticed a problem")
     assert wait_until(lambda: len(internal_events(server)) == 1)
-    time.sleep(0.5)
+    assert selfreport.flush(10)  # nothing else queued or in flight
     assert [e["logentry"]["message"] for e in internal_events(server)] == [
         "the collector noticed a problem"
     ]

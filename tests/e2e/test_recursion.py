@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+from tests.conftest import wait_until
 
 import selfreport
 from selfreport.testing import FakeCollector
@@ -18,12 +19,11 @@ from selfreport.testing import FakeCollector
 log = logging.getLogger("app")
 
 
-def settle(collector: FakeCollector, expected: int, extra_wait: float = 1.0) -> int:
-    """Wait for ``expected`` events, then a little longer to catch any that should not come."""
-    selfreport.flush(5.0)
-    collector.wait_for(expected, timeout=5.0)
-    time.sleep(extra_wait)
-    selfreport.flush(5.0)
+def settle(collector: FakeCollector, expected: int) -> int:
+    """Wait for ``expected`` events, then until nothing is queued or in flight: flush() cannot
+    finish while a loop keeps adding reports, so what has arrived then is all that comes."""
+    collector.wait_for(expected, timeout=10.0)
+    assert selfreport.flush(10.0)
     return len(collector.events)
 
 
@@ -70,8 +70,7 @@ def test_failing_upstream_with_root_logging_at_debug_sends_nothing_new(
     selfreport.init(collector.dsn, logging_level=logging.DEBUG, max_retries=2, retry_backoff=0.01)
     log.error("one error while the collector is broken")
 
-    selfreport.flush(5.0)
-    time.sleep(0.5)
+    assert selfreport.flush(5.0)  # retried and given up: nothing queued or in flight
     stats = selfreport.stats()
     # One event, tried 1 + max_retries times: no other event was ever produced.
     assert len(collector.requests) == 3
@@ -145,32 +144,33 @@ async def test_task_scheduled_from_before_send_that_fails_gives_one_event(
 ) -> None:
     loop = asyncio.get_running_loop()
     scheduled = threading.Event()
+    tasks: list[asyncio.Task[None]] = []
 
     async def fail() -> None:
         raise RuntimeError("task started by before_send failed")
 
     def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
         if event.get("logentry", {}).get("message") == "the original error":
-            loop.call_soon_threadsafe(lambda: (loop.create_task(fail()), scheduled.set()))
+            loop.call_soon_threadsafe(
+                lambda: (tasks.append(loop.create_task(fail())), scheduled.set())
+            )
         return event
 
     selfreport.init(collector.dsn, before_send=before_send)
     log.error("the original error")
-    await loop.run_in_executor(None, scheduled.wait, 5.0)
-    for _ in range(5):
-        await asyncio.sleep(0.05)
+    assert await loop.run_in_executor(None, scheduled.wait, 10.0)
+    await asyncio.wait(tasks)  # failed; asyncio.wait leaves the exception unretrieved
+    tasks.clear()
     gc.collect()  # the unretrieved task reports from its finalizer
-    await asyncio.sleep(0.05)
 
     # A task of the application's own, failing the same way, is reported.
     async def app_fail() -> None:
         raise KeyError("the application's own task failed")
 
-    task = loop.create_task(app_fail())
-    await asyncio.sleep(0.05)
-    del task
+    tasks.append(loop.create_task(app_fail()))
+    await asyncio.wait(tasks)
+    tasks.clear()
     gc.collect()
-    await asyncio.sleep(0.05)
 
     await loop.run_in_executor(None, settle, collector, 2)
     messages = [e.get("logentry", {}).get("message") for e in collector.events]
@@ -188,7 +188,7 @@ def test_before_send_that_raises_drops_the_event(collector: FakeCollector) -> No
     selfreport.init(collector.dsn, before_send=before_send)
     log.error("an error carrying a secret that before_send would have removed")
 
-    assert settle(collector, 0, extra_wait=0.5) == 0
+    assert settle(collector, 0) == 0
     assert collector.requests == []
     stats = selfreport.stats()
     assert stats["dropped_error"] == 1
@@ -219,7 +219,7 @@ def test_endpoint_that_fails_on_its_own_marked_reports_gives_exactly_one_event(
     selfreport.init(collector.dsn)
     log.error("the original error")
 
-    assert settle(collector, 1, extra_wait=1.5) == 1
+    assert settle(collector, 1) == 1
     assert len(ingested) == 1
     assert selfreport.stats()["dropped_reentrant"] == 1
 
@@ -232,7 +232,7 @@ def test_endpoint_that_fails_on_unmarked_reports_is_bounded_by_dedupe(
     log.error("the original error")
 
     # The original, then one ingest error; its repeats are folded by dedupe, not sent.
-    assert settle(collector, 2, extra_wait=1.5) == 2
+    assert settle(collector, 2) == 2
     stats = selfreport.stats()
     assert stats["deduplicated"] >= 1
     selfreport.close(timeout=2.0)
@@ -283,7 +283,7 @@ def test_event_inside_reporting_path_is_dropped_before_formatting(
     assert event_id is None
     isolated.handlers.clear()
     assert formatted == []
-    assert settle(collector, 0, extra_wait=0.3) == 0
+    assert settle(collector, 0) == 0
     assert selfreport.stats()["dropped_reentrant"] == 3
 
 
@@ -324,11 +324,9 @@ async def test_callbacks_scheduled_from_the_path_that_raise_are_not_reported(
     async with selfreport.reporting_path():
         loop.call_soon(callback, "soon")
         loop.call_later(0.01, callback, "later")
-    for _ in range(10):
-        await asyncio.sleep(0.01)
+    assert await loop.run_in_executor(None, wait_until, lambda: len(ran) == 2)
     assert ran == ["soon", "later"]
     loop.call_soon(callback, "outside")  # the control: the same failure outside is reported
-    await asyncio.sleep(0.05)
     assert await loop.run_in_executor(None, settle, collector, 1) == 1
     assert "outside" in collector.events[0]["exception"]["values"][-1]["value"]
     assert client.stats()["dropped_reentrant"] >= 2

@@ -8,13 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport import Client
 
@@ -77,13 +77,16 @@ selfreport.close(5)
 print("DONE", flush=True)
 """
 
-# Replays a spool left by an earlier process, until it is killed or terminated.
+# Replays a spool left by an earlier process until its stdin ends (then it closes the client,
+# which waits for the send in flight, and says so) or it is killed.
 REPLAYER = r"""
-import sys, time, selfreport
+import sys, selfreport
 
 selfreport.init(sys.argv[1], spool_dir=sys.argv[2], install_hooks=False, logging_level=None)
 print("ready", flush=True)
-time.sleep(120)
+sys.stdin.readline()
+selfreport.close(10)
+print("closed", flush=True)
 """
 
 
@@ -99,6 +102,7 @@ class Process:
     def __init__(self, script: str, *args: object) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", script, *map(str, args)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -110,6 +114,12 @@ class Process:
 
     def wait_ready(self) -> None:
         assert self.readline() == "ready"
+
+    def finish(self) -> str:
+        """End the script's stdin (a replayer then closes its client); its next line."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.readline()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -123,8 +133,9 @@ class Process:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:  # pragma: no cover - a stuck child
             self.kill()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
 
 
 class CollectorProcess:
@@ -158,9 +169,7 @@ class CollectorProcess:
     def wait_for(
         self, condition: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
     ) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while not condition(self.records()) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: condition(self.records()), timeout)
         return self.records()
 
 
@@ -225,9 +234,7 @@ def test_outage_then_recovery_on_the_same_port(
         records = collector_process.wait_for(lambda r: len(r) >= 6)
         assert [r["id"] for r in records[1:]] == during  # replayed in order
         assert [r["message"] for r in records[1:]] == [f"during {n}" for n in range(5)]
-        deadline = time.monotonic() + 10
-        while client.stats()["replayed"] < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_until(lambda: client.stats()["replayed"] >= 5, 10)
         assert client.stats()["replayed"] == 5
         client.capture_message("after")  # straight through again
         assert client.flush(5)
@@ -291,7 +298,8 @@ def test_two_processes_sharing_a_spool_never_send_the_same_envelope(
     one.wait_ready()
     two.wait_ready()
     records = collector_process.wait_for(lambda r: set(acked) <= {x["id"] for x in r})
-    time.sleep(0.3)  # anything sent twice would arrive by now
+    # Both closed (each waited for its send in flight) and answered: what came is all.
+    assert (one.finish(), two.finish()) == ("closed", "closed")
     ids = [r["id"] for r in collector_process.records()]
     assert sorted(ids) == sorted(acked)
     assert len(records) <= len(ids) == len(acked)

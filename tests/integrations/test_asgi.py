@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, Router
+from tests.conftest import wait_until
 
 import selfreport
 from selfreport import Client
@@ -40,9 +41,7 @@ class Served:
             target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True
         )
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: self.server.started, 10)
 
     def get(self, path: str, headers: Optional[dict[str, str]] = None) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)

@@ -8,11 +8,10 @@ import hmac
 import os
 import re
 import secrets
-import sqlite3
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, Optional, TextIO, Union
+from typing import Callable, NamedTuple, Optional, TextIO, Union
 
 from .store import StorageError, Store
 
@@ -139,40 +138,57 @@ def _fail(message: str) -> int:
     return 2
 
 
+class _Kind(NamedTuple):
+    """Users or tokens, for what their commands share."""
+
+    name: str
+    listing: Callable[[Store], Iterable[str]]
+    remove: Callable[[Store, str], bool]
+    removed: str  # the message, with {name!r}
+
+
+_USERS = _Kind(
+    "user",
+    lambda storage: (user.name for user in storage.users()),
+    lambda storage, name: storage.remove_user(name),
+    "Removed user {name!r} (and ended their sessions)",
+)
+_TOKENS = _Kind(
+    "token",
+    lambda storage: (token.name for token in storage.tokens()),
+    lambda storage, name: storage.revoke_token(name),
+    "Revoked token {name!r}",
+)
+
+
 def _run(
-    kind: str,
+    kind: _Kind,
     action: str,
     data_dir: Union[str, os.PathLike[str], None],
     name: str,
     out: TextIO,
-    *,
-    listing: Callable[[Store], Iterable[str]],
-    remove: Callable[[Store, str], bool],
-    removed: str,
     change: Callable[[Store], int],
 ) -> int:
     """What ``user`` and ``token`` share: the name check, the database opened and closed,
-    ``list``, removing by name (``removed`` is the message) and one-line errors."""
+    ``list``, removing by name and one-line errors; ``change`` does the rest."""
     if action != "list" and not valid_name(name):
-        return _fail(f"bad {kind} name {name!r}: 1 to 64 letters, digits and . _ @ + -")
+        return _fail(f"bad {kind.name} name {name!r}: 1 to 64 letters, digits and . _ @ + -")
     try:
         storage = _storage(data_dir)
         try:
             if action == "list":
-                for row in listing(storage):
+                for row in kind.listing(storage):
                     print(row, file=out)
                 return 0
             if action in ("remove", "revoke"):
-                if not remove(storage, name):
-                    return _fail(f"no {kind} named {name!r}")
-                print(removed.format(name=name), file=out)
+                if not kind.remove(storage, name):
+                    return _fail(f"no {kind.name} named {name!r}")
+                print(kind.removed.format(name=name), file=out)
                 return 0
             return change(storage)
         finally:
             storage.close()
-    except (StorageError, OSError, sqlite3.DatabaseError) as exc:
-        if isinstance(exc, sqlite3.DatabaseError):  # the file is damaged past opening
-            return _fail(f"the database is unusable: {exc}")
+    except (StorageError, OSError) as exc:  # the storage says which file, and what is wrong
         return _fail(str(exc))
 
 
@@ -206,17 +222,7 @@ def user_command(
             print(f"Changed the password of {name!r} (and ended their sessions)", file=out)
         return 0
 
-    return _run(
-        "user",
-        action,
-        data_dir,
-        name,
-        out,
-        listing=lambda storage: (user.name for user in storage.users()),
-        remove=lambda storage, name: storage.remove_user(name),
-        removed="Removed user {name!r} (and ended their sessions)",
-        change=change,
-    )
+    return _run(_USERS, action, data_dir, name, out, change)
 
 
 def token_command(
@@ -242,14 +248,4 @@ def token_command(
         )
         return 0
 
-    return _run(
-        "token",
-        action,
-        data_dir,
-        name,
-        out,
-        listing=lambda storage: (token.name for token in storage.tokens()),
-        remove=lambda storage, name: storage.revoke_token(name),
-        removed="Revoked token {name!r}",
-        change=create,
-    )
+    return _run(_TOKENS, action, data_dir, name, out, create)

@@ -61,6 +61,10 @@ class Collector:
     # Forwarding's counters (Forwarder.stats) for /metrics and /status, when forwarding.
     forwarding: Optional[Callable[[], dict[str, int]]] = None
 
+    def __post_init__(self) -> None:
+        self.metrics.reporter_stats = self.reporter_stats
+        self.metrics.forward_stats = self.forwarding_stats
+
     def reporter_stats(self) -> dict[str, int]:
         """The self-reporter's ``stats()`` (the given client's, else the global one's)."""
         client = current_client(self.reporter)
@@ -108,56 +112,69 @@ def create_app(
         metrics_public: ``/metrics`` needs no login.
     """
     storage.start()
-    internal = next((p for p in storage.projects() if p.internal), None)
-    metrics_ = CollectorMetrics(storage)
-    extra_checks = []
-    if upstream is not None:
-        dsn = upstream if isinstance(upstream, Dsn) else parse_dsn(upstream)
-        extra_checks.append(("upstream_reachable", upstream_reachable(dsn)))
+    public_url = _auth.check_public_url(public_url or _auth.DEFAULT_PUBLIC_URL)
+    policy = _policy(storage, login, public_url, allowed_hosts, metrics_public)
     keys = KeyCache(storage)
     keys.load()
-    public_url = _auth.check_public_url(public_url or _auth.DEFAULT_PUBLIC_URL)
-    policy = _auth.AuthPolicy(
-        storage,
-        mode=login,
-        hosts=_auth.allowed_hosts("127.0.0.1", public_url)
-        if allowed_hosts is None
-        else allowed_hosts,
-        public_url=public_url,
-        metrics_public=metrics_public,
-    )
-    policy.secret  # noqa: B018 - made now, not in the first request on the event loop
     collector = Collector(
         storage=storage,
-        metrics=metrics_,
-        health=default_checks(storage, min_free_bytes=min_free_bytes, extra=extra_checks),
+        metrics=CollectorMetrics(storage),
+        health=_health_checks(storage, upstream, min_free_bytes),
         keys=keys,
         reporter=reporter,
         processors=list(processors),
-        internal_project=internal,
+        internal_project=next((p for p in storage.projects() if p.internal), None),
         auth=policy,
         public_url=public_url,
     )
-    metrics_.reporter_stats = collector.reporter_stats
-    metrics_.forward_stats = collector.forwarding_stats
+    return CollectorApp(
+        _site(collector, policy, close_storage),
+        _ingest_endpoint(collector, "envelope", max_body),
+        _ingest_endpoint(collector, "store", max_body),
+        reporter,
+    )
 
-    def ingest(kind: str) -> IngestEndpoint:
-        return IngestEndpoint(
-            storage,
-            metrics_,
-            kind=kind,
-            max_body=max_body,
-            processors=collector.processors,
-            on_stored=collector.on_stored,
-            keys=keys,
-        )
 
-    routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        *_auth.routes(),
-        *web.routes(),
-    ]
+def _policy(
+    storage: Store,
+    login: str,
+    public_url: str,
+    allowed_hosts: Optional[Sequence[str]],
+    metrics_public: bool,
+) -> _auth.AuthPolicy:
+    hosts = _auth.allowed_hosts("127.0.0.1", public_url) if allowed_hosts is None else allowed_hosts
+    policy = _auth.AuthPolicy(
+        storage, mode=login, hosts=hosts, public_url=public_url, metrics_public=metrics_public
+    )
+    policy.secret  # noqa: B018 - made now, not in the first request on the event loop
+    return policy
+
+
+def _health_checks(
+    storage: Store, upstream: Union[str, Dsn, None], min_free_bytes: int
+) -> HealthChecks:
+    extra = []
+    if upstream is not None:
+        dsn = upstream if isinstance(upstream, Dsn) else parse_dsn(upstream)
+        extra.append(("upstream_reachable", upstream_reachable(dsn)))
+    return default_checks(storage, min_free_bytes=min_free_bytes, extra=extra)
+
+
+def _ingest_endpoint(collector: Collector, kind: str, max_body: int) -> IngestEndpoint:
+    return IngestEndpoint(
+        collector.storage,
+        collector.metrics,
+        kind=kind,
+        max_body=max_body,
+        processors=collector.processors,
+        on_stored=collector.on_stored,
+        keys=collector.keys,
+    )
+
+
+def _site(collector: Collector, policy: _auth.AuthPolicy, close_storage: bool) -> Starlette:
+    """Starlette, for everything but ingestion: health, metrics, logins, pages, the JSON API."""
+    storage = collector.storage
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -168,9 +185,14 @@ def create_app(
                 storage.close()
 
     site = Starlette(
-        routes=routes,
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *_auth.routes(),
+            *web.routes(),
+        ],
         middleware=[
-            Middleware(SelfreportMiddleware, client=reporter),
+            Middleware(SelfreportMiddleware, client=collector.reporter),
             Middleware(_auth.AuthMiddleware, policy=policy),
         ],
         exception_handlers={Exception: _internal_error, HTTPException: _http_error},
@@ -178,7 +200,7 @@ def create_app(
     )
     site.router.redirect_slashes = False
     site.state.collector = collector
-    return CollectorApp(site, ingest("envelope"), ingest("store"), reporter)
+    return site
 
 
 # /api/{project_id}/envelope/ and /api/{project_id}/store/, trailing slash optional

@@ -154,6 +154,7 @@ class Identity:
     session: Optional[str] = None  # the session id (raw, from the cookie), for CSRF tokens
 
 
+@dataclass(eq=False)
 class LoginThrottle:
     """Failed logins in a sliding window, per client address and per user name.
 
@@ -165,24 +166,15 @@ class LoginThrottle:
     at most its limit of timestamps.
     """
 
-    def __init__(
-        self,
-        *,
-        per_address: int = 20,
-        per_user: int = 10,
-        window: float = 600.0,
-        max_keys: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.per_address = per_address
-        self.per_user = per_user
-        self.window = window
-        self.max_keys = max_keys
-        self._clock = clock
-        self._failures: collections.OrderedDict[str, collections.deque[float]] = (
-            collections.OrderedDict()
-        )
-        self._lock = threading.Lock()
+    per_address: int = 20
+    per_user: int = 10
+    window: float = 600.0
+    max_keys: int = 10_000
+    clock: Callable[[], float] = time.monotonic
+    _failures: collections.OrderedDict[str, collections.deque[float]] = field(
+        default_factory=collections.OrderedDict, init=False, repr=False
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def _keys(self, address: str, user: str) -> list[tuple[str, int]]:
         return [(f"a:{address}", self.per_address), (f"u:{user}", self.per_user)]
@@ -190,7 +182,7 @@ class LoginThrottle:
     def reserve(self, address: str, user: str) -> float:
         """Let an attempt through and count it as failed (0), or refuse it: the seconds until
         one is allowed again (and nothing is counted)."""
-        now = self._clock()
+        now = self.clock()
         with self._lock:
             keys = self._keys(address, user)
             wait = 0.0

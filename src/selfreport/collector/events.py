@@ -17,6 +17,7 @@ from selfreport._core.untrusted_json import loads
 
 __all__ = [
     "LEVELS",
+    "EventColumns",
     "EventError",
     "PreparedEvent",
     "event_fingerprint",
@@ -58,9 +59,9 @@ class EventError(ValueError):
     """An event cannot be accepted; the message says which field is wrong and why."""
 
 
-@dataclass
-class PreparedEvent:
-    """An event ready to store: the indexed columns plus the event itself as JSON."""
+@dataclass(frozen=True)
+class EventColumns:
+    """What a stored event is indexed by, beside its JSON; its id is unique per project."""
 
     event_id: str
     received: float
@@ -68,6 +69,13 @@ class PreparedEvent:
     level: str
     environment: Optional[str]
     release: Optional[str]
+
+
+@dataclass(frozen=True)
+class PreparedEvent(EventColumns):
+    """An event ready to store: the indexed columns, what groups it into an issue, and the
+    event itself as JSON."""
+
     title: str
     culprit: str
     fingerprint: str

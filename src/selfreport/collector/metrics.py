@@ -73,26 +73,15 @@ class CollectorMetrics:
         self.forward_stats: Callable[[], Optional[dict[str, int]]] = lambda: None
         self.started = time.time()
         self.window = RateWindow()
-        self.events_received = Counter(
-            "selfreport_collector_events_received",
-            "Events received in authenticated requests.",
-            registry=self.registry,
+        self.events_received = self._counter(
+            "events_received", "Events received in authenticated requests."
         )
-        self.events_stored = Counter(
-            "selfreport_collector_events_stored",
-            "Events committed to storage.",
-            registry=self.registry,
+        self.events_stored = self._counter("events_stored", "Events committed to storage.")
+        self.events_duplicate = self._counter(
+            "events_duplicate", "Events not stored again because their event_id was already stored."
         )
-        self.events_duplicate = Counter(
-            "selfreport_collector_events_duplicate",
-            "Events not stored again because their event_id was already stored.",
-            registry=self.registry,
-        )
-        self.rejections = Counter(
-            "selfreport_collector_rejected",
-            "Requests or events refused, by reason.",
-            ["reason"],
-            registry=self.registry,
+        self.rejections = self._counter(
+            "rejected", "Requests or events refused, by reason.", "reason"
         )
         self.processing = Histogram(
             "selfreport_collector_processing_seconds",
@@ -101,6 +90,11 @@ class CollectorMetrics:
             registry=self.registry,
         )
         self.registry.register(_LiveValues(self))
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(
+            f"selfreport_collector_{name}", documentation, labels, registry=self.registry
+        )
 
     def received(self, events: int) -> None:
         self.events_received.inc(events)

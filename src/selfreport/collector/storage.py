@@ -142,6 +142,10 @@ _ISSUE_COLUMNS = (
     "i.id, i.project_id, p.name, i.title, i.culprit, i.level, i.environment, i.release,"
     " i.first_seen, i.last_seen, i.times_seen, i.last_event_id"
 )
+# Event's fields but the payload, in their order.
+_EVENT_COLUMNS = (
+    "event_id, received, timestamp, level, environment, release, id, project_id, issue_id"
+)
 _SORTS = {"last_seen": "i.last_seen DESC", "first_seen": "i.first_seen DESC", "count": None}
 
 
@@ -233,6 +237,22 @@ def _resolve_safely(done: Union[_ThreadDone, _LoopDone], ok: bool, value: Any) -
             logger.debug("could not resolve a storage write: %r", exc)
 
 
+def _issue_columns(event: PreparedEvent, times: int) -> list[Any]:
+    """An issue's columns from title to last_event_id, as ``event`` (seen ``times`` times)
+    leaves them: the order of _Batch's rows and of the INSERT of a new issue."""
+    return [
+        event.title,
+        event.culprit,
+        event.level,
+        event.environment,
+        event.release,
+        event.received,
+        event.received,
+        times,
+        event.event_id,
+    ]
+
+
 class _Batch:
     """Issue counters of one transaction, written once per issue at its end (a storm of one
     error costs one UPDATE per batch, not one per event)."""
@@ -247,17 +267,7 @@ class _Batch:
         times = 1 + event.repeats
         row = self.updates.get(issue_id)
         if row is None:
-            self.updates[issue_id] = [
-                event.title,
-                event.culprit,
-                event.level,
-                event.environment,
-                event.release,
-                event.received,
-                event.received,
-                times,
-                event.event_id,
-            ]
+            self.updates[issue_id] = _issue_columns(event, times)
             return
         row[0:5] = [
             event.title,
@@ -299,6 +309,17 @@ def _store_events(
         return [_insert_event(conn, batch, project_id, event) for event in events]
 
     return apply
+
+
+def _check_settings(
+    synchronous: str, max_events_per_project: int, max_storage_bytes: Optional[int]
+) -> None:
+    if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+    if max_events_per_project < 1:
+        raise ValueError("max_events_per_project must be at least 1")
+    if max_storage_bytes is not None and max_storage_bytes < MIN_STORAGE_BYTES:
+        raise ValueError(f"max_storage_bytes must be at least {MIN_STORAGE_BYTES} (1 MiB)")
 
 
 class SqliteStorage:
@@ -346,12 +367,7 @@ class SqliteStorage:
         max_writer_pause: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
-        if max_events_per_project < 1:
-            raise ValueError("max_events_per_project must be at least 1")
-        if max_storage_bytes is not None and max_storage_bytes < MIN_STORAGE_BYTES:
-            raise ValueError(f"max_storage_bytes must be at least {MIN_STORAGE_BYTES} (1 MiB)")
+        _check_settings(synchronous, max_events_per_project, max_storage_bytes)
         self.path = Path(path)
         self.max_events_per_project = max_events_per_project
         self.max_age_days = max_age_days
@@ -368,13 +384,19 @@ class SqliteStorage:
             0 if max_storage_bytes is None else min(64 * 2**20, max_storage_bytes // 8)
         )
         self.max_writer_pause = max_writer_pause
+        self._clock = clock
+        self._init_state()
+        self._create()
+
+    def _init_state(self) -> None:
+        """What the writer, the readers and the operator's counters start from."""
         self.writer_restarts = 0
         self.writer_last_error: Optional[str] = None
         self.writer_last_error_at: Optional[float] = None
         self.deleted_for_space = 0
+        self.checkpoints = 0  # passes of the background checkpoint that succeeded
         self._consecutive_failures = 0
         self._inflight: list[_Write] = []
-        self._clock = clock
         self._queue: queue.SimpleQueue[Optional[_Write]] = queue.SimpleQueue()
         self._pending = 0
         self._pending_lock = threading.Lock()
@@ -387,7 +409,7 @@ class SqliteStorage:
         self._finish_checkpoint = False
         self._retention_backlog = False
         # Measured once the writer starts: the limit may be lower than at the last run.
-        self._space_backlog = max_storage_bytes is not None
+        self._space_backlog = self.max_storage_bytes is not None
         self._vacuum = False
         self._inserted_since_retention = 0
         self._last_issue_cleanup = 0.0
@@ -398,7 +420,6 @@ class SqliteStorage:
         self.created = False  # set by _create: True if this opened a new, empty database
         self.warning: Optional[str] = None  # for the operator, about the database file
         self.last_retention = 0.0
-        self._create()
 
     # --- connections -------------------------------------------------------------------
 
@@ -701,6 +722,7 @@ class SqliteStorage:
                 except sqlite3.Error as exc:  # busy or I/O: the next round tries again
                     logger.debug("background checkpoint failed: %r", exc)
                 else:
+                    self.checkpoints += 1
                     # Under steady writes this pass never catches up with the end of the WAL,
                     # and SQLite only starts the WAL afresh once all of it was copied: the
                     # writer copies the little that came since, between two batches.
@@ -818,47 +840,14 @@ class SqliteStorage:
                 try:
                     first = self._queue.get(timeout=max(0.01, idle))
                 except queue.Empty:
-                    if backlog or self._clock() - self.last_retention >= self.retention_interval:
-                        self._retain_safely(conn)
-                    if self._vacuum:
-                        self._give_back_pages(conn)
+                    self._while_idle(conn, backlog)
                     continue
-                if first is None:
-                    self._finish(conn)
-                    return
-                batch = [first]
-                stop = False
-                # Linger a moment (asleep, not woken by each new write) for more writes: one
-                # commit (one fsync) and one wake-up of the waiting event loop per batch, and
-                # fewer handovers of the GIL between this thread and the event loop.
-                if self.linger > 0 and self._queue.qsize() < self.max_batch:
-                    time.sleep(self.linger)
-                while len(batch) < self.max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                self._inflight = batch  # failed by _writer_failed if this raises
-                self._apply_batch(conn, batch)
-                self._consecutive_failures = 0
-                if self._vacuum:
-                    self._give_back_pages(conn)
-                if self._finish_checkpoint:
-                    self._finish_checkpoint = False
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if (
-                    self._inserted_since_retention >= self.retention_chunk
-                    or self._clock() - self.last_retention >= self.retention_interval
-                ):
-                    # The next batches delete as they insert, a little more than they add,
-                    # until caught up: never a big pass that holds every waiting request.
-                    self._retention_backlog = True
-                    self._inserted_since_retention = 0
+                batch, stop = self._take_batch(first)
+                if batch:
+                    self._inflight = batch  # failed by _writer_failed if this raises
+                    self._apply_batch(conn, batch)
+                    self._consecutive_failures = 0
+                    self._after_batch(conn)
                 if stop:
                     self._finish(conn)
                     return
@@ -867,6 +856,52 @@ class SqliteStorage:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
             conn.close()
+
+    def _while_idle(self, conn: sqlite3.Connection, backlog: bool) -> None:
+        """No writes came: retention and giving pages back, in transactions of their own."""
+        if backlog or self._clock() - self.last_retention >= self.retention_interval:
+            self._retain_safely(conn)
+        if self._vacuum:
+            self._give_back_pages(conn)
+
+    def _take_batch(self, first: Optional[_Write]) -> tuple[list[_Write], bool]:
+        """The writes of the next batch, starting with ``first``, and whether close() was
+        asked for (the None in the queue) behind them."""
+        if first is None:
+            return [], True
+        batch = [first]
+        # Linger a moment (asleep, not woken by each new write) for more writes: one
+        # commit (one fsync) and one wake-up of the waiting event loop per batch, and
+        # fewer handovers of the GIL between this thread and the event loop.
+        if self.linger > 0 and self._queue.qsize() < self.max_batch:
+            time.sleep(self.linger)
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _after_batch(self, conn: sqlite3.Connection) -> None:
+        """Housekeeping between two batches: pages given back, the end of a checkpoint, and
+        retention's turn when enough was inserted or enough time passed."""
+        if self._vacuum:
+            self._give_back_pages(conn)
+        if self._finish_checkpoint:
+            self._finish_checkpoint = False
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if (
+            self._inserted_since_retention >= self.retention_chunk
+            or self._clock() - self.last_retention >= self.retention_interval
+        ):
+            # The next batches delete as they insert, a little more than they add,
+            # until caught up: never a big pass that holds every waiting request.
+            self._retention_backlog = True
+            self._inserted_since_retention = 0
 
     def _finish(self, conn: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.Error):  # leave a small WAL behind
@@ -1151,24 +1186,22 @@ class SqliteStorage:
         """The newest events of an issue, newest first; with ``payloads=False`` their
         ``payload`` is ``""`` (lists need no payload, which may be megabytes each)."""
         payload = "payload" if payloads else "''"
-        with self._reader() as conn:
-            rows = conn.execute(
-                "SELECT id, project_id, issue_id, event_id, received, timestamp, level,"
-                f" environment, release, {payload} FROM events WHERE issue_id = ?"
-                " ORDER BY id DESC LIMIT ?",
-                (issue_id, limit),
-            ).fetchall()
-        return [Event(*row) for row in rows]
+        return self._select_events(
+            "issue_id = ? ORDER BY id DESC LIMIT ?", (issue_id, limit), payload
+        )
 
     def event(self, project_id: int, event_id: str) -> Optional[Event]:
+        found = self._select_events("project_id = ? AND event_id = ?", (project_id, event_id))
+        return found[0] if found else None
+
+    def _select_events(
+        self, where: str, params: Sequence[Any], payload: str = "payload"
+    ) -> list[Event]:
         with self._reader() as conn:
             rows = conn.execute(
-                "SELECT id, project_id, issue_id, event_id, received, timestamp, level,"
-                " environment, release, payload FROM events"
-                " WHERE project_id = ? AND event_id = ?",
-                (project_id, event_id),
+                f"SELECT {_EVENT_COLUMNS}, {payload} FROM events WHERE {where}", params
             ).fetchall()
-        return Event(*rows[0]) if rows else None
+        return [Event(*row) for row in rows]
 
     def environments(self) -> list[str]:
         with self._reader() as conn:
@@ -1390,19 +1423,8 @@ def _insert_event(
             cursor = conn.execute(
                 "INSERT INTO issues (project_id, fingerprint, title, culprit, level, environment,"
                 " release, first_seen, last_seen, times_seen, last_event_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-                (
-                    project_id,
-                    event.fingerprint,
-                    event.title,
-                    event.culprit,
-                    event.level,
-                    event.environment,
-                    event.release,
-                    event.received,
-                    event.received,
-                    event.event_id,
-                ),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (project_id, event.fingerprint, *_issue_columns(event, 0)),
             )
             issue_id = int(cursor.lastrowid or 0)
         batch.issue_ids[key] = issue_id

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
-from .events import PreparedEvent
+from .events import EventColumns, PreparedEvent
 
 __all__ = [
     "DEFAULT_PROJECT",
@@ -66,16 +66,12 @@ class Issue:
 
 
 @dataclass(frozen=True)
-class Event:
+class Event(EventColumns):
+    """A stored event: its indexed columns, then where it is stored and its JSON."""
+
     id: int
     project_id: int
     issue_id: int
-    event_id: str
-    received: float
-    timestamp: float
-    level: str
-    environment: Optional[str]
-    release: Optional[str]
     payload: str
 
 

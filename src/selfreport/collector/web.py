@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from .auth import page_context
 from .events import LEVELS, exception_values, frames_of, parse_id
-from .storage import Event, Issue, Project
+from .store import Event, Issue, Project
 
 if TYPE_CHECKING:
     from .app import Collector
@@ -160,37 +160,9 @@ def event_view(payload: str) -> dict[str, Any]:
         event = {}
     if not isinstance(event, dict):
         event = {}
-    exceptions = []
-    for value in reversed(exception_values(event)):  # the most recent first, as Sentry shows
-        mechanism = value.get("mechanism")
-        exceptions.append(
-            {
-                "type": _show(value.get("type") or "Error"),
-                "value": _show(value.get("value") or ""),
-                "module": _show(value.get("module") or ""),
-                "mechanism": _pairs(mechanism) if isinstance(mechanism, dict) else [],
-                # innermost frame first: where it was raised, at the top
-                "frames": [_frame_view(f) for f in reversed(frames_of(value))],
-            }
-        )
     message = event.get("logentry") or event.get("message")
     if isinstance(message, dict):
         message = message.get("formatted") or message.get("message")
-    breadcrumbs = event.get("breadcrumbs")
-    if isinstance(breadcrumbs, dict):
-        breadcrumbs = breadcrumbs.get("values")
-    crumbs = []
-    for crumb in breadcrumbs if isinstance(breadcrumbs, list) else []:
-        if isinstance(crumb, dict):
-            crumbs.append(
-                {
-                    "time": _show(crumb.get("timestamp", "")),
-                    "category": _show(crumb.get("category") or crumb.get("type") or ""),
-                    "level": _show(crumb.get("level") or ""),
-                    "message": _show(crumb.get("message") or ""),
-                    "data": _show(crumb["data"]) if crumb.get("data") else "",
-                }
-            )
     extra = event.get("extra")
     extra = extra if isinstance(extra, dict) else {}
     request = event.get("request")
@@ -200,9 +172,10 @@ def event_view(payload: str) -> dict[str, Any]:
     contexts = event.get("contexts")
     return {
         "message": _show(message) if message else "",
-        "exceptions": exceptions,
+        # the most recent first, as Sentry shows them
+        "exceptions": [_exception_view(value) for value in reversed(exception_values(event))],
         "tags": _pairs(event.get("tags")),
-        "breadcrumbs": crumbs,
+        "breadcrumbs": _breadcrumbs_view(event.get("breadcrumbs")),
         "request": _pairs(request) if request else [],
         "request_headers": _pairs(request.get("headers")) if request else [],
         "user": _pairs(event.get("user")),
@@ -218,6 +191,34 @@ def event_view(payload: str) -> dict[str, Any]:
         "server_name": _show(event.get("server_name") or ""),
         "raw": json.dumps(event, indent=2, ensure_ascii=False, sort_keys=True),
     }
+
+
+def _exception_view(value: dict[str, Any]) -> dict[str, Any]:
+    mechanism = value.get("mechanism")
+    return {
+        "type": _show(value.get("type") or "Error"),
+        "value": _show(value.get("value") or ""),
+        "module": _show(value.get("module") or ""),
+        "mechanism": _pairs(mechanism) if isinstance(mechanism, dict) else [],
+        # innermost frame first: where it was raised, at the top
+        "frames": [_frame_view(f) for f in reversed(frames_of(value))],
+    }
+
+
+def _breadcrumbs_view(breadcrumbs: object) -> list[dict[str, str]]:
+    if isinstance(breadcrumbs, dict):
+        breadcrumbs = breadcrumbs.get("values")
+    return [
+        {
+            "time": _show(crumb.get("timestamp", "")),
+            "category": _show(crumb.get("category") or crumb.get("type") or ""),
+            "level": _show(crumb.get("level") or ""),
+            "message": _show(crumb.get("message") or ""),
+            "data": _show(crumb["data"]) if crumb.get("data") else "",
+        }
+        for crumb in (breadcrumbs if isinstance(breadcrumbs, list) else [])
+        if isinstance(crumb, dict)
+    ]
 
 
 # --- pages ----------------------------------------------------------------------------------
