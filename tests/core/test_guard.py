@@ -473,3 +473,60 @@ def test_guarded_refuses_generator_functions() -> None:
         guarded(numbers)
     with pytest.raises(TypeError, match="generator function"):
         guarded(stream)
+
+
+# --- exception groups ------------------------------------------------------------------------
+
+needs_groups = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="ExceptionGroup and TaskGroup are builtins from 3.11"
+)
+
+
+@needs_groups
+def test_a_group_of_the_paths_own_errors_originated_in_the_path() -> None:
+    own = [escaping(RuntimeError("a")), escaping(KeyError("b"))]
+    group = ExceptionGroup("g", own)  # type: ignore[name-defined]  # noqa: F821
+    assert originated_in_reporting_path(group)
+    nested = ExceptionGroup("outer", [group, escaping(ValueError("c"))])  # type: ignore[name-defined]  # noqa: F821
+    assert originated_in_reporting_path(nested)
+
+
+@needs_groups
+def test_a_group_with_one_real_error_did_not() -> None:
+    group = ExceptionGroup("g", [escaping(RuntimeError("a")), ValueError("real")])  # type: ignore[name-defined]  # noqa: F821
+    assert not originated_in_reporting_path(group)
+
+
+@needs_groups
+def test_a_task_group_outside_the_path_gathering_the_paths_errors_is_dropped(
+    make_client: Any,
+) -> None:
+    from selfreport.testing import MemoryTransport
+
+    sent: list[Any] = []
+    client = make_client(transport=MemoryTransport(sent), rate_limit=0, dedupe_window=0)
+
+    async def own_error() -> None:
+        async with reporting_path():
+            raise RuntimeError("raised in the path")
+
+    async def gathered(*jobs: Any) -> BaseException:
+        try:
+            async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+                for job in jobs:
+                    group.create_task(job())
+        except BaseException as exc:  # an ExceptionGroup
+            return exc
+        raise AssertionError("the group did not raise")
+
+    client.capture_exception(asyncio.run(gathered(own_error, own_error)))
+
+    async def real_error() -> None:
+        raise ValueError("the application's")
+
+    client.capture_exception(asyncio.run(gathered(own_error, real_error)))
+    assert client.flush(timeout=5.0)
+    assert client.stats()["dropped_reentrant"] == 1
+    (event,) = sent
+    types = [value["type"] for value in event["exception"]["values"]]
+    assert types == ["ValueError", "ExceptionGroup"]  # the path's member is left out

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 
 import wrapt  # its stubs cover Python 3.10+ only: mypy --python-version 3.9 sees no names
 
+from .excgroups import group_members
 from .patching import Patches, Replace
 
 __all__ = [
@@ -80,10 +81,22 @@ def mark_exception(exc: BaseException) -> None:
 
 
 def originated_in_reporting_path(exc: Optional[BaseException]) -> bool:
-    """Whether ``exc`` (or any exception it was chained from) escaped the reporting path."""
+    """Whether ``exc`` (or any exception it was chained from) escaped the reporting path.
+
+    An exception group did when it was marked itself or when every member did: a TaskGroup
+    outside the path gathers what tasks started in the path raised (each of them marked).
+    """
+    return _from_path(exc, [64])
+
+
+def _from_path(exc: Optional[BaseException], budget: list[int]) -> bool:
     seen = 0
-    while exc is not None and seen < 16:
+    while exc is not None and seen < 16 and budget[0] > 0:
+        budget[0] -= 1
         if getattr(exc, _MARK, False):
+            return True
+        members = group_members(exc)
+        if members and all(_from_path(member, budget) for member in members):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
