@@ -6,7 +6,7 @@ import builtins
 import sys
 from typing import Optional
 
-__all__ = ["group_members"]
+__all__ = ["first_leaf", "group_members"]
 
 _BUILTIN: Optional[type] = getattr(builtins, "BaseExceptionGroup", None)
 
@@ -31,3 +31,14 @@ def group_members(exc: BaseException) -> Optional[tuple[BaseException, ...]]:
     if not isinstance(members, tuple):
         return None
     return tuple(member for member in members if isinstance(member, BaseException))
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """``exc``, or for a group its first member that is not a group (what Python prints first,
+    and what names the issue): the error a group of one failure is about."""
+    for _ in range(32):  # nesting a stranger's code may make deep
+        members = group_members(exc)
+        if not members:
+            return exc
+        exc = members[0]
+    return exc
