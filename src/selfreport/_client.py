@@ -26,7 +26,13 @@ from ._capture.event import (
 from ._core.counters import Counters
 from ._core.diag import Diagnostics
 from ._core.dsn import Dsn, parse_dsn
-from ._core.guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
+from ._core.guard import (
+    ReportingPath,
+    is_reporting,
+    on_own_thread,
+    originated_in_reporting_path,
+    process_born_in_path,
+)
 from ._core.options import Scrub, check_number, resolve_scrub
 from ._delivery.delivery import Delivery, otel_integration
 from ._delivery.retry import Retry, UpstreamLimits
@@ -158,6 +164,8 @@ class Client:
         self._reentrant_told: set[str] = set()
         self._last_record: Optional[weakref.ref[logging.LogRecord]] = None
         self._closed = threading.Event()
+        # Started by another process's reporting path: all it does is that path's work.
+        self._born_in_path = process_born_in_path()
         self._close_deadline: Optional[float] = None
         self._origin = origin_value(self.dsn) if self.dsn is not None else None
         own_transport = transport is None
@@ -396,6 +404,9 @@ class Client:
         fingerprint: Callable[[], Fingerprint],
         snapshot: Callable[[], Capture],
     ) -> Optional[str]:
+        if self._born_in_path:
+            self.drop_reentrant("report of a process started inside the reporting path")
+            return None
         if exc is not None:
             if originated_in_reporting_path(exc):
                 self.drop_reentrant("exception")
