@@ -47,6 +47,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The contextvar follows asyncio tasks, callbacks and copy_context().run(); the thread-local
 # depth survives code that runs synchronously in a fresh Context (C callbacks, Context().run).
 _in_path: contextvars.ContextVar[bool] = contextvars.ContextVar("selfreport_in_path", default=False)
+
+
 _local = threading.local()
 
 # Attribute set on exceptions that escaped the reporting path and on threads started inside it,
@@ -305,9 +307,10 @@ def _counting_logger_handle(original: Callable[[Any, Any], Any]) -> Callable[[An
     @functools.wraps(original)
     def handle(self: Any, record: Any) -> Any:
         local = _local
-        if _in_path.get() or getattr(local, "depth", 0) > 0:
+        if _in_path.get():
             # The record may be handled later or elsewhere (QueueListener, MemoryHandler,
-            # another process through a queue): it carries where it was born.
+            # another process through a queue): it carries where it was born. The contextvar
+            # alone: every way into the path sets it, and this runs for every record logged.
             record.__dict__[RECORD_MARK] = True
         depth = getattr(local, "log_depth", 0)
         local.log_depth = depth + 1
