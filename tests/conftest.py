@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import logging
+import multiprocessing.process
 import os
 import subprocess
 import sys
@@ -115,6 +116,11 @@ def _patch_points() -> tuple[object, ...]:
         asyncio.BaseEventLoop.__dict__["call_exception_handler"],
         asyncio.BaseEventLoop.__dict__["create_task"],
         logging.Logger.__dict__["handle"],
+        concurrent.futures.ProcessPoolExecutor.__dict__["submit"],
+        concurrent.futures.Future.__dict__["add_done_callback"],
+        asyncio.BaseEventLoop.__dict__["call_soon_threadsafe"],
+        subprocess.Popen.__dict__["__init__"],
+        multiprocessing.process.BaseProcess.__dict__["start"],
     )
 
 

@@ -28,7 +28,13 @@ from ._core.counters import Counters
 from ._core.diag import Diagnostics
 from ._core.dsn import Dsn, parse_dsn
 from ._core.fork import fresh_event, on_fork_child
-from ._core.guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
+from ._core.guard import (
+    ReportingPath,
+    is_reporting,
+    on_own_thread,
+    originated_in_reporting_path,
+    process_born_in_path,
+)
 from ._core.options import check_callable, check_number, check_text
 from ._core.processors import process_event
 from ._core.text import safe_repr
@@ -201,6 +207,8 @@ class Client:
         self._reentrant_told: set[str] = set()
         self._last_record: Optional[weakref.ref[logging.LogRecord]] = None
         self._closed = threading.Event()
+        # Started by another process's reporting path: all it does is that path's work.
+        self._born_in_path = process_born_in_path()
         self._origin = origin_value(self.dsn) if self.dsn is not None else None
         # Validated in this order so a ConfigError leaves no thread behind.
         self._statsd = self._make_statsd(statsd)
@@ -431,6 +439,9 @@ class Client:
         fingerprint: Callable[[], Fingerprint],
         snapshot: Callable[[], Capture],
     ) -> Optional[str]:
+        if self._born_in_path:
+            self.drop_reentrant("report of a process started inside the reporting path")
+            return None
         if exc is not None:
             if originated_in_reporting_path(exc):
                 self.drop_reentrant("exception")

@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Optional, Union
 
 from . import _state
-from ._core.guard import in_nested_log_record, is_reporting
+from ._core.guard import in_nested_log_record, is_reporting, record_born_in_path
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -35,7 +35,7 @@ class LoggingHandler(logging.Handler):
         client = _state.current_client(self.client)
         if client is None:
             return False
-        if is_reporting() or in_nested_log_record():
+        if is_reporting() or in_nested_log_record() or record_born_in_path(record):
             client.drop_reentrant("log record")
             return False
         verdict: object = self.filter(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tracemalloc
 
 import pytest
@@ -41,6 +42,25 @@ def test_fingerprint_is_logger_template_type_and_location() -> None:
     assert of(None, None, ValueError())[2:5] == (ValueError, "", 0)  # never raised
     assert type(of("app", "a", first)) is Fingerprint
     assert of("app", "a", first).filename == __file__
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is a builtin from 3.11")
+def test_a_group_has_the_fingerprint_of_its_first_leaf() -> None:
+    def key_error() -> BaseException:
+        return raised(KeyError("k"))
+
+    def type_error() -> BaseException:
+        return raised(TypeError("t"))
+
+    def group(*members: BaseException) -> BaseException:
+        return raised(ExceptionGroup("g", list(members)))  # type: ignore[name-defined]  # noqa: F821
+
+    of = Fingerprint.of
+    # Every group is raised at this one line, as every TaskGroup's is in asyncio: two groups
+    # of different failures are two errors, and a group of one failure is that failure.
+    assert of(None, None, group(key_error())) != of(None, None, group(type_error()))
+    assert of(None, None, group(key_error())) == of(None, None, key_error())
+    assert of(None, None, group(group(type_error()), key_error())) == of(None, None, type_error())
 
 
 def test_fingerprint_grouping_is_stable_and_bounded() -> None:

@@ -515,3 +515,117 @@ def test_request_becomes_sentrys_request_interface() -> None:
     assert event["tags"] == {"route": "/items/{item_id}", "endpoint": "shop.views.item"}
     normalized = assert_valid_for_sentry(event)
     assert normalized["request"]["method"] == "POST"
+
+
+# --- exception groups and notes (PEP 654, PEP 678) -------------------------------------------
+
+needs_groups = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="ExceptionGroup and add_note are builtins from 3.11"
+)
+
+
+def _nested_group() -> BaseException:
+    def inner() -> BaseException:
+        key = raised(KeyError("k"))
+        key.add_note("looked up in the cache")  # type: ignore[attr-defined]
+        group = ExceptionGroup("inner", [key, raised(TypeError("t"))])  # type: ignore[name-defined]  # noqa: F821
+        return raised(group)
+
+    outer = ExceptionGroup("outer", [raised(ValueError("a")), inner()])  # type: ignore[name-defined]  # noqa: F821
+    outer = raised(outer)
+    outer.add_note("while syncing")  # type: ignore[attr-defined]
+    return outer
+
+
+def _shape(values: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    keys = ("exception_id", "parent_id", "source", "is_exception_group")
+    return [(v["type"], v["value"], *(v["mechanism"].get(key) for key in keys)) for v in values]
+
+
+@needs_groups
+def test_exception_group_is_sent_as_sentry_sdk_sends_it() -> None:
+    from sentry_sdk.utils import exceptions_from_error_tuple
+
+    group = _nested_group()
+    event = build_event(capture_from_exception(group, "generic", False))
+    ours = event["exception"]["values"]
+    theirs = exceptions_from_error_tuple((type(group), group, group.__traceback__))
+    assert _shape(ours) == _shape(theirs)
+    assert [v["type"] for v in ours] == [
+        "TypeError", "KeyError", "ExceptionGroup", "ValueError", "ExceptionGroup"
+    ]  # fmt: skip
+    root = ours[-1]
+    assert root["value"] == "outer\nwhile syncing"
+    assert root["mechanism"] == {
+        "type": "generic", "handled": False, "exception_id": 0, "is_exception_group": True
+    }  # fmt: skip
+    key = ours[1]
+    assert key["value"] == "'k'\nlooked up in the cache"
+    assert key["mechanism"]["parent_id"] == 2
+    assert key["mechanism"]["source"] == "exceptions[0]"
+    assert all(v["stacktrace"]["frames"] for v in ours)  # each member with its own stack
+    assert_valid_for_sentry(event)
+
+
+@needs_groups
+def test_notes_and_members_are_rendered_at_capture_time() -> None:
+    group = _nested_group()
+    capture = capture_from_exception(group, "generic", True)
+    group.add_note("added later")  # type: ignore[attr-defined]
+    group.exceptions[0].args = ("changed",)  # type: ignore[attr-defined]
+    values = build_event(capture)["exception"]["values"]
+    assert values[-1]["value"] == "outer\nwhile syncing"
+    assert values[-2]["value"] == "a"
+
+
+def test_a_plain_chain_carries_no_group_ids() -> None:
+    try:
+        try:
+            raise KeyError("first")
+        except KeyError as exc:
+            raise ValueError("second") from exc
+    except ValueError as exc:
+        values = build_event(capture_from_exception(exc, "generic", True))["exception"]["values"]
+    assert [v["mechanism"] for v in values] == [
+        {"type": "chained", "handled": True},
+        {"type": "generic", "handled": True},
+    ]
+
+
+@needs_groups
+def test_members_that_escaped_the_reporting_path_are_left_out() -> None:
+    from selfreport import reporting_path
+
+    def from_path() -> BaseException:
+        try:
+            with reporting_path():
+                raise RuntimeError("the path's own")
+        except RuntimeError as exc:
+            return exc
+
+    group = raised(ExceptionGroup("g", [from_path(), raised(ValueError("real"))]))  # type: ignore[name-defined]  # noqa: F821
+    values = build_event(capture_from_exception(group, "generic", True))["exception"]["values"]
+    assert [(v["type"], v["mechanism"].get("source")) for v in values] == [
+        ("ValueError", "exceptions[1]"),
+        ("ExceptionGroup", None),
+    ]
+
+
+@needs_groups
+def test_a_huge_group_is_bounded() -> None:
+    from selfreport._capture.event import MAX_EXCEPTIONS
+
+    members = [raised(ValueError(str(i))) for i in range(1000)]
+    group = raised(ExceptionGroup("many", members))  # type: ignore[name-defined]  # noqa: F821
+    values = build_event(capture_from_exception(group, "generic", True))["exception"]["values"]
+    assert len(values) == MAX_EXCEPTIONS
+
+
+def test_notes_that_are_not_a_list_of_strings_are_ignored() -> None:
+    exc = raised(ValueError("v"))
+    exc.__notes__ = ["kept", 42, b"bytes"]  # type: ignore[attr-defined]
+    values = build_event(capture_from_exception(exc, "generic", True))["exception"]["values"]
+    assert values[0]["value"] == "v\nkept"
+    exc.__notes__ = "not a list"  # type: ignore[attr-defined]
+    values = build_event(capture_from_exception(exc, "generic", True))["exception"]["values"]
+    assert values[0]["value"] == "v"

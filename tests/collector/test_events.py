@@ -103,6 +103,35 @@ def test_title_and_culprit() -> None:
     assert long.title.endswith("\u2026")
 
 
+def _value(kind: str, value: str, function: str, **mechanism: Any) -> dict[str, Any]:
+    frames = [frame("app.jobs", function, 1)]
+    return {"type": kind, "value": value, "stacktrace": {"frames": frames}, "mechanism": mechanism}
+
+
+def test_an_exception_group_is_named_after_its_first_leaf() -> None:
+    # What sentry-sdk (and selfreport) send for ExceptionGroup("outer", [KeyError, ValueError]),
+    # the outer group last; the group's own text names no error.
+    group = {
+        "exception": {
+            "values": [
+                _value("ValueError", "v", "second", exception_id=2, parent_id=0,
+                       source="exceptions[1]"),
+                _value("KeyError", "'k'", "first", exception_id=1, parent_id=0,
+                       source="exceptions[0]"),
+                _value("ExceptionGroup", "outer", "gather", exception_id=0,
+                       is_exception_group=True),
+            ]
+        }
+    }  # fmt: skip
+    prepared = prepare_event(group)
+    assert prepared.title == "KeyError: 'k'"
+    assert prepared.culprit == "app.jobs in first"
+    # A group of groups only, or ids a stranger left out: the group itself names the issue.
+    for value in group["exception"]["values"][:2]:
+        value["mechanism"] = {"is_exception_group": True}
+    assert prepare_event(group).title == "ExceptionGroup: outer"
+
+
 @pytest.mark.parametrize(
     ("level", "expected"),
     [

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import json
 import queue
+import subprocess
 import sys
 import threading
 from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import pytest
 
@@ -473,3 +476,260 @@ def test_guarded_refuses_generator_functions() -> None:
         guarded(numbers)
     with pytest.raises(TypeError, match="generator function"):
         guarded(stream)
+
+
+# --- exception groups ------------------------------------------------------------------------
+
+needs_groups = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="ExceptionGroup and TaskGroup are builtins from 3.11"
+)
+
+
+@needs_groups
+def test_a_group_of_the_paths_own_errors_originated_in_the_path() -> None:
+    own = [escaping(RuntimeError("a")), escaping(KeyError("b"))]
+    group = ExceptionGroup("g", own)  # type: ignore[name-defined]  # noqa: F821
+    assert originated_in_reporting_path(group)
+    nested = ExceptionGroup("outer", [group, escaping(ValueError("c"))])  # type: ignore[name-defined]  # noqa: F821
+    assert originated_in_reporting_path(nested)
+
+
+@needs_groups
+def test_a_group_with_one_real_error_did_not() -> None:
+    group = ExceptionGroup("g", [escaping(RuntimeError("a")), ValueError("real")])  # type: ignore[name-defined]  # noqa: F821
+    assert not originated_in_reporting_path(group)
+
+
+@needs_groups
+def test_a_task_group_outside_the_path_gathering_the_paths_errors_is_dropped(
+    make_client: Any,
+) -> None:
+    from selfreport.testing import MemoryTransport
+
+    sent: list[Any] = []
+    client = make_client(transport=MemoryTransport(sent), rate_limit=0, dedupe_window=0)
+
+    async def own_error() -> None:
+        async with reporting_path():
+            raise RuntimeError("raised in the path")
+
+    async def gathered(*jobs: Any) -> BaseException:
+        try:
+            async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+                for job in jobs:
+                    group.create_task(job())
+        except BaseException as exc:  # an ExceptionGroup
+            return exc
+        raise AssertionError("the group did not raise")
+
+    client.capture_exception(asyncio.run(gathered(own_error, own_error)))
+
+    async def real_error() -> None:
+        raise ValueError("the application's")
+
+    client.capture_exception(asyncio.run(gathered(own_error, real_error)))
+    assert client.flush(timeout=5.0)
+    assert client.stats()["dropped_reentrant"] == 1
+    (event,) = sent
+    types = [value["type"] for value in event["exception"]["values"]]
+    assert types == ["ValueError", "ExceptionGroup"]  # the path's member is left out
+
+
+# --- the mark travels with what the path hands to someone else -------------------------------
+# Each test: the path hands work or a record over; whoever runs it later, elsewhere, reports
+# an error; that report is the path's own and must be dropped, and counted.
+
+
+@pytest.fixture
+def reported() -> Iterator[Any]:
+    from selfreport.testing import capture_events
+
+    install_propagation()
+    try:
+        with capture_events() as events:
+            yield events
+    finally:
+        uninstall_propagation()
+
+
+def _dropped(events: Any) -> int:
+    events.flush()
+    return int(events.client.stats()["dropped_reentrant"])
+
+
+def test_a_record_logged_in_the_path_and_handled_on_a_listener_thread(reported: Any) -> None:
+    import logging.handlers
+    import queue as queue_module
+
+    records: queue_module.Queue[logging.LogRecord] = queue_module.Queue()
+    logger = logging.getLogger("tests.handoff.queue")
+    logger.propagate = False
+    logger.addHandler(logging.handlers.QueueHandler(records))
+    from selfreport import LoggingHandler
+
+    ours = [h for h in logging.getLogger().handlers if isinstance(h, LoggingHandler)]
+    listener = logging.handlers.QueueListener(records, *ours)
+    listener.start()
+    try:
+        with reporting_path():
+            logger.error("born in the path")
+        logger.error("born outside")
+    finally:
+        listener.stop()
+        logger.handlers.clear()
+        logger.propagate = True
+    assert reported.messages() == ["born outside"]
+    assert _dropped(reported) == 1
+
+
+def test_a_record_buffered_in_the_path_and_flushed_outside_it(reported: Any) -> None:
+    import logging.handlers
+
+    from selfreport import LoggingHandler
+
+    (target,) = [h for h in logging.getLogger().handlers if isinstance(h, LoggingHandler)]
+    buffer = logging.handlers.MemoryHandler(capacity=100, flushLevel=logging.CRITICAL + 1)
+    buffer.setTarget(target)
+    logger = logging.getLogger("tests.handoff.buffer")
+    logger.propagate = False
+    logger.addHandler(buffer)
+    try:
+        with reporting_path():
+            logger.error("buffered in the path")
+        logger.error("buffered outside")
+        buffer.flush()
+    finally:
+        logger.handlers.clear()
+        logger.propagate = True
+    assert reported.messages() == ["buffered outside"]
+    assert _dropped(reported) == 1
+
+
+def test_a_future_callback_added_in_the_path(reported: Any) -> None:
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(release.wait, 5)  # submitted outside: the job is not the path's
+
+        def callback(done: concurrent.futures.Future[bool]) -> None:
+            selfreport_capture(RuntimeError("from a callback the path added"))
+
+        with reporting_path():
+            future.add_done_callback(callback)
+        release.set()  # the callback runs on the pool's thread, outside any path
+    assert reported == []
+    assert _dropped(reported) == 1
+
+
+def selfreport_capture(exc: BaseException) -> None:
+    import selfreport
+
+    try:
+        raise exc
+    except BaseException as raised_here:
+        selfreport.capture_exception(raised_here)
+
+
+def test_asyncio_hand_offs_from_a_path_thread(reported: Any) -> None:
+    """call_soon_threadsafe, run_coroutine_threadsafe and Future callbacks carry the context."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever)  # started outside the path
+    runner.start()
+    try:
+
+        async def failing() -> None:
+            selfreport_capture(RuntimeError("a coroutine the path scheduled"))
+
+        def from_the_path() -> None:
+            loop.call_soon_threadsafe(selfreport_capture, RuntimeError("a callback"))
+            asyncio.run_coroutine_threadsafe(failing(), loop).result(5)
+
+        with reporting_path():
+            from_the_path()
+        in_thread(lambda: _in_path_then(from_the_path))  # a thread in the path by its depth
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+    assert reported == []
+    assert _dropped(reported) == 4
+
+
+def _in_path_then(func: Callable[[], None]) -> None:
+    # What an executor job of the path runs in: the thread-local depth with its own context.
+    with _guard._thread_in_path():
+        contextvars.Context().run(func)
+
+
+def test_an_asyncio_future_callback_added_in_the_path(reported: Any) -> None:
+    async def main() -> None:
+        future = asyncio.get_running_loop().create_future()
+        async with reporting_path():
+            future.add_done_callback(lambda _: selfreport_capture(RuntimeError("callback")))
+        future.set_result(None)
+        await asyncio.sleep(0)  # one loop turn: the callback is scheduled, then run
+
+    asyncio.run(main())
+    assert reported == []
+    assert _dropped(reported) == 1
+
+
+# Processes: one started inside the path reports nothing (its client drops and counts);
+# one started outside reports as usual, which shows the test can fail.
+
+
+def _child_stats(output: str) -> dict[str, int]:
+    return dict(json.loads(output.strip().splitlines()[-1]))
+
+
+def _run_child(dsn: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("_child_report.py")), dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return completed.stdout
+
+
+def test_a_subprocess_started_in_the_path(propagation: None) -> None:
+    from selfreport.testing import FakeCollector
+
+    with FakeCollector() as collector:
+        with reporting_path():
+            inside = _child_stats(_run_child(collector.dsn))
+        outside = _child_stats(_run_child(collector.dsn))
+        assert inside["dropped_reentrant"] == 1
+        assert outside["sent"] == 1
+        assert len(collector.events) == 1
+
+
+def _spawned(dsn: str, results: Any) -> None:
+    from tests.core._child_report import report
+
+    results.put(report(dsn))
+
+
+def test_a_spawned_process_and_a_process_pool_job_started_in_the_path(propagation: None) -> None:
+    import multiprocessing
+
+    from tests.core._child_report import report
+
+    from selfreport.testing import FakeCollector
+
+    spawn = multiprocessing.get_context("spawn")
+    with FakeCollector() as collector:
+        results = spawn.Queue()
+        with reporting_path():
+            process = spawn.Process(target=_spawned, args=(collector.dsn, results))
+            process.start()
+        in_process = _child_stats(results.get(timeout=60))
+        process.join(60)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            with reporting_path():
+                in_job = _child_stats(pool.submit(report, collector.dsn).result(60))
+            outside = _child_stats(pool.submit(report, collector.dsn).result(60))
+        assert in_process["dropped_reentrant"] == 1
+        assert in_job["dropped_reentrant"] == 1
+        assert outside["sent"] == 1  # the pool's process itself was not marked for life
+        assert len(collector.events) == 1

@@ -826,3 +826,35 @@ def test_import_without_sentry_sdk_names_the_extra(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "sentry_sdk", None)
     with pytest.raises(ImportError, match=r"pip install 'selfreport\[sentry\]'"):
         importlib.import_module("selfreport.integrations.sentry")
+
+
+def test_a_record_logged_in_the_path_and_handled_on_a_listener_thread_is_dropped(
+    collector: FakeCollector, init_sentry: Callable[..., Any]
+) -> None:
+    import logging.handlers
+    import queue
+
+    from sentry_sdk.integrations.logging import EventHandler
+
+    init_sentry(collector.dsn)
+    records: queue.Queue[logging.LogRecord] = queue.Queue()
+    logger = logging.getLogger("tests.sentry.listener")
+    logger.propagate = False
+    logger.addHandler(logging.handlers.QueueHandler(records))
+    listener = logging.handlers.QueueListener(records, EventHandler())
+    listener.start()
+    try:
+        with selfreport.reporting_path():
+            logger.error("born in the path")
+        logger.error("born outside")
+    finally:
+        listener.stop()  # every queued record handled
+        logger.handlers.clear()
+        logger.propagate = True
+    sentry_sdk.flush(timeout=5.0)
+    # "born outside" twice: by sentry-sdk's logging hook and by the listener's EventHandler.
+    assert collector.wait_for(2, timeout=5.0)
+    # Dropped twice: by sentry-sdk's own logging hook as it was logged, then by the listener's
+    # EventHandler, on the listener's thread, outside the path, by the mark on the record.
+    assert sentry_integration.stats()["dropped_reentrant"] == 2
+    assert messages(collector) == ["born outside", "born outside"]

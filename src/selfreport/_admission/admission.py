@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Callable, NamedTuple, Optional
 
 from selfreport._core.diag import Diagnostics
+from selfreport._core.excgroups import first_leaf
 from selfreport._core.text import safe_str
 
 from .ratelimit import Clock, TokenBucket
@@ -48,6 +49,9 @@ class Fingerprint(NamedTuple):
         # Python function, twice as slow.
         if exc is None:
             return _new(cls, (logger, template, None, "", 0, None, "", ""))
+        # A group is the same error as its first leaf: every TaskGroup's group is raised at
+        # the same line of asyncio, which would fold unrelated failures into one.
+        exc = first_leaf(exc)
         where = _innermost_location(exc.__traceback__)
         return _new(cls, (logger, template, type(exc), where[0], where[1], None, *where[2:]))
 

@@ -13,8 +13,10 @@ import sysconfig
 import time
 from datetime import datetime, timezone
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
+from selfreport._core.excgroups import group_members
+from selfreport._core.guard import originated_in_reporting_path
 from selfreport._core.text import MAX_STRING, safe_repr, safe_str
 from selfreport._version import __version__
 
@@ -40,6 +42,7 @@ SDK_INFO = {"name": SDK_NAME, "version": __version__}
 
 MAX_FRAMES = 100
 MAX_CHAINED = 10
+MAX_EXCEPTIONS = 50  # values in one event: chained and group members together
 CONTEXT_LINES = 5
 
 _LEVELS = {
@@ -119,7 +122,8 @@ class Capture:
         self.params: Optional[list[object]] = None
         self.formatted: Optional[str] = None
         self.exc_info: Optional[ExcInfo] = None
-        self.exc_values: Optional[list[str]] = None  # str() of the chain, rendered at call time
+        # str() of the chain and group members, with notes, rendered at call time
+        self.exc_values: Optional[list[str]] = None
         self.mechanism = "generic"
         self.handled = True
         self.extra: Optional[dict[str, object]] = None
@@ -157,26 +161,71 @@ def _exc_info_of(exc: BaseException) -> ExcInfo:
     return (type(exc), exc, exc.__traceback__)
 
 
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it was raised from or during, newest first, as Python prints them."""
-    chain: list[BaseException] = []
+class _Node(NamedTuple):
+    """One exception of an event: where it sits in the tree of causes and group members."""
+
+    exc: BaseException
+    exception_id: int
+    parent_id: Optional[int]
+    source: Optional[str]  # "__cause__", "__context__" or "exceptions[i]", as sentry-sdk says
+    is_group: bool
+
+
+def _chained_from(exc: BaseException) -> tuple[Optional[BaseException], str]:
+    if exc.__cause__ is not None:
+        return exc.__cause__, "__cause__"
+    if exc.__suppress_context__:
+        return None, ""
+    return exc.__context__, "__context__"
+
+
+def _exception_tree(exc: BaseException) -> list[_Node]:
+    """``exc``, what it was raised from or during, and the members of exception groups, depth
+    first (Python's order of printing them; sentry-sdk's numbering). Members that escaped the
+    reporting path are left out: they are the path's, not the application's."""
+    nodes: list[_Node] = []
     seen: set[int] = set()
-    current: Optional[BaseException] = exc
-    while current is not None and id(current) not in seen and len(chain) < MAX_CHAINED:
+    # (exception, parent id, source, links of its cause chain so far)
+    pending: list[tuple[BaseException, Optional[int], Optional[str], int]] = [(exc, None, None, 0)]
+    while pending and len(nodes) < MAX_EXCEPTIONS:
+        current, parent, source, links = pending.pop()
+        if id(current) in seen:
+            continue
         seen.add(id(current))
-        chain.append(current)
-        if current.__cause__ is not None:
-            current = current.__cause__
-        elif current.__suppress_context__:
-            current = None
-        else:
-            current = current.__context__
-    return chain
+        members = group_members(current)
+        node = _Node(current, len(nodes), parent, source, members is not None)
+        nodes.append(node)
+        later: list[tuple[BaseException, Optional[int], Optional[str], int]] = []
+        cause, how = _chained_from(current)
+        if cause is not None and links + 1 < MAX_CHAINED:
+            later.append((cause, node.exception_id, how, links + 1))
+        for index, member in enumerate(members or ()):
+            if not originated_in_reporting_path(member):
+                later.append((member, node.exception_id, f"exceptions[{index}]", 0))
+        pending.extend(reversed(later))
+    return nodes
+
+
+def _render(exc: BaseException, is_group: bool = False) -> str:
+    """``str(exc)`` with its PEP 678 notes, as Python prints them and sentry-sdk sends them; a
+    group by its message alone (its members are values of their own, so is their count)."""
+    try:
+        message = getattr(exc, "message", None) if is_group else None
+    except BaseException:  # a property of the user's own may raise anything
+        message = None
+    text = message if isinstance(message, str) else safe_str(exc)
+    try:
+        notes = getattr(exc, "__notes__", None)
+        if isinstance(notes, list) and notes:
+            text += "".join("\n" + note for note in notes[:20] if isinstance(note, str))
+    except BaseException:  # a __getattr__ of the user's own may raise anything
+        pass
+    return safe_str(text)
 
 
 def _set_exception(capture: Capture, exc: BaseException) -> None:
     # Exception messages are rendered now, like log arguments: the object may change later.
-    capture.exc_values = [safe_str(item) for item in _exception_chain(exc)]
+    capture.exc_values = [_render(node.exc, node.is_group) for node in _exception_tree(exc)]
 
 
 def capture_from_record(record: logging.LogRecord, include_locals: bool = False) -> Capture:
@@ -301,26 +350,37 @@ def _stacktrace(tb: Optional[TracebackType], variables: Optional[list[Any]]) -> 
 
 
 def _exception_values(exc: BaseException, capture: Capture) -> list[dict[str, Any]]:
-    chain = _exception_chain(exc)
+    nodes = _exception_tree(exc)
     rendered = capture.exc_values
-    if rendered is None or len(rendered) != len(chain):
-        rendered = [safe_str(item) for item in chain]
+    if rendered is None or len(rendered) != len(nodes):
+        rendered = [_render(node.exc, node.is_group) for node in nodes]
+    # Ids only where a group makes a tree of it, as sentry-sdk does: a plain chain stays plain.
+    tree = any(node.is_group for node in nodes)
     values = []
-    for position, (item, text) in enumerate(zip(reversed(chain), reversed(rendered))):
-        is_outer = position == len(chain) - 1  # Sentry wants the oldest first
-        exc_type = type(item)
+    for node, text in zip(reversed(nodes), reversed(rendered)):  # Sentry wants the oldest first
+        is_outer = node.exception_id == 0
+        exc_type = type(node.exc)
         module = exc_type.__module__
         value: dict[str, Any] = {
             "type": exc_type.__qualname__,
             "value": text,
-            "stacktrace": _stacktrace(item.__traceback__, capture.vars if is_outer else None),
+            "stacktrace": _stacktrace(node.exc.__traceback__, capture.vars if is_outer else None),
         }
         if isinstance(module, str) and module != "builtins":
             value["module"] = module
         if is_outer:
-            value["mechanism"] = {"type": capture.mechanism, "handled": capture.handled}
+            mechanism: dict[str, Any] = {"type": capture.mechanism, "handled": capture.handled}
         else:
-            value["mechanism"] = {"type": "chained", "handled": True}
+            mechanism = {"type": "chained", "handled": True}
+        if tree:
+            mechanism["exception_id"] = node.exception_id
+            if node.parent_id is not None:
+                mechanism["parent_id"] = node.parent_id
+            if node.source is not None:
+                mechanism["source"] = node.source
+            if node.is_group:
+                mechanism["is_exception_group"] = True
+        value["mechanism"] = mechanism
         values.append(value)
     return values
 

@@ -8,6 +8,10 @@ import contextvars
 import functools
 import inspect
 import logging
+import multiprocessing.process
+import os
+import subprocess
+import sys
 import threading
 import types
 from collections.abc import Coroutine, Iterator
@@ -17,6 +21,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 
 import wrapt  # its stubs cover Python 3.10+ only: mypy --python-version 3.9 sees no names
 
+from .excgroups import group_members
 from .patching import Patches, Replace
 
 __all__ = [
@@ -30,6 +35,8 @@ __all__ = [
     "mark_exception",
     "on_own_thread",
     "originated_in_reporting_path",
+    "process_born_in_path",
+    "record_born_in_path",
     "reporting_path",
     "thread_is_reporting",
     "uninstall_propagation",
@@ -40,11 +47,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The contextvar follows asyncio tasks, callbacks and copy_context().run(); the thread-local
 # depth survives code that runs synchronously in a fresh Context (C callbacks, Context().run).
 _in_path: contextvars.ContextVar[bool] = contextvars.ContextVar("selfreport_in_path", default=False)
+
+
 _local = threading.local()
 
 # Attribute set on exceptions that escaped the reporting path and on threads started inside it,
 # so a hook that runs later, outside the path, still recognises them.
 _MARK = "__selfreport_reporting_path__"
+# On log records (``record.__dict__``): survives copies, pickling and QueueHandler.prepare.
+RECORD_MARK = "selfreport_reporting_path"
+# In the environment of processes started inside the path: what they report is the path's.
+ENVIRON_MARK = "SELFREPORT_REPORTING_PATH"
 
 
 def _running_loop_or_none() -> Optional[asyncio.AbstractEventLoop]:
@@ -80,10 +93,22 @@ def mark_exception(exc: BaseException) -> None:
 
 
 def originated_in_reporting_path(exc: Optional[BaseException]) -> bool:
-    """Whether ``exc`` (or any exception it was chained from) escaped the reporting path."""
+    """Whether ``exc`` (or any exception it was chained from) escaped the reporting path.
+
+    An exception group did when it was marked itself or when every member did: a TaskGroup
+    outside the path gathers what tasks started in the path raised (each of them marked).
+    """
+    return _from_path(exc, [64])
+
+
+def _from_path(exc: Optional[BaseException], budget: list[int]) -> bool:
     seen = 0
-    while exc is not None and seen < 16:
+    while exc is not None and seen < 16 and budget[0] > 0:
+        budget[0] -= 1
         if getattr(exc, _MARK, False):
+            return True
+        members = group_members(exc)
+        if members and all(_from_path(member, budget) for member in members):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
@@ -250,11 +275,17 @@ def _executor_submit(wrapped: Callable[..., Any], instance: Any, args: Any, kwar
     args = (_run_in_path(args[0]), *args[1:])
     # The pool may start a worker thread for this submit; that thread outlives the work item
     # and must not be marked as reporting path for life, so start it from outside the path.
+    with _outside_path():
+        return wrapped(*args, **kwargs)
+
+
+@contextmanager
+def _outside_path() -> Iterator[None]:
     depth = getattr(_local, "depth", 0)
     token = _in_path.set(False)
     _local.depth = 0
     try:
-        return wrapped(*args, **kwargs)
+        yield
     finally:
         _local.depth = depth
         _in_path.reset(token)
@@ -276,6 +307,11 @@ def _counting_logger_handle(original: Callable[[Any, Any], Any]) -> Callable[[An
     @functools.wraps(original)
     def handle(self: Any, record: Any) -> Any:
         local = _local
+        if _in_path.get():
+            # The record may be handled later or elsewhere (QueueListener, MemoryHandler,
+            # another process through a queue): it carries where it was born. The contextvar
+            # alone: every way into the path sets it, and this runs for every record logged.
+            record.__dict__[RECORD_MARK] = True
         depth = getattr(local, "log_depth", 0)
         local.log_depth = depth + 1
         try:
@@ -284,6 +320,11 @@ def _counting_logger_handle(original: Callable[[Any, Any], Any]) -> Callable[[An
             local.log_depth = depth
 
     return handle
+
+
+def record_born_in_path(record: logging.LogRecord) -> bool:
+    """Whether ``record`` was logged inside the reporting path, wherever it is handled now."""
+    return bool(record.__dict__.get(RECORD_MARK, False))
 
 
 def in_nested_log_record() -> bool:
@@ -295,11 +336,88 @@ def in_nested_log_record() -> bool:
     return getattr(_local, "log_depth", 0) > 1
 
 
+def _future_add_done_callback(
+    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+) -> Any:
+    # The callback runs on whichever thread completes the future, usually a pool's, later.
+    if is_reporting() and args:
+        args = (_run_in_path(args[0]), *args[1:])
+    return wrapped(*args, **kwargs)
+
+
+def _loop_call_soon_threadsafe(
+    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+) -> Any:
+    # asyncio copies the caller's context, which carries the contextvar; this covers a thread
+    # in the path by its depth alone, in a context of its own (run_coroutine_threadsafe too).
+    if is_reporting() and args and not _in_path.get():
+        args = (_run_in_path(args[0]), *args[1:])
+    return wrapped(*args, **kwargs)
+
+
+def _popen_init(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if is_reporting():
+        env_at = 9  # Popen(args, bufsize, executable, stdin, stdout, stderr, preexec_fn,
+        #             close_fds, shell, cwd, env, ...): env is rarely given by position
+        if len(args) > env_at + 1:
+            args = (*args[: env_at + 1], _marked_environ(args[env_at + 1]), *args[env_at + 2 :])
+        else:
+            kwargs = {**kwargs, "env": _marked_environ(kwargs.get("env"))}
+    return wrapped(*args, **kwargs)
+
+
+def _marked_environ(env: Any) -> Any:
+    base = dict(os.environ) if env is None else dict(env)
+    base[ENVIRON_MARK] = "1"
+    return base
+
+
+def _process_start(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    # Pickled with the process object when spawned; a forked child inherits the thread state.
+    if is_reporting():
+        setattr(instance, _MARK, True)
+    return wrapped(*args, **kwargs)
+
+
+class _InPath:
+    """A job for another process, run there inside the reporting path (picklable)."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _thread_in_path():
+            return self.func(*args, **kwargs)
+
+
+def _process_pool_submit(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if not (is_reporting() and args):
+        return wrapped(*args, **kwargs)
+    args = (_InPath(args[0]), *args[1:])
+    with _outside_path():  # worker processes outlive the job, like a pool's threads
+        return wrapped(*args, **kwargs)
+
+
+def process_born_in_path() -> bool:
+    """Whether this process was started inside another's reporting path (its env or its
+    ``multiprocessing`` process object says so): everything it reports is the path's own."""
+    if os.environ.get(ENVIRON_MARK) == "1":
+        return True
+    process = sys.modules.get("multiprocessing.process")
+    current = getattr(process, "current_process", None)
+    return current is not None and bool(getattr(current(), _MARK, False))
+
+
 _propagation = Patches(
     (logging.Logger, "handle", Replace(_counting_logger_handle)),
     (threading.Thread, "start", _thread_start),
     (concurrent.futures.ThreadPoolExecutor, "submit", _executor_submit),
+    (concurrent.futures.ProcessPoolExecutor, "submit", _process_pool_submit),
+    (concurrent.futures.Future, "add_done_callback", _future_add_done_callback),
     (asyncio.BaseEventLoop, "create_task", _loop_create_task),
+    (asyncio.BaseEventLoop, "call_soon_threadsafe", _loop_call_soon_threadsafe),
+    (subprocess.Popen, "__init__", _popen_init),
+    (multiprocessing.process.BaseProcess, "start", _process_start),
 )
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "event_fingerprint",
     "exception_values",
     "json_type",
+    "main_exception",
     "normalize_event_id",
     "parse_event_json",
     "parse_id",
@@ -188,9 +189,33 @@ def _frame_location(frame: dict[str, Any]) -> str:
     return f"{_text(where, 200)} in {_text(frame.get('function') or '?', 200)}"
 
 
+def main_exception(exceptions: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The exception an issue is named after: the outermost one; for an exception group, its
+    first member that is not a group itself (Python prints it first; the group only wraps)."""
+    if not exceptions:
+        return None
+    outer = exceptions[-1]
+    if not _mechanism(outer).get("is_exception_group"):
+        return outer
+    leaves = []
+    for exception in exceptions:
+        mechanism = _mechanism(exception)
+        source, exception_id = mechanism.get("source"), mechanism.get("exception_id")
+        is_member = isinstance(source, str) and source.startswith("exceptions[")
+        if is_member and isinstance(exception_id, int) and not mechanism.get("is_exception_group"):
+            leaves.append((exception_id, exception))
+    return min(leaves, key=lambda leaf: leaf[0])[1] if leaves else outer
+
+
+def _mechanism(exception: dict[str, Any]) -> dict[str, Any]:
+    mechanism = exception.get("mechanism")
+    return mechanism if isinstance(mechanism, dict) else {}
+
+
 def _culprit(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> str:
-    if exceptions:
-        frames = frames_of(exceptions[-1])
+    main = main_exception(exceptions)
+    if main is not None:
+        frames = frames_of(main)
         in_app = [f for f in frames if f.get("in_app") is True]
         chosen = (in_app or frames)[-1:] if frames else []
         if chosen:
@@ -203,10 +228,10 @@ def _culprit(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> str:
 
 
 def _title(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> str:
-    if exceptions:
-        last = exceptions[-1]
-        kind = _text(last.get("type") or "Error", 100)
-        value = last.get("value")
+    main = main_exception(exceptions)
+    if main is not None:
+        kind = _text(main.get("type") or "Error", 100)
+        value = main.get("value")
         return _text(f"{kind}: {value}" if value not in (None, "") else kind, _MAX_TITLE)
     _, formatted = _message(event)
     if formatted:

@@ -35,6 +35,8 @@ from selfreport._core.guard import (
     install_propagation,
     is_reporting,
     originated_in_reporting_path,
+    process_born_in_path,
+    record_born_in_path,
     thread_is_reporting,
     uninstall_propagation,
 )
@@ -284,7 +286,14 @@ def _exception_of(hint: Mapping[str, Any]) -> Optional[BaseException]:
 def _originates_in_path(hint: Mapping[str, Any]) -> bool:
     if is_reporting() or thread_is_reporting(threading.current_thread()):
         return True
-    return originated_in_reporting_path(_exception_of(hint))
+    record = hint.get("log_record")
+    if isinstance(record, logging.LogRecord) and record_born_in_path(record):
+        return True  # logged in the path, handled later or elsewhere (a QueueListener)
+    return _PROCESS_BORN_IN_PATH or originated_in_reporting_path(_exception_of(hint))
+
+
+# Started by another process's reporting path: everything this one reports is that path's.
+_PROCESS_BORN_IN_PATH = process_born_in_path()
 
 
 def _fingerprint(event: Mapping[str, Any], hint: Mapping[str, Any]) -> Fingerprint:
@@ -399,6 +408,8 @@ def _client_close(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs:
 
 
 def _record_from_path(record: object) -> bool:
+    if isinstance(record, logging.LogRecord) and record_born_in_path(record):
+        return True
     exc_info = getattr(record, "exc_info", None)
     return bool(exc_info) and originated_in_reporting_path(exc_info[1])  # type: ignore[index]
 
