@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ._admission.admission import Admission, Fingerprint
+from ._capture import scope
 from ._capture.event import (
     Capture,
     build_event,
@@ -27,7 +28,7 @@ from ._core.counters import Counters
 from ._core.diag import Diagnostics
 from ._core.dsn import Dsn, parse_dsn
 from ._core.guard import ReportingPath, is_reporting, on_own_thread, originated_in_reporting_path
-from ._core.options import Scrub, check_number, resolve_scrub
+from ._core.options import Scrub, check_level, check_number, resolve_scrub
 from ._delivery.delivery import Delivery, otel_integration
 from ._delivery.retry import Retry, UpstreamLimits
 from ._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
@@ -55,6 +56,7 @@ STAT_KEYS = (
     "captured",  # accepted into the queue
     "sent",  # acknowledged by the collector
     "dropped_reentrant",  # originated inside the reporting path
+    "breadcrumbs_dropped_reentrant",  # breadcrumbs recorded inside the reporting path
     "dropped_rate_limited",  # global bucket, per-fingerprint dedupe, or upstream 429
     "deduplicated",  # of dropped_rate_limited: repeats folded into a later event
     "dropped_sampled",  # sample_rate
@@ -116,6 +118,8 @@ class Client:
         statsd: Union[str, StatsdConfig, Mapping[str, Any], None] = None,
         transport: Optional[Transport] = None,
         debug: bool = False,
+        breadcrumbs_level: Union[int, str, None] = logging.INFO,
+        max_breadcrumbs: int = scope.DEFAULT_MAX_BREADCRUMBS,
     ) -> None:
         check_number("sample_rate", sample_rate, 0.0, 1.0)
         check_number("max_queue", max_queue, 1, 10_000_000, integer=True)
@@ -125,6 +129,9 @@ class Client:
         check_number("dedupe_window", dedupe_window, 0.0)
         check_number("http_timeout", http_timeout, 0.001, 600.0)
         retry = Retry.for_delivery(max_retries, retry_backoff)
+        check_number("max_breadcrumbs", max_breadcrumbs, 0, scope.MAX_BREADCRUMBS, integer=True)
+        self.breadcrumbs_level = check_level("breadcrumbs_level", breadcrumbs_level)
+        self.max_breadcrumbs = max_breadcrumbs
         if before_send is not None and not callable(before_send):
             raise ConfigError("before_send", "must be callable or None")
         for name, text in (("environment", environment), ("release", release)):
@@ -298,6 +305,11 @@ class Client:
             "(counted in stats()['dropped_reentrant']; further drops are counted silently)",
         )
 
+    def drop_reentrant_breadcrumb(self) -> None:
+        """Count a breadcrumb recorded inside the reporting path, dropped so that a
+        ``before_send`` that logs cannot fill every later event's breadcrumbs."""
+        self._count("breadcrumbs_dropped_reentrant")
+
     def capture_record(self, record: logging.LogRecord) -> Optional[str]:
         """Report a log record (what the logging handler calls)."""
         if is_reporting() or _is_sdk_logger(record.name):
@@ -429,6 +441,7 @@ class Client:
                 if self._admission.dedupes:
                     capture.fingerprint = key
                 capture.context = contextvars.copy_context()
+                capture.scope = scope.current_state(self.max_breadcrumbs)
                 if exc is not None:
                     try:
                         setattr(exc, _CAPTURED_MARK, True)

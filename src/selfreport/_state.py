@@ -10,8 +10,10 @@ import os
 import threading
 from typing import Any, Optional, Union
 
+from ._capture import scope
 from ._capture.hooks import Hooks
 from ._client import Client
+from ._core.options import check_level
 from .exceptions import ConfigError
 from .logging import LoggingHandler
 
@@ -52,17 +54,7 @@ _hooks = Hooks(_hook_capture, _hook_reentrant)
 
 
 def _check_level(level: Union[int, str, None]) -> Optional[int]:
-    if level is None:
-        return None
-    if isinstance(level, str):
-        value = logging.getLevelName(level.strip().upper())
-        if isinstance(value, int):
-            return value
-    elif isinstance(level, int) and not isinstance(level, bool) and level >= 0:
-        return level
-    raise ConfigError(
-        "logging_level", f"expected a level such as logging.ERROR or 'ERROR', got {level!r}"
-    )
+    return check_level("logging_level", level)
 
 
 def _check_option_names(options: dict[str, Any]) -> None:
@@ -96,11 +88,14 @@ def init(
             root.removeHandler(_handler)
             _handler = None
         if level is not None:
-            _handler = LoggingHandler(level)
+            _handler = LoggingHandler(level, breadcrumbs_level=client.breadcrumbs_level)
             root.addHandler(_handler)
+        scope.configure(client.max_breadcrumbs)
         if install_hooks:
             _hooks.install()
+            scope.install_propagation()  # after the hooks' patches, removed before them
         else:
+            scope.uninstall_propagation()
             _hooks.uninstall()
     return client
 
@@ -113,6 +108,7 @@ def close(timeout: Optional[float] = None) -> None:
         if _handler is not None:
             logging.getLogger().removeHandler(_handler)
             _handler = None
+        scope.uninstall_propagation()
         _hooks.uninstall()
     if client is not None:
         client.close(timeout)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Optional, Union
 
 from selfreport.exceptions import ConfigError
 
-__all__ = ["Scrub", "check_number", "resolve_scrub"]
+__all__ = ["Scrub", "check_level", "check_number", "resolve_scrub"]
 
 Scrub = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -37,3 +38,17 @@ def resolve_scrub(scrub: Union[bool, Scrub, None], option: str = "scrub") -> Opt
     if callable(scrub):
         return scrub
     raise ConfigError(option, "must be True, False, None or a callable taking the event")
+
+
+def check_level(name: str, level: Union[int, str, None]) -> Optional[int]:
+    """A logging level (``logging.INFO`` or ``"INFO"``) as a number, or None; else
+    :class:`ConfigError` naming ``name``."""
+    if level is None:
+        return None
+    if isinstance(level, str):
+        value = logging.getLevelName(level.strip().upper())
+        if isinstance(value, int):
+            return value
+    elif isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    raise ConfigError(name, f"expected a level such as logging.ERROR or 'ERROR', got {level!r}")
