@@ -58,8 +58,17 @@ class LoggingHandler(logging.Handler):
         client = _state.current_client(self.client)
         if client is None:
             return False
-        if record.levelno < self.event_level:
-            return self._breadcrumb(client, record)
+        if record.levelno < self.event_level:  # a breadcrumb, or nothing: the hot path
+            crumbs = self.breadcrumbs_level
+            if crumbs is None or record.levelno < crumbs:
+                return False
+            if is_reporting() or in_nested_log_record():
+                client.drop_reentrant_breadcrumb()
+                return False
+            if self.filters:
+                return self._filtered_breadcrumb(record)
+            record_log_breadcrumb(record)
+            return True
         if is_reporting() or in_nested_log_record():
             client.drop_reentrant("log record")
             return False
@@ -74,19 +83,12 @@ class LoggingHandler(logging.Handler):
             pass
         return True
 
-    def _breadcrumb(self, client: Client, record: logging.LogRecord) -> bool:
-        crumbs = self.breadcrumbs_level
-        if crumbs is None or record.levelno < crumbs:
+    def _filtered_breadcrumb(self, record: logging.LogRecord) -> bool:
+        verdict: object = self.filter(record)
+        if not verdict:
             return False
-        if is_reporting() or in_nested_log_record():
-            client.drop_reentrant_breadcrumb()
-            return False
-        if self.filters:
-            verdict: object = self.filter(record)
-            if not verdict:
-                return False
-            if isinstance(verdict, logging.LogRecord):
-                record = verdict
+        if isinstance(verdict, logging.LogRecord):  # Python 3.12+: filters may swap the record
+            record = verdict
         record_log_breadcrumb(record)
         return True
 

@@ -101,6 +101,9 @@ _crumbs: contextvars.ContextVar[Optional[_Crumb]] = contextvars.ContextVar(
     "selfreport_breadcrumbs", default=None
 )
 _limit = [DEFAULT_MAX_BREADCRUMBS]
+# A context's chain grows to _SLACK times the limit before it is cut back to the limit: the
+# copy that cutting takes is spread over (_SLACK - 1) * limit breadcrumbs.
+_SLACK = 4
 
 
 class ScopeState(NamedTuple):
@@ -298,7 +301,7 @@ def _push(
         return
     previous = _crumbs.get()
     length = previous[7] + 1 if previous is not None else 1
-    if length > 2 * limit:  # keep the newest ``limit``: amortized O(1) per breadcrumb
+    if length > _SLACK * limit:  # keep the newest ``limit``: amortized O(1) per breadcrumb
         previous, length = _trimmed(previous, limit - 1), limit
     _crumbs.set((timestamp, kind, category, level, message, data, previous, length))
 
@@ -359,8 +362,17 @@ def record_log_breadcrumb(record: logging.LogRecord) -> None:
     if len(message) > MAX_VALUE:
         message = message[: MAX_VALUE - 3] + "..."
     data = _log_extra(record) if len(record.__dict__) > _RECORD_SIZE else None
-    level = _LOG_LEVELS.get(record.levelno) or level_name(record.levelno)
-    _push(record.created, "log", record.name, level, message, data)
+    levelno = record.levelno
+    level = _LOG_LEVELS[levelno] if levelno in _LOG_LEVELS else level_name(levelno)
+    # _push, inlined: this runs for every breadcrumb-level log record.
+    limit = _limit[0]
+    if limit <= 0:
+        return
+    previous = _crumbs.get()
+    length = previous[7] + 1 if previous is not None else 1
+    if length > _SLACK * limit:
+        previous, length = _trimmed(previous, limit - 1), limit
+    _crumbs.set((record.created, "log", record.name, level, message, data, previous, length))
 
 
 _RECORD_SIZE = len(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
