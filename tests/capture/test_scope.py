@@ -717,3 +717,58 @@ def test_the_scope_is_sent_as_sentry_sdk_sends_it(transport: MemoryTransport) ->
     assert ours["contexts"]["checkout"] == theirs["contexts"]["checkout"]
     assert ours["extra"]["attempt"] == theirs["extra"]["attempt"]
     assert isinstance(theirs["breadcrumbs"]["values"][0]["timestamp"], str)
+
+
+def test_bounds_hold_one_call_at_a_time() -> None:
+    for i in range(scope.MAX_TAGS + 5):
+        selfreport.set_tag(f"t{i}", i)
+    for i in range(scope.MAX_KEYS + 5):
+        selfreport.set_extra(f"e{i}", i)
+    event = event_now()
+    assert len(event["tags"]) == scope.MAX_TAGS
+    assert len(event["extra"]) == scope.MAX_KEYS
+
+
+def test_log_breadcrumbs_keep_the_ring_bounded_too() -> None:
+    scope.configure(10)
+    for i in range(100):
+        scope.record_log_breadcrumb(
+            logging.LogRecord("app", logging.INFO, __file__, 1, "n=%d", (i,), None)
+        )
+    node = scope.current_state().crumbs
+    assert node is not None
+    assert node[7] <= 10 * scope._SLACK
+    values = crumbs(build_event(_capture_with(scope.current_state(max_breadcrumbs=10))))
+    assert [v["message"] for v in values] == [f"n={i}" for i in range(90, 100)]
+    scope.configure(0)
+    scope.record_log_breadcrumb(logging.LogRecord("app", logging.INFO, __file__, 1, "x", (), None))
+    assert scope.current_state().crumbs is node
+
+
+def _capture_with(state: scope.ScopeState) -> Capture:
+    capture = Capture("error")
+    capture.scope = state
+    return capture
+
+
+def test_a_thread_whose_run_was_replaced_still_gets_the_scope(
+    transport: MemoryTransport,
+) -> None:
+    selfreport.set_tag("parent", "1")
+    seen: list[dict[str, Any]] = []
+    thread = threading.Thread()
+    thread.run = lambda: seen.append(event_now())  # type: ignore[method-assign]
+    thread.start()
+    thread.join(10)
+    assert seen[0]["tags"] == {"parent": "1"}
+
+
+def test_a_handler_passes_records_it_has_no_use_for(make_client: ClientFactory) -> None:
+    handler = selfreport.LoggingHandler(logging.ERROR, client=make_client())
+    record = logging.LogRecord("app", logging.INFO, __file__, 1, "x", (), None)
+    assert handler.handle(record) is False  # no breadcrumbs_level: neither event nor crumb
+    handler.breadcrumbs_level = logging.WARNING
+    assert handler.handle(record) is False  # below breadcrumbs_level
+    exit_only = scope.use_state(scope.current_state())
+    exit_only.__exit__(None, None, None)  # never entered: nothing to restore
+    assert crumbs(event_now()) == []
