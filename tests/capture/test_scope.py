@@ -772,3 +772,20 @@ def test_a_handler_passes_records_it_has_no_use_for(make_client: ClientFactory) 
     exit_only = scope.use_state(scope.current_state())
     exit_only.__exit__(None, None, None)  # never entered: nothing to restore
     assert crumbs(event_now()) == []
+
+
+def test_capture_events_records_breadcrumbs_as_init_does() -> None:
+    from selfreport.testing import capture_events
+
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    try:
+        with capture_events() as events:
+            logging.getLogger("app").info("step one")
+            logging.getLogger("app").error("failed")
+            assert events.client is not None
+            assert events.client.flush(10)
+    finally:
+        root.setLevel(logging.WARNING)
+    (event,) = events
+    assert [c["message"] for c in crumbs(event)] == ["step one"]
