@@ -21,8 +21,9 @@ from typing import Any, Callable
 import pyperf
 from _common import setup_sdk
 
-REPORTED_CASES = ("log_error", "log_exception", "capture_exception")
-CASES = (*REPORTED_CASES, "dropped", "bare")
+REPORTED_CASES = ("log_error", "log_exception", "capture_exception", "log_error_scope")
+# breadcrumb: logger.info recorded as a breadcrumb; bare_info: the same call, NullHandler only.
+CASES = (*REPORTED_CASES, "dropped", "bare", "breadcrumb", "bare_info")
 
 side_values: list[dict[str, float]] = []
 
@@ -35,14 +36,44 @@ def _raise(i: int) -> None:
     raise _Boom(f"payment {i} declined")
 
 
+def fill_scope(sdk_name: str) -> None:
+    """5 tags, a user and 20 breadcrumbs, set through each SDK's own API."""
+    if sdk_name == "selfreport":
+        import selfreport as api
+    else:
+        import sentry_sdk as api  # type: ignore[no-redef]
+    for n in range(5):
+        api.set_tag(f"tag{n}", f"value {n}")
+    api.set_user({"id": "42", "username": "bench", "email": "bench@example.com"})
+    for n in range(20):
+        api.add_breadcrumb(message=f"step {n}", category="bench", level="info", data={"n": n})
+
+
 def build_case(case: str, sdk_name: str, dsn: str) -> tuple[Callable[[int], None], Any]:
     """The loop to time for ``case`` (run ``loops`` times) and the SDK handle (or None)."""
     logger = logging.getLogger("bench.app")
     # The baseline logger: only a NullHandler, so logging itself does the same work in all cases.
     logger.addHandler(logging.NullHandler())
-    sdk = None if case == "bare" else setup_sdk(sdk_name, dsn, unlimited=True)
+    sdk = None if case in ("bare", "bare_info") else setup_sdk(sdk_name, dsn, unlimited=True)
+    if case in ("breadcrumb", "bare_info"):
+        logger.setLevel(logging.INFO)  # both: INFO records are made and handled
 
-    if case == "log_error":
+    if case in ("breadcrumb", "bare_info"):
+
+        def loop(loops: int) -> None:
+            info = logger.info
+            for i in range(loops):
+                info("payment %d accepted", i)
+
+    elif case == "log_error_scope":
+        fill_scope(sdk_name)
+
+        def loop(loops: int) -> None:
+            error = logger.error
+            for i in range(loops):
+                error("payment %d declined", i)
+
+    elif case == "log_error":
 
         def loop(loops: int) -> None:
             error = logger.error

@@ -19,6 +19,8 @@ SHORT_LABELS = {
 }
 COST_TARGET = 0.2
 DROPPED_TARGET = 1.5
+SCOPE_TARGET = 0.03  # a reported logger.error with a scope, against sentry-sdk's
+BREADCRUMB_TARGET = 2.0  # a breadcrumb-recording logger.info, against one to a NullHandler
 RSS_TARGET_MB = 20.0
 BLOCKED_MS = 50.0  # a call slower than this counts as the caller having blocked
 LOOPING_RATE = 5  # events/s still arriving in the last third of a window: still looping
@@ -156,6 +158,47 @@ def cost_tables(micro: dict[str, Any]) -> list[str]:
             "*caller CPU*: the calling thread's CPU time per call (median), which time spent "
             "preempted by other processes on this shared machine does not inflate.",
         ]
+    return lines + scope_table(micro)
+
+
+def _scope_pairs(micro: dict[str, Any]) -> list[tuple[str, Any, Any, float, str]]:
+    """(label, ours, baseline, target, baseline label) for the scope cases that ran."""
+    pairs = []
+    ours, theirs = micro.get("log_error_scope:selfreport"), micro.get("log_error_scope:sentry")
+    if ours and theirs:
+        pairs.append(("reported `logger.error` with a scope", ours, theirs, SCOPE_TARGET,
+                      "sentry-sdk, same scope"))  # fmt: skip
+    crumb, bare = micro.get("breadcrumb:selfreport"), micro.get("bare_info:none")
+    if crumb and bare:
+        pairs.append(("breadcrumb-recording `logger.info`", crumb, bare, BREADCRUMB_TARGET,
+                      "bare `logger.info`, NullHandler only"))  # fmt: skip
+    return pairs
+
+
+def scope_table(micro: dict[str, Any]) -> list[str]:
+    pairs = _scope_pairs(micro)
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "### Scopes and breadcrumbs",
+        "",
+        "A reported `logger.error` with 5 tags, a user and 20 breadcrumbs in the scope, against "
+        "sentry-sdk with the same scope (target: at most 0.03x); a `logger.info` that selfreport "
+        "records as a breadcrumb, against the same call to a logger whose only handler is a "
+        "`logging.NullHandler` (target: at most 2x). Median wall time per call.",
+        "",
+        "| call | selfreport | baseline | against | ratio | per round | target | caller CPU ratio |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for label, ours, base, target, against in pairs:
+        ratio = _ratio(ours, base, "median")
+        lines.append(
+            f"| {label} | {fmt_time(ours['median'])} | {fmt_time(base['median'])} | {against} "
+            f"| {fmt_ratio(ratio)} | {_round_ratios(ours, base)} "
+            f"| {verdict(ratio <= target)} ≤ {target:g}x "
+            f"| {fmt_ratio(_ratio(ours, base, 'thread_cpu'))} |"
+        )
     return lines
 
 
@@ -523,6 +566,13 @@ def headline(results: dict[str, Any]) -> str:
             f"{fmt_time(bare['median']):>9} = {fmt_ratio(ratio):>7}  "
             f"(target <= {DROPPED_TARGET}x: {'pass' if ratio <= DROPPED_TARGET else 'MISS'}; "
             f"caller CPU ratio {fmt_ratio(_ratio(dropped, bare, 'thread_cpu'))})"
+        )
+    for label, ours, base, target, against in _scope_pairs(micro):
+        ratio = _ratio(ours, base, "median")
+        out.append(
+            f"  {label.replace('`', '')} {fmt_time(ours['median']):>9} vs "
+            f"{fmt_time(base['median']):>9} ({against.replace('`', '')}) = "
+            f"{fmt_ratio(ratio):>7}  (target <= {target:g}x: {'pass' if ratio <= target else 'MISS'})"
         )
     for result in results.get("storm", []):
         growth = result["peak_growth_mb"]

@@ -39,6 +39,15 @@ from _common import (
 
 PARTS = ("micro", "storm", "close", "recursion", "collector")
 REPORTED_CASES = ("log_error", "log_exception", "capture_exception")
+# Scopes and breadcrumbs: a reported logger.error with a full scope (both SDKs), and a
+# breadcrumb-recording logger.info against the same call to a NullHandler.
+SCOPE_JOBS = (
+    ("log_error_scope", "selfreport"),
+    ("log_error_scope", "sentry"),
+    ("breadcrumb", "selfreport"),
+    ("bare_info", "none"),
+)
+CHEAP_CASES = ("dropped", "bare", "breadcrumb", "bare_info")  # no queue to drain
 
 
 @dataclass
@@ -130,7 +139,7 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 def run_pyperf(
     plan: Plan, sdk: str, case: str, dsn: str, out: Path, side: Path, loops: int
 ) -> None:
-    values = plan.cheap_values if case in ("dropped", "bare") else plan.values
+    values = plan.cheap_values if case in CHEAP_CASES else plan.values
     cmd = [PYTHON, str(BENCH_DIR / "micro.py"), "--sdk", sdk, "--case", case, "--dsn", dsn]
     cmd += ["--side-file", str(side), "-p", str(plan.processes), "-n", str(values)]
     cmd += ["-w", str(plan.warmups), "-l", str(loops), "-q", "-o", str(out)]
@@ -140,7 +149,9 @@ def run_pyperf(
         raise ChildError(f"pyperf {sdk}:{case} failed ({proc.returncode}):\n{tail}")
 
 
-def run_micro(plan: Plan, collector: CollectorProcess, raw: Path) -> dict[str, Any]:
+def run_micro(
+    plan: Plan, collector: CollectorProcess, raw: Path, cases: Optional[list[str]] = None
+) -> dict[str, Any]:
     import pyperf
 
     jobs: list[tuple[str, str]] = []
@@ -148,7 +159,9 @@ def run_micro(plan: Plan, collector: CollectorProcess, raw: Path) -> dict[str, A
         jobs += [(case, "selfreport"), (case, "sentry")]
         if plan.sentry_defaults:
             jobs.append((case, SENTRY_DEFAULTS))
-    jobs += [("dropped", "selfreport"), ("bare", "none")]
+    jobs += [("dropped", "selfreport"), ("bare", "none"), *SCOPE_JOBS]
+    if cases:
+        jobs = [job for job in jobs if job[0] in cases]
     project_of = {job: Projects.take() for job in jobs}
     per_round: dict[tuple[str, str], list[list[float]]] = {job: [] for job in jobs}
     merged: dict[tuple[str, str], Any] = {}
@@ -157,7 +170,7 @@ def run_micro(plan: Plan, collector: CollectorProcess, raw: Path) -> dict[str, A
         ordered = jobs if r % 2 == 0 else list(reversed(jobs))
         for case, sdk in ordered:
             log(f"micro round {r + 1}/{plan.rounds}: {sdk} {case}")
-            loops = plan.loops["dropped"] if case in ("dropped", "bare") else plan.loops[sdk]
+            loops = plan.loops["dropped"] if case in CHEAP_CASES else plan.loops[sdk]
             out = raw / f"pyperf-{case}-{sdk}-r{r}.json"
             side = raw / f"side-{case}-{sdk}.jsonl"
             dsn = collector.dsn(project_of[(case, sdk)])
@@ -185,7 +198,7 @@ def run_micro(plan: Plan, collector: CollectorProcess, raw: Path) -> dict[str, A
             "process_cpu": median(side_values["process_cpu"]),
             "calls": calls,
         }
-        if case in REPORTED_CASES:
+        if case not in CHEAP_CASES:
             entry["delivered"] = collector.stats(project_of[(case, sdk)])["distinct"]
         results[f"{case}:{sdk}"] = entry
     return results
@@ -392,6 +405,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "(default: bench/ and docs/; a temporary directory with --quick)",
     )
     parser.add_argument("--raw-dir", type=Path, help="keep pyperf JSON files here")
+    parser.add_argument(
+        "--micro-cases",
+        default="",
+        help="comma-separated micro cases to run (default: all), e.g. "
+        "log_error_scope,breadcrumb,bare_info",
+    )
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -401,7 +420,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     plan = Plan.quick() if args.quick else Plan.full()
     output_dir = args.output_dir
-    if output_dir is None and (args.quick or set(parts) != set(PARTS)):
+    if output_dir is None and (args.quick or set(parts) != set(PARTS) or args.micro_cases):
         # Only a full run of every part replaces the published figures.
         output_dir = Path(tempfile.mkdtemp(prefix="selfreport-bench-"))
     if output_dir is not None:
@@ -432,7 +451,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "micro" in parts or "storm" in parts:
             with CollectorProcess() as collector:
                 if "micro" in parts:
-                    results["micro"] = run_micro(plan, collector, raw)
+                    cases = [c.strip() for c in args.micro_cases.split(",") if c.strip()]
+                    results["micro"] = run_micro(plan, collector, raw, cases)
                 if "storm" in parts:
                     results["storm"] = run_storm(plan, collector)
         if "close" in parts:

@@ -134,8 +134,14 @@ def _isolate_selfreport() -> Iterator[None]:
     saved = (root.level, list(root.handlers), own.level, list(own.handlers), own.propagate)
     hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
     patched = _patch_points()
-    yield
+    # Tags, user and breadcrumbs a test sets in the main thread's context end with the test.
+    from selfreport._capture import scope
+
+    test_scope = selfreport.new_scope()
+    with test_scope:
+        yield
     selfreport.close(timeout=1.0)
+    scope.configure(scope.DEFAULT_MAX_BREADCRUMBS)
     os.environ.pop("SELFREPORT_DSN", None)
     if saved_dsn is not None:
         os.environ["SELFREPORT_DSN"] = saved_dsn

@@ -17,6 +17,7 @@ SECTIONS = (
     "### Caller cost of one reported call",
     "### CPU per reported event",
     "### A dropped call",
+    "### Scopes and breadcrumbs",
     "### An error storm of",
     "### close() against an upstream that never answers",
     "### Recursion amplification",

@@ -893,7 +893,9 @@ def test_init_options(collector: FakeCollector) -> None:
     assert root_selfreport_handlers() == []
     assert not global_hooks.active
     selfreport.init(collector.dsn, logging_level="warning", **FAST_OPTIONS)
-    assert [h.level for h in root_selfreport_handlers()] == [logging.WARNING]
+    # Events from WARNING; the handler itself takes INFO and up, for breadcrumbs.
+    assert [h.event_level for h in root_selfreport_handlers()] == [logging.WARNING]
+    assert [h.level for h in root_selfreport_handlers()] == [logging.INFO]
     assert global_hooks.active
 
 

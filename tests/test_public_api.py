@@ -25,6 +25,7 @@ def test_public_names_are_pinned() -> None:
         "Scrubber",
         "SelfreportError",
         "__version__",
+        "add_breadcrumb",
         "capture_exception",
         "capture_message",
         "close",
@@ -33,7 +34,13 @@ def test_public_names_are_pinned() -> None:
         "init",
         "is_own_report",
         "is_reporting",
+        "new_scope",
         "reporting_path",
+        "set_context",
+        "set_extra",
+        "set_tag",
+        "set_tags",
+        "set_user",
         "stats",
     ]
     assert selfreport.testing.__all__ == [

@@ -6,6 +6,15 @@ from collections.abc import Mapping
 from logging import ERROR as _ERROR
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from ._capture.scope import (
+    add_breadcrumb,
+    new_scope,
+    set_context,
+    set_extra,
+    set_tag,
+    set_tags,
+    set_user,
+)
 from ._client import Client
 from ._core.guard import guarded, is_reporting, reporting_path
 from ._core.processors import activate_on_import
@@ -32,6 +41,7 @@ __all__ = [
     "Scrubber",
     "SelfreportError",
     "__version__",
+    "add_breadcrumb",
     "capture_exception",
     "capture_message",
     "close",
@@ -40,7 +50,13 @@ __all__ = [
     "init",
     "is_own_report",
     "is_reporting",
+    "new_scope",
     "reporting_path",
+    "set_context",
+    "set_extra",
+    "set_tag",
+    "set_tags",
+    "set_user",
     "stats",
 ]
 
@@ -85,7 +101,10 @@ def init(
             ``spool_max_age`` to keep envelopes on disk while the collector is unreachable or
             answers 5xx/429; ``destinations``, more :class:`Destination` objects or DSNs to
             send every event to as well; ``statsd``, ``"host:port"`` or a dict of
-            ``StatsdConfig`` fields, to export counters over StatsD/DogStatsD.
+            ``StatsdConfig`` fields, to export counters over StatsD/DogStatsD;
+            ``breadcrumbs_level`` (default ``logging.INFO``; ``None``: none), the level from
+            which records below ``logging_level`` become breadcrumbs of the current scope, and
+            ``max_breadcrumbs`` (default 100), how many of the newest an event carries.
 
     Raises:
         ConfigError: a malformed DSN or option, naming the offending part.

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ._admission.admission import Admission, Fingerprint
+from ._capture import scope
 from ._capture.event import (
     Capture,
     build_event,
@@ -35,7 +36,7 @@ from ._core.guard import (
     originated_in_reporting_path,
     process_born_in_path,
 )
-from ._core.options import check_callable, check_number, check_text
+from ._core.options import check_callable, check_level, check_number, check_text
 from ._core.processors import process_event
 from ._core.text import safe_repr
 from ._delivery.envelope import serialize_envelope
@@ -65,6 +66,7 @@ STAT_KEYS = (
     "captured",  # accepted into the queue
     "sent",  # acknowledged by the collector
     "dropped_reentrant",  # originated inside the reporting path
+    "breadcrumbs_dropped_reentrant",  # breadcrumbs recorded inside the reporting path
     "dropped_rate_limited",  # global bucket, per-fingerprint dedupe, or upstream 429
     "deduplicated",  # of dropped_rate_limited: repeats folded into a later event
     "dropped_sampled",  # sample_rate
@@ -107,6 +109,8 @@ class ClientOptions:
     scrub: Optional[Scrub]
     spool: Optional[SpoolOptions]
     transport: Optional[Transport]
+    breadcrumbs_level: Optional[int]
+    max_breadcrumbs: int
 
 
 def client_options(arguments: dict[str, Any]) -> ClientOptions:
@@ -119,6 +123,7 @@ def client_options(arguments: dict[str, Any]) -> ClientOptions:
     check_number("rate_burst", get("rate_burst"), 1, 10_000_000, integer=True)
     check_number("dedupe_window", get("dedupe_window"), 0.0)
     check_number("http_timeout", get("http_timeout"), 0.001, 600.0)
+    check_number("max_breadcrumbs", get("max_breadcrumbs"), 0, scope.MAX_BREADCRUMBS, integer=True)
     retry = Retry.for_delivery(get("max_retries"), get("retry_backoff"))
     check_callable("before_send", get("before_send"))
     for name in ("environment", "release", "server_name"):
@@ -147,6 +152,8 @@ def client_options(arguments: dict[str, Any]) -> ClientOptions:
         scrub=resolve_scrub(get("scrub")),
         spool=spool,
         transport=transport,
+        breadcrumbs_level=check_level("breadcrumbs_level", get("breadcrumbs_level")),
+        max_breadcrumbs=get("max_breadcrumbs"),
     )
 
 
@@ -194,6 +201,8 @@ class Client:
         statsd: Union[str, StatsdConfig, Mapping[str, Any], None] = None,
         transport: object = None,
         debug: bool = False,
+        breadcrumbs_level: Union[int, str, None] = logging.INFO,
+        max_breadcrumbs: int = scope.DEFAULT_MAX_BREADCRUMBS,
     ) -> None:
         arguments = dict(locals())
         del arguments["self"]
@@ -239,6 +248,8 @@ class Client:
         self.http_timeout = options.http_timeout
         self.max_retries = options.retry.total
         self.retry_backoff = options.retry.backoff_factor
+        self.breadcrumbs_level = options.breadcrumbs_level
+        self.max_breadcrumbs = options.max_breadcrumbs
         self._scrub = options.scrub
 
     @property
@@ -340,6 +351,11 @@ class Client:
             "reporting path "
             "(counted in stats()['dropped_reentrant']; further drops are counted silently)",
         )
+
+    def drop_reentrant_breadcrumb(self) -> None:
+        """Count a breadcrumb recorded inside the reporting path, dropped so that a
+        ``before_send`` that logs cannot fill every later event's breadcrumbs."""
+        self._count("breadcrumbs_dropped_reentrant")
 
     def capture_record(self, record: logging.LogRecord) -> Optional[str]:
         """Report a log record (what the logging handler calls)."""
@@ -475,6 +491,7 @@ class Client:
                 if self._admission.dedupes:
                     capture.fingerprint = key
                 capture.context = contextvars.copy_context()
+                capture.scope = scope.current_state(self.max_breadcrumbs)
                 if exc is not None:
                     try:
                         setattr(exc, _CAPTURED_MARK, True)

@@ -9,9 +9,11 @@ import logging
 import threading
 from typing import Any, Callable, Optional, Union
 
+from ._capture import scope
 from ._capture.hooks import Hooks
 from ._client import Client
 from ._core.fork import on_fork_child
+from ._core.options import check_level
 from .exceptions import ConfigError
 
 __all__ = ["close", "current_client", "init", "set_client"]
@@ -51,17 +53,7 @@ _hooks = Hooks(_hook_capture, _hook_reentrant)
 
 
 def _check_level(level: Union[int, str, None]) -> Optional[int]:
-    if level is None:
-        return None
-    if isinstance(level, str):
-        value = logging.getLevelName(level.strip().upper())
-        if isinstance(value, int):
-            return value
-    elif isinstance(level, int) and not isinstance(level, bool) and level >= 0:
-        return level
-    raise ConfigError(
-        "logging_level", f"expected a level such as logging.ERROR or 'ERROR', got {level!r}"
-    )
+    return check_level("logging_level", level)
 
 
 def _check_option_names(options: dict[str, Any]) -> None:
@@ -73,18 +65,23 @@ def _check_option_names(options: dict[str, Any]) -> None:
             raise ConfigError(name, f"is not an option of selfreport.init{hint}")
 
 
+def _null_handler(level: int, breadcrumbs_level: Optional[int] = None) -> logging.Handler:
+    return logging.NullHandler(level)
+
+
 def init(
     dsn: Optional[str] = None,
     *,
     logging_level: Union[int, str, None] = logging.ERROR,
     install_hooks: bool = True,
-    make_handler: Callable[[int], logging.Handler] = logging.NullHandler,
+    make_handler: Callable[..., logging.Handler] = _null_handler,
     **options: Any,
 ) -> Client:
     """Create the global client; a second call closes the previous one first.
 
-    ``make_handler(level)`` makes the root-logger handler (selfreport.init passes its
-    LoggingHandler, which looks the client up here: the dependency goes one way)."""
+    ``make_handler(level, breadcrumbs_level=...)`` makes the root-logger handler
+    (selfreport.init passes its LoggingHandler, which looks the client up here: the
+    dependency goes one way)."""
     global _handler
     # Every ConfigError comes before anything is replaced.
     level = _check_level(logging_level)
@@ -99,11 +96,14 @@ def init(
             root.removeHandler(_handler)
             _handler = None
         if level is not None:
-            _handler = make_handler(level)
+            _handler = make_handler(level, breadcrumbs_level=client.breadcrumbs_level)
             root.addHandler(_handler)
+        scope.configure(client.max_breadcrumbs)
         if install_hooks:
             _hooks.install()
+            scope.install_propagation()  # after the hooks' patches, removed before them
         else:
+            scope.uninstall_propagation()
             _hooks.uninstall()
     return client
 
@@ -116,6 +116,7 @@ def close(timeout: Optional[float] = None) -> None:
         if _handler is not None:
             logging.getLogger().removeHandler(_handler)
             _handler = None
+        scope.uninstall_propagation()
         _hooks.uninstall()
     if client is not None:
         client.close(timeout)

@@ -87,7 +87,9 @@ def capture_events(**options: Any) -> Iterator[CapturedEvents]:
     options.setdefault("dedupe_window", 0)
     client = Client(transport=MemoryTransport(events), **options)
     events.client = client
-    handler = LoggingHandler(level, client=client) if level is not None else None
+    handler = None
+    if level is not None:  # as init() makes it: breadcrumbs from the client's breadcrumbs_level
+        handler = LoggingHandler(level, client=client, breadcrumbs_level=client.breadcrumbs_level)
     root = logging.getLogger()
     previous = set_client(client)
     if handler is not None:

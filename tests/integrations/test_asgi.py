@@ -227,3 +227,67 @@ def test_reporting_never_raises_and_needs_a_client() -> None:
         report_request_exception(KeyboardInterrupt(), {}, mechanism="asgi", client=reporter) is None
     )
     reporter.close()
+
+
+async def scoped(request: Request) -> Response:
+    n = request.path_params["n"]
+    selfreport.set_tag("request", n)
+    selfreport.set_user({"id": n})
+    selfreport.add_breadcrumb(f"handling {n}")
+    await asyncio.sleep(0.01)  # concurrent requests interleave here
+    raise KeyError(f"request {n}")
+
+
+def test_concurrent_requests_each_carry_only_their_own_scope(
+    client: Client, fake: FakeCollector
+) -> None:
+    app = Served(
+        Starlette(
+            routes=[Route("/scoped/{n}", scoped)],
+            middleware=[Middleware(SelfreportMiddleware, client=client)],
+        )
+    )
+    try:
+        threads = [threading.Thread(target=app.get, args=(f"/scoped/{n}",)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        app.stop()
+    assert client.flush(10)
+    assert fake.wait_for(20)
+    for event in fake.events:
+        n = event["tags"]["request"]
+        assert event["exception"]["values"][-1]["value"] == f"'request {n}'"
+        assert event["user"] == {"id": n}
+        assert [c["message"] for c in event["breadcrumbs"]["values"]] == [f"handling {n}"]
+
+
+@pytest.mark.asyncio
+async def test_requests_run_in_one_task_do_not_share_a_scope(
+    client: Client, fake: FakeCollector
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/first":
+            selfreport.set_tag("first", "yes")
+            selfreport.add_breadcrumb("first")
+        raise RuntimeError(scope["path"])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    middleware = SelfreportMiddleware(app, client=client)
+    for path in ("/first", "/second"):
+        request = {"type": "http", "method": "GET", "path": path, "headers": []}
+        with pytest.raises(RuntimeError):
+            await middleware(request, receive, send)
+    assert client.flush(10)
+    assert fake.wait_for(2)
+    by_path = {e["exception"]["values"][-1]["value"]: e for e in fake.events}
+    assert by_path["/first"]["tags"]["first"] == "yes"
+    assert "first" not in by_path["/second"].get("tags", {})
+    assert "breadcrumbs" not in by_path["/second"]

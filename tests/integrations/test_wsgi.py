@@ -217,3 +217,40 @@ def test_request_info_from_a_bare_environ() -> None:
         "url": "https://example.org:8443/app/a%20b",
         "headers": {"content-type": "text/plain"},
     }
+
+
+def scoped_app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    path = environ["PATH_INFO"]
+    selfreport.set_tag("request", path)
+    selfreport.set_user({"id": path})
+    selfreport.add_breadcrumb(f"handling {path}")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+
+    def body() -> Iterator[bytes]:
+        selfreport.add_breadcrumb(f"streaming {path}")
+        yield b"part one;"
+        if path.startswith("/crash"):
+            raise RuntimeError(f"failed {path}")
+
+    return body()
+
+
+def test_each_request_has_its_own_scope_body_iteration_included(
+    client: Client, fake: FakeCollector
+) -> None:
+    # wsgiref serves every request on one thread: without a scope per request they would leak.
+    app = Served(SelfreportWSGIMiddleware(scoped_app, client=client))
+    try:
+        for path in ("/crash-a", "/fine", "/crash-b"):
+            app.get(path)
+    finally:
+        app.stop()
+    assert client.flush(10)
+    assert fake.wait_for(2)
+    for event in fake.events:
+        path = event["tags"]["request"]
+        assert event["exception"]["values"][-1]["value"] == f"failed {path}"
+        assert event["user"] == {"id": path}
+        messages = [c["message"] for c in event["breadcrumbs"]["values"]]
+        assert messages == [f"handling {path}", f"streaming {path}"]
+    assert sorted(e["tags"]["request"] for e in fake.events) == ["/crash-a", "/crash-b"]

@@ -22,6 +22,7 @@ from selfreport._version import __version__
 
 if TYPE_CHECKING:
     from selfreport._admission.admission import Fingerprint
+    from selfreport._capture.scope import ScopeState
 
 __all__ = [
     "SDK_INFO",
@@ -106,6 +107,7 @@ class Capture:
         "params",
         "repeats",
         "request",
+        "scope",
         "thread",
         "timestamp",
         "vars",
@@ -134,6 +136,7 @@ class Capture:
         self.context: Any = None  # the caller's contextvars.Context, for before_send
         self.vars: Optional[list[Optional[dict[str, str]]]] = None
         self.request: Optional[dict[str, Any]] = None  # an HTTP request, already filtered
+        self.scope: Optional[ScopeState] = None  # tags, user, breadcrumbs... at capture time
 
 
 def _kept_frame(index: int, count: int) -> bool:
@@ -385,7 +388,8 @@ def _exception_values(exc: BaseException, capture: Capture) -> list[dict[str, An
     return values
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """``ts`` (seconds since the epoch) as Sentry's ISO 8601 UTC timestamp."""
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -426,7 +430,7 @@ def build_event(
     """The Sentry event for ``capture``; runs on the worker thread, inside the reporting path."""
     event: dict[str, Any] = {
         "event_id": capture.event_id,
-        "timestamp": _iso(capture.timestamp),
+        "timestamp": iso_time(capture.timestamp),
         "platform": "python",
         "level": capture.level,
         "sdk": dict(SDK_INFO),
@@ -459,4 +463,8 @@ def build_event(
         event["extra"] = extra
     if capture.fingerprint is not None:
         event["fingerprint"] = capture.fingerprint.grouping()
+    if capture.scope is not None:
+        from selfreport._capture.scope import apply_scope  # it imports this module
+
+        apply_scope(event, capture.scope)
     return event

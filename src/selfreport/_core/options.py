@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Collection, Iterable
-from typing import NoReturn
+from typing import NoReturn, Optional, Union
 
 from selfreport.exceptions import ConfigError
 
@@ -12,6 +13,7 @@ __all__ = [
     "check_bool",
     "check_callable",
     "check_choice",
+    "check_level",
     "check_number",
     "check_positive",
     "check_strings",
@@ -90,3 +92,17 @@ def check_strings(name: str, values: object, *, what: str = "") -> list[str]:
         if not isinstance(item, str):
             _fail(name, what, f"must contain strings, got {type(item).__name__}")
     return items
+
+
+def check_level(name: str, level: Union[int, str, None]) -> Optional[int]:
+    """A logging level (``logging.INFO`` or ``"INFO"``) as a number, or None; else
+    :class:`ConfigError` naming ``name``."""
+    if level is None:
+        return None
+    if isinstance(level, str):
+        value = logging.getLevelName(level.strip().upper())
+        if isinstance(value, int):
+            return value
+    elif isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    raise ConfigError(name, f"expected a level such as logging.ERROR or 'ERROR', got {level!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, MutableMapping
 from typing import Any, Callable, Optional
 
+from selfreport._capture.scope import new_scope
 from selfreport._core.guard import reporting_path
 from selfreport.integrations import (
     RequestMiddleware,
@@ -33,6 +34,8 @@ class SelfreportMiddleware(RequestMiddleware[ASGIApp]):
       own reports cannot feed on itself.
     - Any other request that raises is reported once, as unhandled, with its method, URL,
       route and headers (credentials filtered), and the exception is re-raised.
+    - Every request runs in a :func:`selfreport.new_scope`: the tags, user and breadcrumbs set
+      while handling it are on its events only.
 
     ``client``: the selfreport client to consult and report to; default: the global one.
     """
@@ -53,13 +56,15 @@ class SelfreportMiddleware(RequestMiddleware[ASGIApp]):
                     report_request_exception(exc, {}, mechanism="asgi", client=self.client)
                     raise
             return
-        try:
-            await self.app(scope, receive, send)
-        except Exception as exc:
-            report_request_exception(
-                exc, request_info(scope, headers), mechanism="asgi", client=self.client
-            )
-            raise
+        # Per request: the tags, user and breadcrumbs it sets are its own.
+        async with new_scope():
+            try:
+                await self.app(scope, receive, send)
+            except Exception as exc:
+                report_request_exception(
+                    exc, request_info(scope, headers), mechanism="asgi", client=self.client
+                )
+                raise
 
 
 def _matched_route_path(scope: Scope) -> Optional[str]:

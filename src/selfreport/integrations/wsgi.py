@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from typing import Any, Callable, Optional
 from urllib.parse import quote
 
+from selfreport._capture.scope import current_state, use_state
 from selfreport._core.guard import reporting_path
 from selfreport.integrations import (
     RequestMiddleware,
@@ -27,7 +29,8 @@ class SelfreportWSGIMiddleware(RequestMiddleware[WSGIApp]):
     Requests carrying this process's own reports (:func:`selfreport.is_own_report`) run inside
     :func:`selfreport.reporting_path`, response iteration included; any other request whose
     handling or response iteration raises is reported once with its method, URL and headers
-    (credentials filtered), and the exception is re-raised.
+    (credentials filtered), and the exception is re-raised. Every request runs in a scope of its
+    own (:func:`selfreport.new_scope`), response iteration included.
 
     ``client``: the selfreport client to consult and report to; default: the global one.
     """
@@ -42,12 +45,15 @@ class SelfreportWSGIMiddleware(RequestMiddleware[WSGIApp]):
                     report_request_exception(exc, {}, mechanism="wsgi", client=self.client)
                     raise
             return _Body(body, None)
-        try:
-            body = self.app(environ, start_response)
-        except Exception as exc:
-            self._report(exc, environ, headers)
-            raise
-        return _Body(body, lambda exc: self._report(exc, environ, headers))
+        # Per request: what it sets is its own, the response iteration (after we return) included.
+        request_scope = use_state(current_state())
+        with request_scope:
+            try:
+                body = self.app(environ, start_response)
+            except Exception as exc:
+                self._report(exc, environ, headers)
+                raise
+        return _Body(body, lambda exc: self._report(exc, environ, headers), request_scope)
 
     def _report(self, exc: BaseException, environ: Environ, headers: dict[str, str]) -> None:
         report_request_exception(
@@ -60,11 +66,15 @@ class _Body:
     reports, with errors reported through ``on_error`` for other requests."""
 
     def __init__(
-        self, body: Iterable[bytes], on_error: Optional[Callable[[BaseException], None]]
+        self,
+        body: Iterable[bytes],
+        on_error: Optional[Callable[[BaseException], None]],
+        scope: Optional[use_state] = None,
     ) -> None:
         self._body = body
         self._iterator: Optional[Iterator[bytes]] = None
         self._on_error = on_error
+        self._scope = scope
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -73,13 +83,14 @@ class _Body:
         if self._on_error is None:
             with reporting_path():
                 return self._next()
-        try:
-            return self._next()
-        except StopIteration:
-            raise
-        except Exception as exc:
-            self._on_error(exc)
-            raise
+        with self._scope or nullcontext():
+            try:
+                return self._next()
+            except StopIteration:
+                raise
+            except Exception as exc:
+                self._on_error(exc)
+                raise
 
     def _next(self) -> bytes:
         if self._iterator is None:
@@ -94,11 +105,12 @@ class _Body:
             with reporting_path():
                 close()
             return
-        try:
-            close()
-        except Exception as exc:
-            self._on_error(exc)
-            raise
+        with self._scope or nullcontext():
+            try:
+                close()
+            except Exception as exc:
+                self._on_error(exc)
+                raise
 
 
 def _headers(environ: Environ) -> dict[str, str]:
