@@ -449,29 +449,35 @@ class Client:
         finally:
             _admitting.active = False
 
+    def _admissible(self, exc: Optional[BaseException]) -> bool:
+        """The cheap checks, before any work: each refusal counted under its reason."""
+        if self._born_in_path:
+            self.drop_reentrant("report of a process started inside the reporting path")
+            return False
+        if exc is not None:
+            if originated_in_reporting_path(exc):
+                self.drop_reentrant("exception")
+                return False
+            if getattr(exc, _CAPTURED_MARK, False):
+                self._count("dropped_duplicate")
+                return False
+        if not self.enabled:
+            return False
+        if self._closed.is_set():
+            self._count("dropped_closed")
+            return False
+        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+            self._count("dropped_sampled")
+            return False
+        return True
+
     def _admit_unguarded(
         self,
         exc: Optional[BaseException],
         fingerprint: Callable[[], Fingerprint],
         snapshot: Callable[[], Capture],
     ) -> Optional[str]:
-        if self._born_in_path:
-            self.drop_reentrant("report of a process started inside the reporting path")
-            return None
-        if exc is not None:
-            if originated_in_reporting_path(exc):
-                self.drop_reentrant("exception")
-                return None
-            if getattr(exc, _CAPTURED_MARK, False):
-                self._count("dropped_duplicate")
-                return None
-        if not self.enabled:
-            return None
-        if self._closed.is_set():
-            self._count("dropped_closed")
-            return None
-        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
-            self._count("dropped_sampled")
+        if not self._admissible(exc):
             return None
         try:
             with ReportingPath():

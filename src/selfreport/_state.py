@@ -43,6 +43,12 @@ def _hook_capture(exc: BaseException, mechanism: str, context_meaningful: bool) 
         client.capture_hooked(exc, mechanism, context_meaningful)
 
 
+def _count_reentrant_breadcrumb() -> None:
+    client = current_client()
+    if client is not None:
+        client.drop_reentrant_breadcrumb()
+
+
 def _hook_reentrant(what: str) -> None:
     client = current_client()
     if client is not None:
@@ -98,7 +104,7 @@ def init(
         if level is not None:
             _handler = make_handler(level, breadcrumbs_level=client.breadcrumbs_level)
             root.addHandler(_handler)
-        scope.configure(client.max_breadcrumbs)
+        scope.configure(client.max_breadcrumbs, _count_reentrant_breadcrumb)
         if install_hooks:
             _hooks.install()
             scope.install_propagation()  # after the hooks' patches, removed before them

@@ -464,7 +464,5 @@ def build_event(
     if capture.fingerprint is not None:
         event["fingerprint"] = capture.fingerprint.grouping()
     if capture.scope is not None:
-        from selfreport._capture.scope import apply_scope  # it imports this module
-
-        apply_scope(event, capture.scope)
+        capture.scope.apply(event)  # a method: this module need not import the scope's
     return event

@@ -113,15 +113,30 @@ class ScopeState(NamedTuple):
     crumbs: Optional[_Crumb]
     max_breadcrumbs: int = DEFAULT_MAX_BREADCRUMBS  # how many of them an event carries
 
+    def apply(self, event: dict[str, Any]) -> None:
+        """Put this scope into ``event`` (see :func:`apply_scope`)."""
+        apply_scope(event, self)
+
 
 def current_state(max_breadcrumbs: int = DEFAULT_MAX_BREADCRUMBS) -> ScopeState:
     """The calling context's scope, as it is now (what a capture keeps)."""
     return ScopeState(_fields.get(), _crumbs.get(), max_breadcrumbs)
 
 
-def configure(max_breadcrumbs: int) -> None:
-    """How many breadcrumbs each context keeps (the global client's ``max_breadcrumbs``)."""
+def _not_counted() -> None:
+    pass
+
+
+# Set by selfreport.init (the capture stage knows no client): counts a breadcrumb dropped
+# because it was added inside the reporting path.
+_count_reentrant_breadcrumb: list[Callable[[], None]] = [_not_counted]
+
+
+def configure(max_breadcrumbs: int, count_reentrant: Callable[[], None] = _not_counted) -> None:
+    """How many breadcrumbs each context keeps (the global client's ``max_breadcrumbs``),
+    and what counts one added inside the reporting path (the current client's counter)."""
     _limit[0] = max_breadcrumbs
+    _count_reentrant_breadcrumb[0] = count_reentrant
 
 
 def _warn(kind: str, message: str) -> None:
@@ -280,14 +295,6 @@ def set_extra(key: str, value: object) -> None:
     _put_keyed("extra", key, value, mapping=False)
 
 
-def _count_reentrant_breadcrumb() -> None:
-    from selfreport._state import current_client
-
-    client = current_client()
-    if client is not None:
-        client.drop_reentrant_breadcrumb()
-
-
 def _push(
     timestamp: float,
     kind: str,
@@ -343,7 +350,7 @@ def add_breadcrumb(
     dropped and counted in ``stats()["breadcrumbs_dropped_reentrant"]``.
     """
     if is_reporting():
-        _count_reentrant_breadcrumb()
+        _count_reentrant_breadcrumb[0]()
         return
     text = None if message is None else _text(message, MAX_VALUE)
     crumb_data = None if data is None else _mapping("breadcrumb data", data)
