@@ -175,3 +175,13 @@ def test_importing_selfreport_imports_no_optional_library() -> None:
         timeout=60,
     )
     assert json.loads(core.stdout) == []
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [
+        name
+        for name in selfreport.__all__
+        if f"::: selfreport.{name}\n" not in text and f"`selfreport.{name}`" not in text
+    ]
+    assert missing == []
