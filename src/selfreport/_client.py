@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ._admission.admission import Admission, Fingerprint
 from ._capture.event import (
+    MAX_TAG,
     Capture,
     build_event,
     capture_from_exception,
     capture_from_message,
     capture_from_record,
+    plain_mapping,
     safe_repr,
+    safe_str,
 )
 from ._core.counters import Counters
 from ._core.diag import Diagnostics
@@ -325,12 +328,15 @@ class Client:
         mechanism: str = "generic",
         handled: bool = True,
         request: Optional[Mapping[str, Any]] = None,
+        extra: Optional[Mapping[str, Any]] = None,
+        tags: Optional[Mapping[str, Any]] = None,
     ) -> Optional[str]:
         """Report ``exc`` (default: the exception being handled); the event id, or None.
 
         ``request`` (``method``, ``url``, ``headers``, ``query_string``, ``data``, ``route``,
         ``endpoint``) becomes the event's request interface; filter secrets out of it first
-        (the ASGI and WSGI middleware do).
+        (the ASGI and WSGI middleware do). ``extra`` (JSON-like data, copied now) and ``tags``
+        (values as strings of at most 200 characters) go to the event's ``extra`` and ``tags``.
         """
         if is_reporting():
             self.drop_reentrant("exception")
@@ -345,6 +351,10 @@ class Client:
             capture = capture_from_exception(error, mechanism, handled, self.include_locals)
             if request:
                 capture.request = dict(request)
+            if extra:
+                capture.extra = plain_mapping(extra)
+            if tags:
+                capture.tags = {safe_str(k, MAX_TAG): safe_str(v, MAX_TAG) for k, v in tags.items()}
             return capture
 
         return self._admit(error, lambda: Fingerprint.of(None, None, error), snapshot)
