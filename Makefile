@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint typecheck pytest browser bench docs build clean
+.PHONY: demo test test-all lint typecheck pytest browser services bench docs build clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,18 @@ browser:
 			|| echo "could not install chromium: the browser test will be skipped"; \
 		else echo "chromium not found: the browser test will be skipped"; fi; }
 
-pytest: $(STAMP) browser
+# The Celery tests start their own redis-server (Debian's) as a broker; CI installs it here the
+# same way. Without it they are skipped, saying why.
+services:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing redis-server for the Celery tests"; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq redis-server >/dev/null; } \
+			|| echo "could not install redis-server: the Celery tests will be skipped"; \
+		else echo "redis-server not found: the Celery tests will be skipped"; fi; }
+
+pytest: $(STAMP) browser services
 	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml $(PYTEST_ARGS)
 
 docs: $(STAMP)
@@ -44,7 +55,7 @@ test: lint typecheck docs pytest
 # The suite on every CPython 3.9-3.13 found (pyenv's versions, or python3.X on PATH), each in
 # its own .venv-3.X; lint, typecheck and docs once with the main venv. TEST_ALL_ARGS: --skip 3.X,
 # --require-all; PYTEST_ARGS go to each pytest. It says which versions it ran and which it lacks.
-test-all: lint typecheck docs browser
+test-all: lint typecheck docs browser services
 	$(BIN)/python tools/test_all.py $(TEST_ALL_ARGS) -- $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -17,6 +17,7 @@ import pytest
 
 import selfreport
 import selfreport._state as state_module
+import selfreport.testing
 from selfreport import Client, ConfigError, Destination, LoggingHandler, reporting_path
 from selfreport._admission.admission import Deduper, Fingerprint
 from selfreport._admission.ratelimit import TokenBucket
@@ -181,6 +182,46 @@ def test_capture_exception_without_an_exception(make_client: ClientFactory) -> N
     client, _ = memory_client(make_client)
     assert client.capture_exception() is None
     assert client.stats()["captured"] == 0
+
+
+def test_capture_exception_with_extra_and_tags(make_client: ClientFactory) -> None:
+    client, transport = memory_client(make_client)
+    job: dict[str, Any] = {"args": [1, object()], "deep": {"a": {"b": {"c": "d"}}}}
+    exc = raised(ValueError("with data"))
+    client.capture_exception(exc, extra={"job": job}, tags={"task": "t" * 300, "n": 5})
+    job["args"].append("added after the capture")
+    assert client.flush(5)
+    [event] = transport.events
+    assert event["extra"]["job"]["args"][0] == 1
+    assert event["extra"]["job"]["args"][1].startswith("<object object at")
+    assert len(event["extra"]["job"]["args"]) == 2  # copied when captured
+    assert event["extra"]["job"]["deep"] == {"a": {"b": {"c": "d"}}}
+    assert event["tags"] == {"task": "t" * 197 + "...", "n": "5"}
+
+
+def test_extra_is_bounded_in_depth_and_breadth(make_client: ClientFactory) -> None:
+    client, transport = memory_client(make_client)
+    nested: Any = "bottom"
+    for _ in range(20):
+        nested = [nested]
+    client.capture_exception(
+        raised(ValueError("big")), extra={"nested": nested, "wide": dict.fromkeys(range(500), 1)}
+    )
+    assert client.flush(5)
+    [event] = transport.events
+    assert len(event["extra"]["wide"]) == 100
+    depth, value = 0, event["extra"]["nested"]
+    while isinstance(value, list):
+        depth, value = depth + 1, value[0]
+    assert depth == 7
+    assert value.startswith("[[")  # rendered as text below the last level
+
+
+def test_module_capture_exception_passes_extra_and_tags() -> None:
+    with selfreport.testing.capture_events() as events:
+        selfreport.capture_exception(raised(KeyError("k")), extra={"a": 1}, tags={"t": "v"})
+    [event] = events.flush()
+    assert (event["extra"], event["tags"]) == ({"a": 1}, {"t": "v"})
 
 
 def test_the_same_exception_is_reported_once(make_client: ClientFactory) -> None:

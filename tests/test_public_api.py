@@ -134,7 +134,9 @@ def test_module_functions() -> None:
         for name in ("capture_exception", "capture_message", "flush", "close", "stats")
     }
     assert signatures == {
-        "capture_exception": "(exc: 'Optional[BaseException]' = None) -> 'Optional[str]'",
+        "capture_exception": "(exc: 'Optional[BaseException]' = None, *, "
+        "extra: 'Optional[Mapping[str, Any]]' = None, tags: 'Optional[Mapping[str, Any]]' = None)"
+        " -> 'Optional[str]'",
         "capture_message": "(message: 'str', level: 'str' = 'error') -> 'Optional[str]'",
         "flush": "(timeout: 'float' = 2.0) -> 'bool'",
         "close": "(timeout: 'Optional[float]' = None) -> 'None'",
@@ -157,7 +159,8 @@ def test_package_is_typed() -> None:
 
 def test_importing_selfreport_imports_no_optional_library() -> None:
     optional = ["sentry_sdk", "starlette", "uvicorn", "prometheus_client", "datadog",
-                "opentelemetry", "httpx", "structlog", "loguru", "pytest"]  # fmt: skip
+                "opentelemetry", "httpx", "structlog", "loguru", "celery", "redis",
+                "pytest"]  # fmt: skip
     code = (
         "import json, sys, selfreport, selfreport.logging, selfreport.testing;"
         f"print(json.dumps(sorted(m for m in {optional!r} if m in sys.modules)))"

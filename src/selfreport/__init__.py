@@ -114,10 +114,20 @@ def init(
     return _init(**arguments, make_handler=LoggingHandler, **options)
 
 
-def capture_exception(exc: Optional[BaseException] = None) -> Optional[str]:
-    """Report ``exc`` (default: the exception being handled); the event id, or None if dropped."""
+def capture_exception(
+    exc: Optional[BaseException] = None,
+    *,
+    extra: Optional[Mapping[str, Any]] = None,
+    tags: Optional[Mapping[str, Any]] = None,
+) -> Optional[str]:
+    """Report ``exc`` (default: the exception being handled); the event id, or None if dropped.
+
+    ``extra`` (JSON-like data, copied now) and ``tags`` (values as strings) go to the event.
+    """
     client = current_client()
-    return client.capture_exception(exc) if client is not None else None
+    if client is None:
+        return None
+    return client.capture_exception(exc, extra=extra, tags=tags)
 
 
 def capture_message(message: str, level: str = "error") -> Optional[str]:

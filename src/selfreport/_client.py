@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from ._admission.admission import Admission, Fingerprint
 from ._capture import scope
 from ._capture.event import (
+    MAX_TAG,
     Capture,
     build_event,
     capture_from_exception,
     capture_from_message,
     capture_from_record,
+    plain_mapping,
+    safe_str,
 )
 from ._capture.sensitive import Scrub, resolve_scrub
 from ._core.counters import Counters
@@ -86,6 +89,17 @@ STAT_KEYS = (
 )
 
 _CAPTURED_MARK = "__selfreport_captured__"
+
+
+def mark_captured(exc: BaseException) -> None:
+    """Count ``exc`` as reported already: a later capture of the same object (the framework
+    logging it after an integration reported it) is dropped as ``dropped_duplicate``."""
+    try:
+        setattr(exc, _CAPTURED_MARK, True)
+    except Exception:  # pragma: no cover - exotic exceptions without __dict__
+        pass
+
+
 _NO_DSN_MESSAGE = "no DSN given and SELFREPORT_DSN is not set: events are not sent anywhere"
 _process_diagnostics = Diagnostics()
 _admitting = threading.local()
@@ -384,12 +398,15 @@ class Client:
         mechanism: str = "generic",
         handled: bool = True,
         request: Optional[Mapping[str, Any]] = None,
+        extra: Optional[Mapping[str, Any]] = None,
+        tags: Optional[Mapping[str, Any]] = None,
     ) -> Optional[str]:
         """Report ``exc`` (default: the exception being handled); the event id, or None.
 
         ``request`` (``method``, ``url``, ``headers``, ``query_string``, ``data``, ``route``,
         ``endpoint``) becomes the event's request interface; filter secrets out of it first
-        (the ASGI and WSGI middleware do).
+        (the ASGI and WSGI middleware do). ``extra`` (JSON-like data, copied now) and ``tags``
+        (values as strings of at most 200 characters) go to the event's ``extra`` and ``tags``.
         """
         if is_reporting():
             self.drop_reentrant("exception")
@@ -404,6 +421,10 @@ class Client:
             capture = capture_from_exception(error, mechanism, handled, self.include_locals)
             if request:
                 capture.request = dict(request)
+            if extra:
+                capture.extra = plain_mapping(extra)
+            if tags:
+                capture.tags = {safe_str(k, MAX_TAG): safe_str(v, MAX_TAG) for k, v in tags.items()}
             return capture
 
         return self._admit(error, lambda: Fingerprint.of(None, None, error), snapshot)
@@ -499,10 +520,7 @@ class Client:
                 capture.context = contextvars.copy_context()
                 capture.scope = scope.current_state(self.max_breadcrumbs)
                 if exc is not None:
-                    try:
-                        setattr(exc, _CAPTURED_MARK, True)
-                    except Exception:  # pragma: no cover - exotic exceptions without __dict__
-                        pass
+                    mark_captured(exc)
         except Exception as error:
             self._count("dropped_error")
             self.diagnostics.warn("capture_error", f"could not capture an event: {error!r}")

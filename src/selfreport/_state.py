@@ -16,7 +16,7 @@ from ._core.fork import on_fork_child
 from ._core.options import check_level
 from .exceptions import ConfigError
 
-__all__ = ["close", "current_client", "init", "set_client"]
+__all__ = ["close", "current_client", "init", "root_handler", "set_client"]
 
 _client: Optional[Client] = None
 _handler: Optional[logging.Handler] = None
@@ -41,6 +41,11 @@ def _hook_capture(exc: BaseException, mechanism: str, context_meaningful: bool) 
     client = current_client()
     if client is not None:
         client.capture_hooked(exc, mechanism, context_meaningful)
+
+
+def root_handler() -> Optional[logging.Handler]:
+    """The handler ``init()`` put on the root logger, if any (a framework may take it off)."""
+    return _handler
 
 
 def _count_reentrant_breadcrumb() -> None:

@@ -11,9 +11,11 @@ import socket
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
+from itertools import islice
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from selfreport._core.excgroups import group_members
 from selfreport._core.guard import originated_in_reporting_path
@@ -32,6 +34,8 @@ __all__ = [
     "capture_from_exception",
     "capture_from_message",
     "capture_from_record",
+    "plain_copy",
+    "plain_mapping",
     "safe_repr",  # re-exported from _core.text, where they live
     "safe_str",
 ]
@@ -44,6 +48,8 @@ SDK_INFO = {"name": SDK_NAME, "version": __version__}
 MAX_FRAMES = 100
 MAX_CHAINED = 10
 MAX_EXCEPTIONS = 50  # values in one event: chained and group members together
+MAX_ITEMS = 100  # entries kept of each container in extra data
+MAX_TAG = 200  # Sentry's limit for tag keys and values
 CONTEXT_LINES = 5
 
 _LEVELS = {
@@ -74,6 +80,37 @@ def _json_safe(value: object) -> object:
     if isinstance(value, str):
         return value if len(value) <= MAX_STRING else safe_str(value)
     return safe_repr(value)
+
+
+def plain_copy(
+    value: object,
+    depth: int = 8,
+    redact: Optional[Callable[[str], bool]] = None,
+    replacement: str = "[Filtered]",
+) -> object:
+    """``value`` as JSON data rendered now: mappings and lists copied (``MAX_ITEMS`` entries,
+    ``depth`` levels), anything else as :func:`_json_safe` renders it; the values of keys for
+    which ``redact`` is true are ``replacement``."""
+    if isinstance(value, Mapping) and depth > 0:
+        return plain_mapping(value, depth, redact, replacement)
+    if isinstance(value, (list, tuple)) and depth > 0:
+        return [plain_copy(item, depth - 1, redact, replacement) for item in value[:MAX_ITEMS]]
+    return _json_safe(value)
+
+
+def plain_mapping(
+    value: Mapping[Any, object],
+    depth: int = 8,
+    redact: Optional[Callable[[str], bool]] = None,
+    replacement: str = "[Filtered]",
+) -> dict[str, object]:
+    """:func:`plain_copy` of a mapping: keys as strings, values copied ``depth - 1`` levels."""
+    out: dict[str, object] = {}
+    for key, item in islice(value.items(), MAX_ITEMS):
+        name = safe_str(key, MAX_TAG)
+        redacted = redact is not None and redact(name)
+        out[name] = replacement if redacted else plain_copy(item, depth - 1, redact, replacement)
+    return out
 
 
 def level_name(levelno: int) -> str:
@@ -108,6 +145,7 @@ class Capture:
         "repeats",
         "request",
         "scope",
+        "tags",
         "thread",
         "timestamp",
         "vars",
@@ -129,6 +167,7 @@ class Capture:
         self.mechanism = "generic"
         self.handled = True
         self.extra: Optional[dict[str, object]] = None
+        self.tags: Optional[dict[str, str]] = None
         self.thread: Optional[str] = None
         self.repeats = 0
         # Its dedupe key, when dedupe is on: the event carries its grouping as "fingerprint".
@@ -461,6 +500,8 @@ def build_event(
         extra["selfreport_repeats"] = capture.repeats
     if extra:
         event["extra"] = extra
+    if capture.tags:  # given to capture_exception: over the request's, under none
+        event["tags"] = {**event.get("tags", {}), **capture.tags}
     if capture.fingerprint is not None:
         event["fingerprint"] = capture.fingerprint.grouping()
     if capture.scope is not None:

@@ -5,6 +5,8 @@
 # Both run requests carrying this process's own reports (selfreport.is_own_report) inside
 # selfreport.reporting_path(), and report other requests' unhandled exceptions once, with the
 # method, URL, route and headers (credentials filtered), before re-raising them.
+# - selfreport.integrations.celery: install() reports failed tasks, and carries the reporting-path
+#   mark through the broker in a task header (a task published in the path runs in it).
 
 from __future__ import annotations
 
