@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -26,9 +27,22 @@ __all__ = [
     "filter_url",
     "is_sensitive",
     "report_request_exception",
+    "requires",
 ]
 
 App = TypeVar("App")
+
+
+@contextmanager
+def requires(module: str, library: str, extra: str) -> Iterator[None]:
+    """Around an integration's imports of its library: when one is missing, the ImportError
+    names the extra that installs it (``pip install 'selfreport[extra]'``)."""
+    try:
+        yield
+    except ImportError as missing:
+        raise ImportError(
+            f"{module} needs {library}: pip install 'selfreport[{extra}]'", name=module
+        ) from missing
 
 
 def is_sensitive(name: str) -> bool:

@@ -8,23 +8,18 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
-try:
-    from celery import signals
-    from celery.exceptions import Ignore, Reject, Retry
-    from celery.utils.serialization import UnpickleableExceptionWrapper
-except ImportError as _missing:  # pragma: no cover - exercised in a test with celery hidden
-    raise ImportError(
-        "selfreport.integrations.celery needs celery: pip install 'selfreport[celery]'",
-        name=__name__,
-    ) from _missing
-
 from selfreport._capture.event import plain_copy
 from selfreport._capture.scope import NewScope
 from selfreport._client import mark_captured
 from selfreport._core.guard import ReportingPath, is_reporting
 from selfreport._delivery.transport import origin_value
 from selfreport._state import current_client
-from selfreport.integrations import FILTERED, is_sensitive
+from selfreport.integrations import FILTERED, is_sensitive, requires
+
+with requires(__name__, "celery", "celery"):
+    from celery import signals
+    from celery.exceptions import Ignore, Reject, Retry
+    from celery.utils.serialization import UnpickleableExceptionWrapper
 
 if TYPE_CHECKING:
     from selfreport._client import Client

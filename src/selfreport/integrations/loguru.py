@@ -5,17 +5,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-try:
-    import loguru
-except ImportError as _missing:  # pragma: no cover - exercised in a test with loguru hidden
-    raise ImportError(
-        "selfreport.integrations.loguru needs loguru: pip install 'selfreport[loguru]'",
-        name=__name__,
-    ) from _missing
-
 from selfreport._core.guard import is_reporting, originated_in_reporting_path
 from selfreport._core.options import check_callable
 from selfreport._state import current_client
+from selfreport.integrations import requires
+
+with requires(__name__, "loguru", "loguru"):
+    import loguru
 
 if TYPE_CHECKING:
     from selfreport._client import Client

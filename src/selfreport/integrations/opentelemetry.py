@@ -8,16 +8,12 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 from selfreport._core.processors import add_event_processor, add_send_wrapper
+from selfreport.integrations import requires
 
-try:
+with requires(__name__, "opentelemetry-api", "otel"):
     from opentelemetry import context as otel_context
     from opentelemetry import trace as otel_trace
-except ImportError as _missing:  # pragma: no cover - exercised in a test with opentelemetry hidden
-    raise ImportError(
-        "selfreport.integrations.opentelemetry needs opentelemetry-api: "
-        "pip install 'selfreport[otel]'",
-        name=__name__,
-    ) from _missing
+
 
 __all__ = ["add_trace_context", "suppress_instrumentation", "suppression_keys", "trace_context"]
 

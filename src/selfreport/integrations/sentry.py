@@ -9,20 +9,6 @@ import threading
 from collections.abc import Coroutine, Mapping
 from typing import Any, Callable, Optional
 
-try:
-    import sentry_sdk
-    import sentry_sdk.client
-    import sentry_sdk.integrations.logging
-    import sentry_sdk.scope
-    import sentry_sdk.transport
-    import sentry_sdk.worker
-    from sentry_sdk.integrations import DidNotEnable, Integration
-except ImportError as _missing:  # pragma: no cover - exercised in a test with sentry_sdk hidden
-    raise ImportError(
-        "selfreport.integrations.sentry needs sentry-sdk 2.x: pip install 'selfreport[sentry]'",
-        name=__name__,
-    ) from _missing
-
 from selfreport._admission.admission import Admission, Fingerprint
 from selfreport._capture.event import safe_str
 from selfreport._core.counters import Counters
@@ -45,6 +31,16 @@ from selfreport._core.patching import Patches
 from selfreport._core.processors import unobserved
 from selfreport._delivery.transport import ORIGIN_HEADER, register_origin
 from selfreport.exceptions import ConfigError
+from selfreport.integrations import requires
+
+with requires(__name__, "sentry-sdk 2.x", "sentry"):
+    import sentry_sdk
+    import sentry_sdk.client
+    import sentry_sdk.integrations.logging
+    import sentry_sdk.scope
+    import sentry_sdk.transport
+    import sentry_sdk.worker
+    from sentry_sdk.integrations import DidNotEnable, Integration
 
 __all__ = ["STAT_KEYS", "SelfreportIntegration", "stats"]
 

@@ -7,18 +7,14 @@ import sys
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-try:
-    import structlog  # noqa: F401 - only to fail early, naming the extra, when it is missing
-except ImportError as _missing:  # pragma: no cover - exercised in a test with structlog hidden
-    raise ImportError(
-        "selfreport.integrations.structlog needs structlog: pip install 'selfreport[structlog]'",
-        name=__name__,
-    ) from _missing
-
 from selfreport._capture.event import safe_str
 from selfreport._core.guard import is_reporting
 from selfreport._state import current_client
 from selfreport.exceptions import ConfigError
+from selfreport.integrations import requires
+
+with requires(__name__, "structlog", "structlog"):
+    import structlog  # noqa: F401 - only to fail early, naming the extra, when it is missing
 
 if TYPE_CHECKING:
     from selfreport._client import Client
