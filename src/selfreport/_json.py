@@ -79,9 +79,23 @@ def repair_surrogates(text: str) -> str:
     Browsers produce them when they cut a string in the middle of an emoji; they cannot be
     encoded as UTF-8, so Relay replaces them, and so does this.
     """
-    if "\\u" not in text or _SURROGATE_ESCAPE.search(text) is None:
+    # Most texts have no backslash at all (a memchr); the others, rarely a surrogate escape.
+    if "\\" not in text or _SURROGATE_ESCAPE.search(text) is None:
         return text
     return _ESCAPES.sub(_repair, text)
+
+
+_DECODERS: dict[Optional[Callable[[str], Any]], json.JSONDecoder] = {}
+
+
+def _decoder(parse_constant: Optional[Callable[[str], Any]]) -> json.JSONDecoder:
+    """A decoder per ``parse_constant``, made once: ``json.loads`` makes one per call."""
+    decoder = _DECODERS.get(parse_constant)
+    if decoder is None:
+        if len(_DECODERS) >= 16:  # callers pass module-level functions; never grows unbounded
+            _DECODERS.clear()
+        decoder = _DECODERS[parse_constant] = json.JSONDecoder(parse_constant=parse_constant)
+    return decoder
 
 
 def loads(
@@ -101,7 +115,9 @@ def loads(
     if repair:
         text = repair_surrogates(text)
     try:
-        value = json.loads(text, parse_constant=parse_constant)
+        if text.startswith("\ufeff"):  # json.loads refuses it, saying why
+            json.loads(text)
+        value = _decoder(parse_constant).decode(text)
     except RecursionError:  # nested hundreds deep: refused by the parser, quickly
         raise JSONDepthError(max_depth) from None
     # After parsing: what is nested too deep for the parser never costs a depth check.
