@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any, Callable, Optional, Union
 
-__all__ = ["MAX_DEPTH", "JSONDepthError", "check_depth", "loads", "repair_surrogates"]
+__all__ = ["MAX_DEPTH", "JSONDepthError", "check_depth", "loads", "parse", "repair_surrogates"]
 
 # serde_json's limit, so what Relay accepts the collector accepts; SDKs stop at about 10.
 MAX_DEPTH = 128
@@ -15,6 +15,8 @@ MAX_DEPTH = 128
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
 _STRING = re.compile(rb'"[^"]*"')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
+# Every byte but brackets and what escaped surrogates are made of, dropped by parse's check.
+_NOT_CHECKED = bytes(b for b in range(256) if b not in b"[{\\udD")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # An escaped backslash, a valid surrogate pair, or a lone surrogate: scanning left to right,
 # escaped backslashes are consumed first so that `\\ud800` (a backslash, then text) is kept.
@@ -98,21 +100,23 @@ def _decoder(parse_constant: Optional[Callable[[str], Any]]) -> json.JSONDecoder
     return decoder
 
 
-def loads(
+def parse(
     data: Union[bytes, str],
     *,
     max_depth: int = MAX_DEPTH,
     parse_constant: Optional[Callable[[str], Any]] = None,
     repair: bool = True,
-) -> Any:
-    """``json.loads`` for untrusted input: depth limited, lone surrogates replaced
-    (``repair=False``: the caller already did, with :func:`repair_surrogates`).
-
-    Raises ``ValueError`` (:class:`JSONDepthError`, ``json.JSONDecodeError``) or
-    ``UnicodeDecodeError`` (itself a ``ValueError``).
-    """
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
-    if repair:
+) -> tuple[str, Any]:
+    """The text of ``data`` with its lone surrogates replaced (unless not ``repair``), and its
+    value: :func:`loads`, for a caller that keeps the text too."""
+    if isinstance(data, bytes):
+        raw, text = data, data.decode("utf-8")
+    else:
+        raw, text = data.encode("utf-8", "surrogatepass"), data
+    # One pass in C keeps what both checks need: the brackets (an upper bound on the depth)
+    # and what an escaped surrogate starts with (a backslash, "u", then "d" or "D", adjacent).
+    kept = raw.translate(None, _NOT_CHECKED)
+    if repair and (b"\\ud" in kept or b"\\uD" in kept):
         text = repair_surrogates(text)
     try:
         if text.startswith("\ufeff"):  # json.loads refuses it, saying why
@@ -121,5 +125,22 @@ def loads(
     except RecursionError:  # nested hundreds deep: refused by the parser, quickly
         raise JSONDepthError(max_depth) from None
     # After parsing: what is nested too deep for the parser never costs a depth check.
-    check_depth(text, max_depth)
-    return value
+    if kept.count(b"[") + kept.count(b"{") > max_depth:
+        check_depth(raw, max_depth)
+    return text, value
+
+
+def loads(
+    data: Union[bytes, str],
+    *,
+    max_depth: int = MAX_DEPTH,
+    parse_constant: Optional[Callable[[str], Any]] = None,
+    repair: bool = True,
+) -> Any:
+    """``json.loads`` for untrusted input: depth limited, lone surrogates replaced
+    (``repair=False``: left as they are).
+
+    Raises ``ValueError`` (:class:`JSONDepthError`, ``json.JSONDecodeError``) or
+    ``UnicodeDecodeError`` (itself a ``ValueError``).
+    """
+    return parse(data, max_depth=max_depth, parse_constant=parse_constant, repair=repair)[1]
