@@ -116,7 +116,9 @@ def parse(
     # One pass in C keeps what both checks need: the brackets (an upper bound on the depth)
     # and what an escaped surrogate starts with (a backslash, "u", then "d" or "D", adjacent).
     kept = raw.translate(None, _NOT_CHECKED)
-    if repair and (b"\\ud" in kept or b"\\uD" in kept):
+    # (find, not "in": bytes.__contains__ first tries the needle as an int, and formats the
+    # TypeError it then clears, at each call.)
+    if repair and (kept.find(b"\\ud") >= 0 or kept.find(b"\\uD") >= 0):
         text = repair_surrogates(text)
     try:
         if text.startswith("\ufeff"):  # json.loads refuses it, saying why
