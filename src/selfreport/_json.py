@@ -113,13 +113,19 @@ def parse(
         raw, text = data, data.decode("utf-8")
     else:
         raw, text = data.encode("utf-8", "surrogatepass"), data
-    # One pass in C keeps what both checks need: the brackets (an upper bound on the depth)
-    # and what an escaped surrogate starts with (a backslash, "u", then "d" or "D", adjacent).
-    kept = raw.translate(None, _NOT_CHECKED)
-    # (find, not "in": bytes.__contains__ first tries the needle as an int, and formats the
-    # TypeError it then clears, at each call.)
-    if repair and (kept.find(b"\\ud") >= 0 or kept.find(b"\\uD") >= 0):
-        text = repair_surrogates(text)
+    deep = False
+    if len(raw) <= 2 * max_depth + 1:  # too short to nest deeper (a level takes two bytes)
+        if repair:
+            text = repair_surrogates(text)
+    else:
+        # One pass in C keeps what both checks need: the brackets (a bound on the depth) and
+        # what an escaped surrogate starts with (a backslash, "u", then "d" or "D", adjacent).
+        kept = raw.translate(None, _NOT_CHECKED)
+        deep = kept.count(b"[") + kept.count(b"{") > max_depth
+        # (find, not "in": bytes.__contains__ first tries the needle as an int, and formats
+        # the TypeError it then clears, at each call.)
+        if repair and (kept.find(b"\\ud") >= 0 or kept.find(b"\\uD") >= 0):
+            text = repair_surrogates(text)
     try:
         if text.startswith("\ufeff"):  # json.loads refuses it, saying why
             json.loads(text)
@@ -127,7 +133,7 @@ def parse(
     except RecursionError:  # nested hundreds deep: refused by the parser, quickly
         raise JSONDepthError(max_depth) from None
     # After parsing: what is nested too deep for the parser never costs a depth check.
-    if kept.count(b"[") + kept.count(b"{") > max_depth:
+    if deep:
         check_depth(raw, max_depth)
     return text, value
 
