@@ -25,6 +25,7 @@ from selfreport.collector.limits import HttpLimits
 from selfreport.collector.server import (
     DATABASE_NAME,
     MAX_DEFAULT_STORAGE,
+    SWITCH_INTERVAL,
     CollectorServer,
     default_data_dir,
     default_max_storage,
@@ -123,6 +124,8 @@ def quiet_sigterm() -> Iterator[None]:
 def test_serve_prints_the_dsn_and_stops_on_sigterm(tmp_path: Path, quiet_sigterm: None) -> None:
     out = io.StringIO()
     url: list[str] = []
+    interval = sys.getswitchinterval()
+    serving_interval: list[float] = []
 
     def answering() -> bool:
         # An HTTP answer, not just a connection: the socket listens before uvicorn runs, and
@@ -145,16 +148,31 @@ def test_serve_prints_the_dsn_and_stops_on_sigterm(tmp_path: Path, quiet_sigterm
 
     def stop_when_up() -> None:
         wait_until(answering, 20)
+        serving_interval.append(sys.getswitchinterval())
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=stop_when_up, daemon=True).start()
     assert serve(port=0, data_dir=tmp_path, out=out) == 0
+    # The process serving owns the switch interval while it serves, and gets it back.
+    assert serving_interval == [SWITCH_INTERVAL]
+    assert sys.getswitchinterval() == interval
     text = out.getvalue()
     assert f"Created the collector database in {tmp_path}" in text
     assert "DSN of the default project: http://" in text
     assert "its own errors go to project 2, 'selfreport-internal'" in text
     assert "the database is kept under " in text
     assert url
+
+
+def test_a_collector_server_leaves_the_switch_interval_alone(tmp_path: Path) -> None:
+    """Only ``serve`` (the process it runs in is the collector's) lowers it: an application
+    or a test running a CollectorServer keeps its own."""
+    interval = sys.getswitchinterval()
+    with CollectorServer(tmp_path, self_report=False) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+            pass
+        assert sys.getswitchinterval() == interval
+    assert sys.getswitchinterval() == interval
 
 
 def test_project_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

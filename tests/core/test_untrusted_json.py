@@ -94,3 +94,29 @@ def test_any_text_round_trips_with_surrogates_replaced(text: str) -> None:
         )
         == expected
     )
+
+
+def test_a_bom_is_refused_as_json_refuses_it() -> None:
+    with pytest.raises(json.JSONDecodeError, match="Unexpected UTF-8 BOM"):
+        loads("\ufeff{}")
+
+
+def test_short_and_long_texts_are_checked_alike() -> None:
+    # Short texts skip the one-pass scan (they cannot nest too deep): surrogates still go.
+    assert loads('"\\ud800"', max_depth=2) == "\ufffd"
+    assert loads('["\\ud800", ' + "0, " * 10 + "0]", max_depth=2)[0] == "\ufffd"
+    with pytest.raises(JSONDepthError):
+        loads(nested(3) + " " * 10, max_depth=2)
+
+
+def test_decoders_are_made_once_per_parse_constant_and_stay_few() -> None:
+    from selfreport._core import untrusted_json as _json
+
+    def constant(name: str) -> float:
+        return 0.0
+
+    assert loads("NaN", parse_constant=constant) == 0.0
+    assert _json._DECODERS[constant] is _json._decoder(constant)
+    for _ in range(40):  # a new function each time: the cache is cleared, never grows past 16
+        loads("[NaN]", parse_constant=lambda name: 1.0)
+    assert len(_json._DECODERS) <= 16

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any, Callable, Optional, Union
 
-__all__ = ["MAX_DEPTH", "JSONDepthError", "check_depth", "loads", "repair_surrogates"]
+__all__ = ["MAX_DEPTH", "JSONDepthError", "check_depth", "loads", "parse", "repair_surrogates"]
 
 # serde_json's limit, so what Relay accepts the collector accepts; SDKs stop at about 10.
 MAX_DEPTH = 128
@@ -15,6 +15,8 @@ MAX_DEPTH = 128
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
 _STRING = re.compile(rb'"[^"]*"')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
+# Every byte but brackets and what escaped surrogates are made of, dropped by parse's check.
+_NOT_CHECKED = bytes(b for b in range(256) if b not in b"[{\\udD")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # An escaped backslash, a valid surrogate pair, or a lone surrogate: scanning left to right,
 # escaped backslashes are consumed first so that `\\ud800` (a backslash, then text) is kept.
@@ -79,9 +81,61 @@ def repair_surrogates(text: str) -> str:
     Browsers produce them when they cut a string in the middle of an emoji; they cannot be
     encoded as UTF-8, so Relay replaces them, and so does this.
     """
-    if "\\u" not in text or _SURROGATE_ESCAPE.search(text) is None:
+    # Most texts have no backslash at all (a memchr); the others, rarely a surrogate escape.
+    if "\\" not in text or _SURROGATE_ESCAPE.search(text) is None:
         return text
     return _ESCAPES.sub(_repair, text)
+
+
+_DECODERS: dict[Optional[Callable[[str], Any]], json.JSONDecoder] = {}
+
+
+def _decoder(parse_constant: Optional[Callable[[str], Any]]) -> json.JSONDecoder:
+    """A decoder per ``parse_constant``, made once: ``json.loads`` makes one per call."""
+    decoder = _DECODERS.get(parse_constant)
+    if decoder is None:
+        if len(_DECODERS) >= 16:  # callers pass module-level functions; never grows unbounded
+            _DECODERS.clear()
+        decoder = _DECODERS[parse_constant] = json.JSONDecoder(parse_constant=parse_constant)
+    return decoder
+
+
+def parse(
+    data: Union[bytes, str],
+    *,
+    max_depth: int = MAX_DEPTH,
+    parse_constant: Optional[Callable[[str], Any]] = None,
+    repair: bool = True,
+) -> tuple[str, Any]:
+    """The text of ``data`` with its lone surrogates replaced (unless not ``repair``), and its
+    value: :func:`loads`, for a caller that keeps the text too."""
+    if isinstance(data, bytes):
+        raw, text = data, data.decode("utf-8")
+    else:
+        raw, text = data.encode("utf-8", "surrogatepass"), data
+    deep = False
+    if len(raw) <= 2 * max_depth + 1:  # too short to nest deeper (a level takes two bytes)
+        if repair:
+            text = repair_surrogates(text)
+    else:
+        # One pass in C keeps what both checks need: the brackets (a bound on the depth) and
+        # what an escaped surrogate starts with (a backslash, "u", then "d" or "D", adjacent).
+        kept = raw.translate(None, _NOT_CHECKED)
+        deep = kept.count(b"[") + kept.count(b"{") > max_depth
+        # (find, not "in": bytes.__contains__ first tries the needle as an int, and formats
+        # the TypeError it then clears, at each call.)
+        if repair and (kept.find(b"\\ud") >= 0 or kept.find(b"\\uD") >= 0):
+            text = repair_surrogates(text)
+    try:
+        if text.startswith("\ufeff"):  # json.loads refuses it, saying why
+            json.loads(text)
+        value = _decoder(parse_constant).decode(text)
+    except RecursionError:  # nested hundreds deep: refused by the parser, quickly
+        raise JSONDepthError(max_depth) from None
+    # After parsing: what is nested too deep for the parser never costs a depth check.
+    if deep:
+        check_depth(raw, max_depth)
+    return text, value
 
 
 def loads(
@@ -92,18 +146,9 @@ def loads(
     repair: bool = True,
 ) -> Any:
     """``json.loads`` for untrusted input: depth limited, lone surrogates replaced
-    (``repair=False``: the caller already did, with :func:`repair_surrogates`).
+    (``repair=False``: left as they are).
 
     Raises ``ValueError`` (:class:`JSONDepthError`, ``json.JSONDecodeError``) or
     ``UnicodeDecodeError`` (itself a ``ValueError``).
     """
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
-    if repair:
-        text = repair_surrogates(text)
-    try:
-        value = json.loads(text, parse_constant=parse_constant)
-    except RecursionError:  # nested hundreds deep: refused by the parser, quickly
-        raise JSONDepthError(max_depth) from None
-    # After parsing: what is nested too deep for the parser never costs a depth check.
-    check_depth(text, max_depth)
-    return value
+    return parse(data, max_depth=max_depth, parse_constant=parse_constant, repair=repair)[1]

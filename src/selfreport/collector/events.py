@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
-from selfreport._core.untrusted_json import loads
+from selfreport._core.untrusted_json import loads, parse
 
 __all__ = [
     "LEVELS",
@@ -26,6 +26,7 @@ __all__ = [
     "main_exception",
     "normalize_event_id",
     "parse_event_json",
+    "parse_event_text",
     "parse_id",
     "prepare_event",
     "trim_event",
@@ -299,6 +300,12 @@ def parse_event_json(text: Union[str, bytes], repair: bool = True) -> Any:
     """Untrusted JSON (see :func:`selfreport._core.untrusted_json.loads`: bounded depth,
     lone surrogates replaced), refusing NaN and Infinity (Python accepts them, JSON does not)."""
     return loads(text, parse_constant=_reject_constant, repair=repair)
+
+
+def parse_event_text(data: bytes) -> tuple[str, Any]:
+    """:func:`parse_event_json` of ``data``, with its text (lone surrogates replaced): what
+    is stored when the event is kept as it came."""
+    return parse(data, parse_constant=_reject_constant)
 
 
 def prepare_event(

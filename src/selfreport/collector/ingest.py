@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from selfreport._core.dsn import parse_dsn
 from selfreport._core.guard import is_reporting
-from selfreport._core.untrusted_json import JSONDepthError, repair_surrogates
+from selfreport._core.untrusted_json import JSONDepthError
 from selfreport._delivery.envelope import EnvelopeError, parse_envelope
 from selfreport.exceptions import ConfigError
 
@@ -25,7 +25,7 @@ from .events import (
     PreparedEvent,
     json_type,
     normalize_event_id,
-    parse_event_json,
+    parse_event_text,
     parse_id,
     prepare_event,
 )
@@ -348,9 +348,8 @@ class IngestEndpoint:
     ) -> Optional[PreparedEvent]:
         where = f"item {index} (event)" if self.kind == "envelope" else "the event"
         try:
-            # Repaired here, so the text stored as is (``original``) has no lone surrogate.
-            text = repair_surrogates(payload.decode("utf-8"))
-            event = parse_event_json(text, repair=False)
+            # The text stored as is (``original``) has its lone surrogates replaced too.
+            text, event = parse_event_text(payload)
         except JSONDepthError as exc:
             raise IngestError(400, "too_deep", f"{where}: {exc}") from None
         except ValueError as exc:  # UnicodeDecodeError is one

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http
-import json
 import logging
 import threading
 import time
@@ -45,6 +43,9 @@ class HttpLimits:
         body_timeout: seconds for a request's whole body to arrive; else 408 and closed.
         keep_alive_timeout: seconds an idle keep-alive connection stays open.
         max_connections: open connections served at once; the ones beyond get a 503.
+
+    The timeouts are checked together, every second (a quarter of the shortest when that is
+    under 4 s), so a connection is closed up to that much after its deadline.
     """
 
     max_request_line: int = 8 * 1024
@@ -111,210 +112,18 @@ class ThrottleFilter(logging.Filter):
         return suppressed is not None
 
 
-def _reply(status: int, detail: str, extra: bytes = b"") -> bytes:
-    body = json.dumps({"detail": detail}).encode()
-    phrase = http.HTTPStatus(status).phrase
-    return (
-        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n".encode()
-        + extra
-        + b"\r\n"
-        + body
-    )
-
-
-# A streamed body is the app's to refuse (ingestion answers 413 with Sentry's headers); the
-# protocol steps in only well past the limit, for routes that never read their body. What the
-# app has not read yet stays below uvicorn's 64 KiB high-water mark plus one 256 KiB read.
-_BODY_SLACK = 2**20
-
-
-class _Rejected(Exception):
-    """Stops the parser once a reply was sent (httptools re-raises it wrapped)."""
-
-
 def protocol_class(limits: HttpLimits, on_reject: OnReject) -> Optional[type[asyncio.Protocol]]:
     """uvicorn's httptools protocol, enforcing ``limits``; None without httptools (PyPy),
     where uvicorn's h11 protocol bounds the headers (``h11_max_incomplete_event_size``)."""
     try:
-        import httptools
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        # Imported here: the CLI imports this module (for --help) without uvicorn.
+        from .protocol import limited_protocol
     except ImportError:  # pragma: no cover - httptools is installed on CPython
         return None
-
-    class LimitedHttpToolsProtocol(HttpToolsProtocol):
-        """Counts header bytes per chunk received (httptools buffers a header whole, without
-        limit, before calling back) and per header; times headers and bodies with one timer."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._timer: Optional[asyncio.TimerHandle] = None
-            self._reading_headers = True
-            self._received = 0  # bytes of the headers, then of the body, so far (whole chunks)
-            self._header_bytes = 0  # exact, from the parser's callbacks
-            self._header_count = 0
-            self._body_bytes = 0
-            self._over_limit = False
-            self._rejected = False
-
-        # --- connection -------------------------------------------------------------------
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._over_limit = len(self.connections) > limits.max_connections
-            self._arm(limits.header_timeout, self._headers_timed_out)
-
-        def connection_lost(self, exc: Optional[Exception]) -> None:
-            self._cancel_timer()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            # (Never called once rejected: closing the transport stops reading at once.)
-            self._unset_keepalive_if_required()
-            self._received += len(data)
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                pass  # no WebSocket here: the request was answered as plain HTTP
-            except httptools.HttpParserError as exc:
-                if not self._rejected:
-                    _malformed.log(
-                        self.logger, logging.WARNING, "invalid HTTP request: %s", str(exc)[:200]
-                    )
-                    self._reject(400, "malformed", "invalid HTTP request")
-                return
-            if self._reading_headers:
-                if self._received > limits.max_header_bytes:
-                    self._reject(431, "headers_too_large", self._too_large_headers())
-                elif self._timer is None and self._received:
-                    self._arm(limits.header_timeout, self._headers_timed_out)
-            elif self._received > limits.max_body + _BODY_SLACK + limits.max_header_bytes:
-                # The body with its chunk framing and trailers (which httptools buffers whole).
-                self._reject(413, "too_large", self._too_large_body())
-            elif self._timer is None:
-                self._arm(limits.body_timeout, self._body_timed_out)
-
-        # --- parser callbacks -------------------------------------------------------------
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._header_bytes = 0
-            self._header_count = 0
-            self._body_bytes = 0
-
-        def on_url(self, url: bytes) -> None:
-            super().on_url(url)
-            if len(self.url) > limits.max_request_line:
-                detail = f"the request target is longer than {limits.max_request_line} bytes"
-                self._stop(414, "request_line_too_long", detail)
-            self._header_bytes += len(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            super().on_header(name, value)
-            self._header_count += 1
-            self._header_bytes += len(name) + len(value) + 4
-            if self._header_count > limits.max_headers:
-                detail = f"more than {limits.max_headers} header fields"
-                self._stop(431, "headers_too_large", detail)
-
-        def on_headers_complete(self) -> None:
-            self._received = 0
-            self._cancel_timer()
-            if self._header_bytes > limits.max_header_bytes:
-                self._stop(431, "headers_too_large", self._too_large_headers())
-            if self._over_limit:
-                detail = "the collector has too many open connections; retry shortly"
-                self._stop(503, "too_many_connections", detail, b"retry-after: 1\r\n")
-            length = self._content_length()
-            if length is not None and length > limits.max_body:
-                self._stop(413, "too_large", self._too_large_body())
-            self._reading_headers = False
-            super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            self._body_bytes += len(body)
-            if self._body_bytes > limits.max_body + _BODY_SLACK:
-                self._stop(413, "too_large", self._too_large_body())
-            super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            self._cancel_timer()
-            self._reading_headers = True
-            self._received = 0
-            super().on_message_complete()
-
-        # --- refusing -----------------------------------------------------------------------
-
-        def _content_length(self) -> Optional[int]:
-            for name, value in self.headers:
-                if name == b"content-length":
-                    return int(value) if value.isdigit() else None
-            return None
-
-        def _too_large_headers(self) -> str:
-            return f"the request headers are larger than {limits.max_header_bytes} bytes"
-
-        def _too_large_body(self) -> str:
-            return f"the body is larger than the limit of {limits.max_body} bytes"
-
-        def _stop(self, status: int, reason: str, detail: str, extra: bytes = b"") -> None:
-            self._reject(status, reason, detail, extra)
-            raise _Rejected(detail)
-
-        def _reject(self, status: int, reason: str, detail: str, extra: bytes = b"") -> None:
-            """Answer ``status`` (unless the app already started answering) and close."""
-            self._rejected = True
-            self._cancel_timer()
-            cycle = self.cycle  # while reading headers: the previous request's
-            answered = False
-            if cycle is not None:
-                answered = not self._reading_headers and cycle.response_started
-                if not cycle.response_complete:  # the app is running
-                    cycle.disconnected = True  # what it still sends goes nowhere
-                    cycle.message_event.set()
-            if not answered and not self.transport.is_closing():
-                self.transport.write(_reply(status, detail, extra))
-            self.transport.close()
-            on_reject(reason)
-
-        # --- timeouts -----------------------------------------------------------------------
-
-        def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-            self._cancel_timer()
-            self._timer = self.loop.call_later(delay, callback)
-
-        def _cancel_timer(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _headers_timed_out(self) -> None:
-            self._timer = None
-            if self.transport.is_closing():  # pragma: no cover - closed, not yet lost
-                return
-            if not self._received:  # connected, sent nothing: no one to answer
-                self._rejected = True
-                self.transport.close()
-                on_reject("idle")
-                return
-            detail = f"the request headers took longer than {limits.header_timeout:g} s"
-            self._reject(408, "timeout", detail)
-
-        def _body_timed_out(self) -> None:
-            self._timer = None
-            if self.transport.is_closing():  # pragma: no cover - closed, not yet lost
-                return
-            cycle = self.cycle
-            if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
-                # Waiting for the app (it reads slowly, or has not asked for the body yet).
-                self._arm(limits.body_timeout, self._body_timed_out)
-                return
-            detail = f"the request body took longer than {limits.body_timeout:g} s"
-            self._reject(408, "timeout", detail)
-
-    return LimitedHttpToolsProtocol
+    return limited_protocol(limits, on_reject)
 
 
+# Read at each use (tests replace them).
 _malformed = LogThrottle()
 _accept_failures = LogThrottle()
 

@@ -118,57 +118,17 @@ class CollectorServer:
         limits: Optional[HttpLimits] = None,
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
-        self.forwarder: Optional[Forwarder] = None
         try:
             public_url = None if public_url is None else _auth.check_public_url(public_url)
         except ValueError as exc:
             raise ConfigError("public_url", str(exc)) from None
         self.data_dir = Path(data_dir)
-        if upstream is not None:
-            # What the upstream cannot take now waits on disk: in the data folder by default,
-            # created private (as the spool is) if this is the first thing to create it.
-            spool = self.data_dir / "spool" if spool_dir is None else Path(spool_dir)
-            if spool_dir is None:
-                parse_dsn(upstream)  # a bad DSN fails before anything is created
-                self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.forwarder = Forwarder(upstream, mode=forward, scrub=scrub, spool_dir=str(spool))
+        self.forwarder = _forwarder(self.data_dir, upstream, forward, scrub, spool_dir)
         self.host = host
         self.self_report = self_report
         self.reporter_options = dict(reporter_options or {})
-        storage_options = dict(storage_options or {})
-        if "max_storage_bytes" not in storage_options:
-            storage_options["max_storage_bytes"] = default_max_storage(self.data_dir)
-        try:
-            self.storage = open_storage(self.data_dir, **storage_options)
-        except BaseException:
-            if self.forwarder is not None:
-                self.forwarder.close(timeout=0)
-            raise
-        self.first_start = self.storage.created
-        self.default_project, self.internal_project = self.storage.ensure_defaults()
-        try:
-            self.login = _login_mode(host, login, self.storage)
-        except ConfigError:
-            self.storage.close()
-            if self.forwarder is not None:
-                self.forwarder.close(timeout=0)
-            raise
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
-        # TCP, and without it every keep-alive response waits ~40 ms on delayed ACKs.
-        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._socket.bind((host, port))
-            # Listening now lets clients connect (and wait in the backlog) before uvicorn runs.
-            self._socket.listen(2048)
-        except OSError as exc:
-            self._socket.close()
-            self.storage.close()
-            if self.forwarder is not None:
-                self.forwarder.close(timeout=0.5)
-            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        self.port: int = self._socket.getsockname()[1]
+        self._open_storage(dict(storage_options or {}), login)
+        self._listen(host, port)
         self.public_url = public_url or self.url
         self.limits = limits or HttpLimits(max_body=max_body)
         self.app: CollectorApp = create_app(
@@ -181,16 +141,66 @@ class CollectorServer:
             allowed_hosts=_auth.allowed_hosts(host, self.public_url, allowed_hosts),
             metrics_public=metrics_public,
         )
+        self._start_forwarding()
+        _throttle_uvicorn_log(install=True)
+        self._config = self._uvicorn_config(log_level)
+        self._server = uvicorn.Server(self._config)
+        self._thread: Optional[threading.Thread] = None
+        self._reporting = False
+        self._closed = False
+
+    def _open_storage(self, options: dict[str, Any], login: str) -> None:
+        """The database, its default projects and the login mode it allows."""
+        if "max_storage_bytes" not in options:
+            options["max_storage_bytes"] = default_max_storage(self.data_dir)
+        try:
+            self.storage = open_storage(self.data_dir, **options)
+        except BaseException:
+            self._close_forwarder(timeout=0)
+            raise
+        self.first_start = self.storage.created
+        self.default_project, self.internal_project = self.storage.ensure_defaults()
+        try:
+            self.login = _login_mode(self.host, login, self.storage)
+        except ConfigError:
+            self.storage.close()
+            self._close_forwarder(timeout=0)
+            raise
+
+    def _listen(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
+        # TCP, and without it every keep-alive response waits ~40 ms on delayed ACKs.
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((host, port))
+            # Listening now lets clients connect (and wait in the backlog) before uvicorn runs.
+            self._socket.listen(2048)
+        except OSError as exc:
+            self._socket.close()
+            self.storage.close()
+            self._close_forwarder(timeout=0.5)
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        self.port: int = self._socket.getsockname()[1]
+
+    def _close_forwarder(self, timeout: float) -> None:
+        if self.forwarder is not None:
+            self.forwarder.close(timeout=timeout)
+
+    def _start_forwarding(self) -> None:
         if self.forwarder is not None:
             self.collector.on_stored.append(self.forwarder)
             self.collector.forwarding = self.forwarder.stats
             self.forwarder.start(self.storage, self.internal_project.id)
         else:
             self.storage.forwarding_off()
+
+    def _uvicorn_config(self, log_level: str) -> uvicorn.Config:
         protocol = protocol_class(self.limits, self.collector.metrics.rejected)
         if protocol is None:
             _warn_without_httptools(self.limits)
-        self._config = uvicorn.Config(
+        return uvicorn.Config(
             self.app,
             # The standard event loop even where uvloop is installed: selfreport's guard
             # patches asyncio's loop (task propagation, the exception-handler hook).
@@ -207,11 +217,6 @@ class CollectorServer:
             timeout_keep_alive=self.limits.keep_alive_timeout,
             ws="none",
         )
-        _throttle_uvicorn_log(install=True)
-        self._server = uvicorn.Server(self._config)
-        self._thread: Optional[threading.Thread] = None
-        self._reporting = False
-        self._closed = False
 
     @property
     def collector(self) -> Collector:
@@ -310,6 +315,25 @@ class CollectorServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _forwarder(
+    data_dir: Path,
+    upstream: Optional[str],
+    forward: str,
+    scrub: bool,
+    spool_dir: Union[str, os.PathLike[str], None],
+) -> Optional[Forwarder]:
+    """Forwarding to ``upstream`` (None: no forwarding), checked before anything is opened."""
+    if upstream is None:
+        return None
+    # What the upstream cannot take now waits on disk: in the data folder by default,
+    # created private (as the spool is) if this is the first thing to create it.
+    spool = data_dir / "spool" if spool_dir is None else Path(spool_dir)
+    if spool_dir is None:
+        parse_dsn(upstream)  # a bad DSN fails before anything is created
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Forwarder(upstream, mode=forward, scrub=scrub, spool_dir=str(spool))
 
 
 def _login_notice(server: CollectorServer) -> str:
