@@ -5,12 +5,11 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
-from tests.conftest import FAST_OPTIONS
+from tests.conftest import FAST_OPTIONS, wait_until
 
 from selfreport import Client, ConfigError, Destination
 from selfreport._core.guard import is_reporting
@@ -47,10 +46,9 @@ class UdpServer:
         with self._lock:
             return list(self.lines)
 
-    def wait_for(self, condition: Callable[[list[str]], bool], timeout: float = 5.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while not condition(self.received()) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    def wait_for(self, condition: Callable[[list[str]], bool]) -> list[str]:
+        """The lines received, once ``condition`` holds for them (or after wait_until gave up)."""
+        wait_until(lambda: condition(self.received()))
         return self.received()
 
     def close(self) -> None:
