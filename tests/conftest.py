@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, TypeVar
 
 import pytest
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 pytest_plugins = ("selfreport.testing", "pytester")
 
 ClientFactory = Callable[..., Client]
+T = TypeVar("T")
 
 # Options that keep unit tests fast and deterministic: no backoff sleeps, no silent limits.
 FAST_OPTIONS: dict[str, Any] = {
@@ -72,18 +73,18 @@ class FakeClock:
         self.now += seconds
 
 
-def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll ``done`` until it is true or ``timeout`` seconds passed; its last answer.
+def wait_until(done: Callable[[], T], timeout: float = 30.0) -> T:
+    """Poll ``done`` until its answer is true or ``timeout`` seconds passed; its last answer.
 
     For waiting on something that will happen. Absence is proven with flush() and counters
     (see :func:`settle`), never by waiting a little to see whether something comes.
     """
     deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return done()
+    while True:
+        answer = done()
+        if answer or time.monotonic() > deadline:
+            return answer
         time.sleep(0.02)
-    return True
 
 
 def settle(client: Any, collector: FakeCollector, timeout: float = 30.0) -> int:

@@ -266,7 +266,7 @@ def test_an_unresolvable_host_is_counted_and_nothing_is_lost(
 
 
 def test_a_statsd_server_that_is_down_is_harmless(exporters: Callable[..., StatsdExporter]) -> None:
-    with socket.socket() as probe:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a UDP port just freed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     exporter = exporters(port=port)
