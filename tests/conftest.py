@@ -10,6 +10,7 @@ import json
 import logging
 import multiprocessing.process
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, TypeVar
 
 import pytest
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 pytest_plugins = ("selfreport.testing", "pytester")
 
 ClientFactory = Callable[..., Client]
+T = TypeVar("T")
 
 # Options that keep unit tests fast and deterministic: no backoff sleeps, no silent limits.
 FAST_OPTIONS: dict[str, Any] = {
@@ -72,14 +74,57 @@ class FakeClock:
         self.now += seconds
 
 
-def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll ``done`` until it is true or ``timeout`` seconds passed; its last answer."""
+def wait_until(done: Callable[[], T], timeout: float = 30.0) -> T:
+    """Poll ``done`` until its answer is true or ``timeout`` seconds passed; its last answer.
+
+    For waiting on something that will happen. Absence is proven with flush() and counters
+    (see :func:`settle`), never by waiting a little to see whether something comes.
+    """
     deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return done()
+    while True:
+        answer = done()
+        if answer or time.monotonic() > deadline:
+            return answer
         time.sleep(0.02)
-    return True
+
+
+def settle(client: Any, collector: FakeCollector, timeout: float = 30.0) -> int:
+    """How many events ``collector`` holds once ``client`` (a Client, or the ``selfreport``
+    module for the global one) has delivered everything, reports made while delivering too.
+
+    Each flush waits for what was captured before it, and a report captured meanwhile (say a
+    before_send that logs an error) makes another round, until a round captures nothing new.
+    A flushed event was recorded by the collector before it answered, so the count is final:
+    nothing more will come from this client.
+    """
+    deadline = time.monotonic() + timeout
+    captured = -1
+    while client.stats()["captured"] != captured:
+        captured = client.stats()["captured"]
+        assert client.flush(max(0.0, deadline - time.monotonic())), "flush timed out"
+    return len(collector.events)
+
+
+_held_ports: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A TCP port on 127.0.0.1 where connections are refused, at once and every time.
+
+    The port is bound and never listened on, and stays so until the session ends: no other
+    process can take it meanwhile (unlike a port bound, read and released, or port 9).
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _held_ports.append(sock)
+    return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_closed_ports() -> Iterator[None]:
+    yield
+    while _held_ports:
+        _held_ports.pop().close()
 
 
 @pytest.fixture

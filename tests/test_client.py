@@ -27,7 +27,7 @@ from selfreport._delivery.transport import ORIGIN_HEADER, HttpTransport, Respons
 from selfreport._state import _hooks as global_hooks
 from selfreport.testing import FakeCollector, MemoryTransport
 
-from .conftest import FAST_OPTIONS, ClientFactory, FakeClock
+from .conftest import FAST_OPTIONS, ClientFactory, FakeClock, closed_port, settle, wait_until
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -626,15 +626,6 @@ def test_rate_limit_defaults_are_on() -> None:
 # --- delivery --------------------------------------------------------------------------------
 
 
-def wait_until(condition: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def test_5xx_is_retried_with_backoff_then_counted(
     collector: FakeCollector, make_client: ClientFactory
 ) -> None:
@@ -675,12 +666,7 @@ def test_4xx_is_not_retried(collector: FakeCollector, make_client: ClientFactory
 
 
 def test_connection_errors_are_retried(make_client: ClientFactory) -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    client = make_client(f"http://k@127.0.0.1:{port}/1", max_retries=1)
+    client = make_client(f"http://k@127.0.0.1:{closed_port()}/1", max_retries=1)
     client.capture_message("nobody listens")
     assert client.flush(5)
     assert client.stats()["retried"] == 1
@@ -923,10 +909,8 @@ def test_second_init_closes_the_first_and_never_doubles_up(collector: FakeCollec
         global_hooks._patches.replaced(sys, "excepthook") is prev_sys
     )  # not chained to our own hook
     logging.getLogger("test_client.init").error("once")
-    assert selfreport.flush(5)
-    assert collector.wait_for(1)
-    time.sleep(0.05)
-    assert len(collector.events) == 1
+    assert settle(selfreport, collector) == 1
+    assert (first.stats()["captured"], first.stats()["dropped_closed"]) == (0, 0)
 
 
 def test_init_options(collector: FakeCollector) -> None:

@@ -237,7 +237,11 @@ class FakeCollector:
         return [event for envelope in self.envelopes for event in envelope.events()]
 
     def wait_for(self, count: int, timeout: float = 5.0) -> bool:
-        """Wait until at least ``count`` events arrived; False on timeout."""
+        """Wait until at least ``count`` events arrived; False on timeout.
+
+        To show that no more arrive, flush the client instead of waiting: each request is
+        recorded before it is answered, so after a successful ``flush()`` all it sent is here.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while len(self.events) < count:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import closed_port, wait_until
 
 from selfreport import ConfigError, Destination
 from selfreport.collector.events import prepare_event
@@ -100,14 +100,15 @@ def test_own_mode_forwards_only_the_collectors_self_reports(
         forwarder.close()
 
 
-DEAD = "http://key@127.0.0.1:9/1"  # the discard port: nothing listens there
-
-
 def _forwarding_to_nowhere(
     server: CollectorServer, tmp_path: Path, spool_max_bytes: int
 ) -> tuple[Target, Forwarder]:
     """``server`` forwarding (as ``serve`` wires it) to an upstream that is down."""
-    forwarder = Forwarder(DEAD, spool_dir=str(tmp_path / "spool"), spool_max_bytes=spool_max_bytes)
+    forwarder = Forwarder(
+        f"http://key@127.0.0.1:{closed_port()}/1",
+        spool_dir=str(tmp_path / "spool"),
+        spool_max_bytes=spool_max_bytes,
+    )
     _attach(server, forwarder)
     server.collector.forwarding = forwarder.stats
     return Target(server), forwarder
@@ -121,7 +122,10 @@ def test_a_down_upstream_spools_and_never_blocks_ingestion(
     tmp_path: Path,
 ) -> None:
     server = make_server()
-    forwarder = _attach(server, Forwarder(DEAD, spool_dir=str(tmp_path / "spool")))
+    forwarder = _attach(
+        server,
+        Forwarder(f"http://key@127.0.0.1:{closed_port()}/1", spool_dir=str(tmp_path / "spool")),
+    )
     try:
         auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
         path = f"/api/{server.default_project.id}/envelope/"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from tests.conftest import wait_until
 
 from selfreport import ConfigError
 from selfreport._core.guard import is_reporting
@@ -411,15 +412,6 @@ class Upstream:
             return self.cond.wait_for(predicate, timeout)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def make_replayer(
     spool: Spool,
     upstream: Upstream,
@@ -610,11 +602,19 @@ def test_an_outage_after_one_transient_5xx_quarantines_nothing(tmp_path: Path) -
 
 def test_files_left_by_a_crashed_process_are_picked_up_while_idle(tmp_path: Path) -> None:
     spool = Spool(tmp_path, rescan_interval=0)
+    scans: list[list[str]] = []
+    scan = spool.pending
+
+    def pending() -> list[str]:  # only the replayer asks, at the start of each round
+        scans.append(scan())
+        return scans[-1]
+
+    spool.pending = pending  # type: ignore[method-assign]
     upstream = Upstream(lambda call: Outcome.SENT)
     replayer = make_replayer(spool, upstream)
     replayer.start()
     try:
-        time.sleep(0.05)
+        assert wait_until(lambda: bool(scans))  # its first round found nothing: now idle
         Spool(tmp_path).put(envelope(7))  # another process
         assert upstream.wait(lambda: upstream.bodies == [envelope(7)])
     finally:
@@ -624,10 +624,11 @@ def test_files_left_by_a_crashed_process_are_picked_up_while_idle(tmp_path: Path
 def test_stop_interrupts_a_send_that_hangs(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.put(envelope(1))
-    release = threading.Event()
+    sending, release = threading.Event(), threading.Event()
     interrupted: list[bool] = []
 
     def hang(body: bytes) -> Outcome:
+        sending.set()
         release.wait(10)
         return Outcome.UNREACHABLE
 
@@ -637,7 +638,7 @@ def test_stop_interrupts_a_send_that_hangs(tmp_path: Path) -> None:
 
     replayer = Replayer(spool, hang, interrupt=interrupt, policy=Retry.for_replay(0.01))
     replayer.start()
-    time.sleep(0.1)
+    assert sending.wait(10)
     assert replayer.stop(0.1)
     assert interrupted == [True]
     assert spool.pending() != []  # still spooled for next time
@@ -726,7 +727,7 @@ def test_stop_ends_a_replay_between_two_envelopes(tmp_path: Path) -> None:
 
     def send_then_stop(body: bytes) -> Outcome:
         threading.Thread(target=replayer.stop, args=(5,)).start()
-        time.sleep(0.05)
+        assert wait_until(lambda: replayer._stopping)  # stop() was called while sending
         return Outcome.SENT
 
     replayer = Replayer(spool, send_then_stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import selectors
 import socket
 import threading
 import time
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import Callable
 
 import pytest
+from tests.conftest import closed_port, wait_until
 
 from selfreport import __version__
 from selfreport._core.dsn import parse_dsn
@@ -172,10 +174,7 @@ def test_interrupt_without_connection_is_harmless(transport: HttpTransport) -> N
 
 
 def test_connection_refused_raises_oserror() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    sender = HttpTransport(parse_dsn(f"http://k@127.0.0.1:{port}/1"))
+    sender = HttpTransport(parse_dsn(f"http://k@127.0.0.1:{closed_port()}/1"))
     with pytest.raises(ConnectionRefusedError):
         sender.send(envelope(), timeout=2)
 
@@ -204,13 +203,11 @@ def test_reset_after_fork_drops_the_connection_without_closing_it(
 # --- servers that misbehave ----------------------------------------------------------------
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+def readable(sock: socket.socket, timeout: float = 30.0) -> bool:
+    """Whether ``sock`` has data or end-of-file to read within ``timeout`` seconds."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        return bool(selector.select(timeout))
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -237,6 +234,7 @@ class RawServer:
     def __init__(self, answer: Callable[[socket.socket, int], None]) -> None:
         self.answer = answer
         self.connections = 0
+        self.closed = 0  # connections this side has closed
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.05)
         self._stop = threading.Event()
@@ -259,6 +257,7 @@ class RawServer:
                     self.answer(conn, self.connections)
                 except OSError:  # the client reset the connection: its business
                     pass
+            self.closed += 1
 
     def close(self) -> None:
         self._stop.set()
@@ -291,8 +290,11 @@ def test_stale_keep_alive_connection_is_retried_at_once(raw_server) -> None:  # 
     sender = HttpTransport(parse_dsn(server.dsn))
     try:
         assert sender.send(envelope(), timeout=2).status == 200
-        assert wait_until(lambda: server.connections == 1)
-        time.sleep(0.05)  # let the server's close reach us, as an idle pooled connection's would
+        # The pooled connection is idle and the server's close has reached it (its FIN makes
+        # the socket readable): the next request goes out on a connection already closed.
+        assert wait_until(lambda: server.closed == 1)
+        assert sender._conn is not None
+        assert readable(sender._conn.sock)
         assert sender.send(envelope(), timeout=2).status == 200
     finally:
         sender.close()

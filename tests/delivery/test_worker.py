@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 
@@ -30,6 +29,20 @@ class Recorder:
         self.items.append(item)
         self.threads.add(threading.current_thread().name)
         self.reporting.append(is_reporting())
+
+
+class AnnouncingCondition(threading.Condition):
+    """A condition that sets ``waiting`` when ``thread`` starts waiting on it."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        super().__init__(threading.Lock())
+        self.thread = thread
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if threading.current_thread() is self.thread:
+            self.waiting.set()  # the lock is still held: whoever acts on this waits for wait()
+        return super().wait(timeout)
 
 
 @pytest.fixture
@@ -113,15 +126,13 @@ def test_flush_does_not_wait_for_items_submitted_after_it(
         done.append(item)
 
     worker = make_worker(process)
-    worker.submit(0)
-    worker.submit(1)
     result: list[bool] = []
     flusher = threading.Thread(target=lambda: result.append(worker.flush(10)))
+    worker._cond = cond = AnnouncingCondition(flusher)  # before the worker thread takes it
+    worker.submit(0)
+    worker.submit(1)
     flusher.start()
-    # The worker thread is held in process(), so the one waiter on the condition is flush().
-    deadline = time.monotonic() + 5
-    while not worker._cond._waiters and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.001)
+    assert cond.waiting.wait(10)  # flush() took its target under the lock and waits
     worker.submit(2)  # arrives while flush() waits: flush() must not wait for it
     worker.submit(3)
     gates[0].set()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from tests.conftest import FAST_OPTIONS
+from tests.conftest import FAST_OPTIONS, closed_port, settle, wait_until
 
 import selfreport
 from selfreport import Client, ConfigError, Destination
@@ -22,22 +21,6 @@ from selfreport._delivery.spool import Spool
 from selfreport._delivery.transport import Response
 from selfreport._onprem.destination import DESTINATION_STAT_KEYS, plain_copy
 from selfreport.testing import FakeCollector, MemoryTransport
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def closed_port() -> int:
-    """A local TCP port nobody listens on (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def event(n: int, **fields: Any) -> dict[str, Any]:
@@ -125,8 +108,7 @@ def test_a_custom_scrubber_and_a_failing_one(collector: FakeCollector, destinati
     for destination in (custom, failing, wrong):
         assert destination.send_event(event(1))
         assert destination.flush(5)
-    assert collector.wait_for(1)
-    time.sleep(0.1)
+    # All three flushed: whatever they were going to send has reached the collector.
     assert [e["tags"] for e in collector.events] == [{"scrubbed": "yes"}]
     assert failing.stats()["dropped_error"] == 1
     assert wrong.stats()["dropped_error"] == 1
@@ -321,8 +303,9 @@ def test_a_spooled_envelope_the_upstream_refuses_is_quarantined_and_counted(
     upstream.send_event(event(1))
     assert upstream.flush(5)
     collector.status = 400
-    assert wait_until(lambda: upstream.stats()["spool_size"] == 0)
-    assert upstream.stats()["quarantined"] == 1
+    # The file leaves the spool, then the counter moves: wait for both.
+    assert wait_until(lambda: upstream.stats()["quarantined"] == 1)
+    assert upstream.stats()["spool_size"] == 0
     assert len(list((tmp_path / "quarantine").iterdir())) == 1
     assert upstream.stats()["replayed"] == 0
 
@@ -350,8 +333,10 @@ def test_close_spools_what_is_still_queued(destinations: Any, tmp_path: Path) ->
         upstream = destinations(stuck.dsn, spool_dir=tmp_path, http_timeout=30)
         for n in range(4):
             upstream.send_event(event(n))
-        time.sleep(0.1)
-        upstream.close(0.3)
+        assert stuck.wait_for(1)  # the first is in flight, never answered
+        # close(0.3) leaves 0.03 s to spool the interrupted envelope: 3 == 4 under load, 5 runs
+        # out of 100 with 4 busy loops on 2 cores (the sleep it replaced did no better)
+        upstream.close(2.0)
     stats = upstream.stats()
     assert stats["dropped_closed"] == 0
     assert stats["spooled"] == 4  # the one in flight and the three still queued
@@ -551,11 +536,10 @@ def test_reports_from_the_reporting_path_never_reach_the_endpoint(tmp_path: Path
         )
         for n in range(5):
             logging.getLogger("app").error("application error %d", n)
-        assert selfreport.flush(10)
-        assert endpoint.wait_for(6)  # five, and the envelope left in the spool
-        time.sleep(0.5)  # room for anything that should not come
+        assert wait_until(lambda: selfreport.stats()["replayed"] == 1)  # the one left spooled
+        assert settle(selfreport, endpoint) == 6  # and the five
         stats = selfreport.stats()
-        selfreport.close(5)
+        selfreport.close(5)  # every thread stopped: what the endpoint holds is all it gets
         assert sorted(str(e.get("logger")) for e in endpoint.events) == ["app"] * 5 + ["left.over"]
         assert len(endpoint.requests) == 6
         assert not [r for r in endpoint.requests if r.error]
@@ -564,7 +548,7 @@ def test_reports_from_the_reporting_path_never_reach_the_endpoint(tmp_path: Path
     assert stats["sent"] == 6
     assert stats["replayed"] == 1
     assert stats["dropped_reentrant"] >= 5  # the errors logged inside the reporting path
-    assert (spool_dir / "quarantine").iterdir()
+    assert any((spool_dir / "quarantine").iterdir())
 
 
 # --- less travelled paths ----------------------------------------------------------------------

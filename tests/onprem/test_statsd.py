@@ -5,12 +5,11 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
-from tests.conftest import FAST_OPTIONS
+from tests.conftest import FAST_OPTIONS, wait_until
 
 from selfreport import Client, ConfigError, Destination
 from selfreport._core.guard import is_reporting
@@ -47,10 +46,9 @@ class UdpServer:
         with self._lock:
             return list(self.lines)
 
-    def wait_for(self, condition: Callable[[list[str]], bool], timeout: float = 5.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while not condition(self.received()) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    def wait_for(self, condition: Callable[[list[str]], bool]) -> list[str]:
+        """The lines received, once ``condition`` holds for them (or after wait_until gave up)."""
+        wait_until(lambda: condition(self.received()))
         return self.received()
 
     def close(self) -> None:
@@ -268,7 +266,7 @@ def test_an_unresolvable_host_is_counted_and_nothing_is_lost(
 
 
 def test_a_statsd_server_that_is_down_is_harmless(exporters: Callable[..., StatsdExporter]) -> None:
-    with socket.socket() as probe:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a UDP port just freed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     exporter = exporters(port=port)
