@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -242,14 +241,8 @@ class FakeCollector:
         To show that no more arrive, flush the client instead of waiting: each request is
         recorded before it is answered, so after a successful ``flush()`` all it sent is here.
         """
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while len(self.events) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
+            return self._cond.wait_for(lambda: len(self.events) >= count, timeout)
 
     # --- request handling ---
 

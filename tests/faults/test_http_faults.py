@@ -156,7 +156,10 @@ def test_slowloris_connections_are_closed_within_the_header_timeout(
             sock.close()
     assert closed == 500
     assert elapsed < 2.0 + 15  # the timeout, plus a loaded machine's slack
-    assert server.collector.metrics.rejected_by_reason()["timeout"] == 500
+    reasons = server.collector.metrics.rejected_by_reason()
+    # On a loaded machine a connection's bytes may still be unread when its deadline passes:
+    # the server saw nothing, so it counts it idle. Either way each is closed and counted once.
+    assert reasons["timeout"] + reasons.get("idle", 0) == 500
 
 
 def test_slow_bodies_are_closed_within_the_body_timeout(

@@ -129,12 +129,9 @@ class Worker(ThreadOwner, Generic[T]):
             target = self._submitted
             if self._finished < target and self._thread is threading.current_thread():
                 return False
-            while self._finished < target:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
+            return self._cond.wait_for(
+                lambda: self._finished >= target, max(0.0, deadline - time.monotonic())
+            )
 
     def stop(self, timeout: float) -> bool:
         """Stop accepting, let the thread finish what is queued within ``timeout``."""
