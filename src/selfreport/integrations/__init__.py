@@ -13,8 +13,7 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -23,6 +22,7 @@ from selfreport._capture.scope import current_state, new_scope, set_user
 from selfreport._capture.sensitive import FILTERED, is_sensitive_name
 from selfreport._core.guard import reporting_path
 from selfreport._core.text import safe_str
+from selfreport._delivery.transport import ORIGIN_HEADER
 
 if TYPE_CHECKING:
     from selfreport._client import Client
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 App = TypeVar("App")
+_ORIGIN_ENVIRON = "HTTP_" + ORIGIN_HEADER.upper().replace("-", "_")
 
 
 @contextmanager
@@ -116,6 +117,13 @@ class RequestMiddleware(Generic[App]):
         self.app = app
         self.client = client
 
+    def _is_own_environ(self, environ: Mapping[str, Any]) -> bool:
+        """:meth:`_is_own` for a WSGI environ (or Django's ``request.META``), reading the one
+        header that matters: building them all for every request would cost more than the
+        rest of the middleware."""
+        mark = environ.get(_ORIGIN_ENVIRON)
+        return mark is not None and self._is_own({ORIGIN_HEADER: str(mark)})
+
     def _is_own(self, headers: Mapping[str, str]) -> bool:
         if self.client is not None:
             return self.client.is_own_report(headers)
@@ -159,15 +167,23 @@ def reset_request(token: contextvars.Token[Optional[RequestView]]) -> None:
     _current_request.reset(token)
 
 
-@contextmanager
-def serving(view: RequestView) -> Iterator[None]:
-    """Run one request in a scope of its own, ``view`` describing the events it reports."""
-    token = _current_request.set(view)
-    try:
-        with new_scope():
-            yield
-    finally:
-        _current_request.reset(token)
+class serving:
+    """``with serving(view):`` runs one request in a scope of its own, ``view`` describing the
+    events it reports. A class, not a generator: it runs for every request."""
+
+    __slots__ = ("_scope", "_token", "_view")
+
+    def __init__(self, view: RequestView) -> None:
+        self._view = view
+        self._scope = new_scope()
+
+    def __enter__(self) -> None:
+        self._token = _current_request.set(self._view)
+        self._scope.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._scope.__exit__(None, None, None)
+        _current_request.reset(self._token)
 
 
 def describe_request(event: dict[str, Any]) -> None:

@@ -34,12 +34,10 @@ _DISPATCH_UID = "selfreport.integrations.django"
 class DjangoRequest(RequestView):
     """A Django ``HttpRequest`` (WSGI or ASGI) described for events."""
 
-    __slots__ = ("request", "send_default_pii")
+    __slots__ = ("request",)
 
     def __init__(self, request: Any) -> None:
         self.request = request
-        # Read now, on the request's thread: the worker thread may read the user later.
-        self.send_default_pii = bool(getattr(settings, "SELFREPORT_SEND_DEFAULT_PII", False))
 
     def info(self) -> dict[str, Any]:
         request = self.request
@@ -66,7 +64,7 @@ class DjangoRequest(RequestView):
                 user.pk,
                 user.get_username(),
                 getattr(user, "email", None),
-                self.send_default_pii,
+                bool(getattr(settings, "SELFREPORT_SEND_DEFAULT_PII", False)),
             )
         except Exception:  # a broken user model or database: the event goes without a user
             return None
@@ -104,14 +102,14 @@ class SelfreportMiddleware(RequestMiddleware[Callable[[Any], Any]]):
     def __call__(self, request: Any) -> Any:
         if self._is_async:
             return self._acall(request)
-        if self._is_own(request.headers):
+        if self._is_own_environ(request.META):
             with reporting_path():
                 return self.app(request)
         with serving(DjangoRequest(request)):
             return self.app(request)
 
     async def _acall(self, request: Any) -> Any:
-        if self._is_own(request.headers):
+        if self._is_own_environ(request.META):
             async with reporting_path():
                 return await self.app(request)
         with serving(DjangoRequest(request)):

@@ -36,8 +36,7 @@ class SelfreportWSGIMiddleware(RequestMiddleware[WSGIApp]):
     """
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        headers = environ_headers(environ)
-        if self._is_own(headers):
+        if self._is_own_environ(environ):
             with reporting_path():
                 try:
                     body = self.app(environ, start_response)
@@ -51,14 +50,13 @@ class SelfreportWSGIMiddleware(RequestMiddleware[WSGIApp]):
             try:
                 body = self.app(environ, start_response)
             except Exception as exc:
-                self._report(exc, environ, headers)
+                self._report(exc, environ)
                 raise
-        return _Body(body, lambda exc: self._report(exc, environ, headers), request_scope)
+        return _Body(body, lambda exc: self._report(exc, environ), request_scope)
 
-    def _report(self, exc: BaseException, environ: Environ, headers: dict[str, str]) -> None:
-        report_request_exception(
-            exc, request_info(environ, headers), mechanism="wsgi", client=self.client
-        )
+    def _report(self, exc: BaseException, environ: Environ) -> None:
+        info = request_info(environ, environ_headers(environ))
+        report_request_exception(exc, info, mechanism="wsgi", client=self.client)
 
 
 class _Body:
