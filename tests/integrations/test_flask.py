@@ -205,6 +205,26 @@ def test_init_app_later_and_once(events: CapturedEvents) -> None:
     assert events.client.stats()["dropped_duplicate"] == 1
 
 
+def test_hooks_registered_before_the_extension_see_the_request(events: CapturedEvents) -> None:
+    app = flask.Flask(__name__)
+
+    @app.before_request
+    def refuse() -> tuple[str, int]:
+        logging.getLogger("tests.flask.hook").error("refused early")
+        return "refused", 403
+
+    @app.route("/page")
+    def page() -> str:
+        return "never reached"
+
+    Selfreport(app)
+    assert app.test_client().get("/page?secret=x").status_code == 403
+    events.flush()
+    (event,) = events
+    assert event["request"]["url"] == "http://localhost/page?secret=[Filtered]"
+    assert event["transaction"] == "/page"
+
+
 def test_a_broken_user_loader_leaves_the_user_out() -> None:
     class Broken(RequestView):
         def info(self) -> dict[str, Any]:

@@ -117,7 +117,9 @@ class Selfreport:
         app.wsgi_app = SelfreportWSGIMiddleware(  # type: ignore[method-assign]
             app.wsgi_app, client=self.client
         )
-        app.before_request(self._enter)
+        # First of the app's hooks: what the others log (or a response they end the request
+        # with early) happens with the request known.
+        app.before_request_funcs.setdefault(None, []).insert(0, self._enter)
         app.teardown_request(self._leave)
         got_request_exception.connect(self._report, app, weak=False)
         add_event_processor(describe_request)
