@@ -346,3 +346,63 @@ def test_importing_without_django_names_the_extra(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delitem(sys.modules, "selfreport.integrations.django")
     with pytest.raises(ImportError, match=r"selfreport\[django\]"):
         __import__("selfreport.integrations.django")
+
+
+SETTINGS_AS_A_PROJECT_HAS_THEM = """
+import json
+import django
+from django.conf import settings
+from django.http import HttpResponse
+from django.test import Client
+from django.urls import path
+import selfreport
+from selfreport.testing import capture_events
+
+def crash(request):
+    raise LookupError("boom")
+
+urlpatterns = [path("crash", crash)]
+
+with capture_events() as events:  # selfreport set up first, in settings.py, as projects do
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="x",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=["selfreport.integrations.django.SelfreportMiddleware"],
+        **LOGGING,
+    )
+    django.setup()  # Django's own logging configuration runs here
+    status = Client(raise_request_exception=False).get("/crash").status_code
+    events.flush()
+    stats = events.client.stats()
+    print(json.dumps([status, len(events), stats["captured"], stats["dropped_duplicate"]]))
+"""
+
+DOCUMENTED_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {
+        "console": {"class": "logging.StreamHandler"},
+        "selfreport": {"class": "selfreport.LoggingHandler", "level": "ERROR"},
+    },
+    "root": {"handlers": ["console", "selfreport"], "level": "INFO"},
+}
+
+
+@pytest.mark.parametrize(
+    "logging_settings",
+    [{}, {"LOGGING": DOCUMENTED_LOGGING}],
+    ids=["django-default-logging", "documented-LOGGING"],
+)
+def test_once_under_djangos_own_logging_configuration(logging_settings: dict[str, Any]) -> None:
+    import json
+    import subprocess
+
+    script = f"LOGGING = {logging_settings!r}\n" + SETTINGS_AS_A_PROJECT_HAS_THEM
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    # 500; one event; the django.request record of the same crash seen and dropped as a duplicate
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [500, 1, 1, 1]
