@@ -30,6 +30,7 @@ __all__ = [
     "SDK_INFO",
     "Capture",
     "ExcInfo",
+    "add_request",
     "build_event",
     "capture_from_exception",
     "capture_from_message",
@@ -450,14 +451,15 @@ _SERVER_NAME = socket.gethostname()
 _REQUEST_FIELDS = ("method", "url", "headers", "query_string", "data", "cookies", "env")
 
 
-def _add_request(event: dict[str, Any], request: dict[str, Any]) -> None:
-    """Sentry's request interface; the route names the transaction and is a tag, as in Sentry."""
-    event["request"] = {k: request[k] for k in _REQUEST_FIELDS if k in request}
+def add_request(event: dict[str, Any], request: Mapping[str, Any]) -> None:
+    """Sentry's request interface; the route names the transaction and is a tag, as in Sentry.
+    What ``event`` already has (its request, tags, transaction) wins."""
+    event.setdefault("request", {k: request[k] for k in _REQUEST_FIELDS if k in request})
     tags = {k: safe_str(request[k], 200) for k in ("route", "endpoint") if request.get(k)}
     if tags:
-        event["tags"] = tags
+        event["tags"] = {**tags, **event.get("tags", {})}
     if request.get("route"):
-        event["transaction"] = safe_str(request["route"], 200)
+        event.setdefault("transaction", safe_str(request["route"], 200))
 
 
 def build_event(
@@ -492,7 +494,7 @@ def build_event(
     if capture.exc_info is not None:
         event["exception"] = {"values": _exception_values(capture.exc_info[1], capture)}
     if capture.request:
-        _add_request(event, capture.request)
+        add_request(event, capture.request)
     extra: dict[str, Any] = dict(capture.extra) if capture.extra else {}
     if capture.thread:
         extra["thread"] = capture.thread

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import Any, Callable, Optional
 from urllib.parse import quote
@@ -16,7 +16,7 @@ from selfreport.integrations import (
     report_request_exception,
 )
 
-__all__ = ["SelfreportWSGIMiddleware", "request_info"]
+__all__ = ["SelfreportWSGIMiddleware", "environ_headers", "request_info"]
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -36,8 +36,7 @@ class SelfreportWSGIMiddleware(RequestMiddleware[WSGIApp]):
     """
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        headers = _headers(environ)
-        if self._is_own(headers):
+        if self._is_own_environ(environ):
             with reporting_path():
                 try:
                     body = self.app(environ, start_response)
@@ -51,14 +50,13 @@ class SelfreportWSGIMiddleware(RequestMiddleware[WSGIApp]):
             try:
                 body = self.app(environ, start_response)
             except Exception as exc:
-                self._report(exc, environ, headers)
+                self._report(exc, environ)
                 raise
-        return _Body(body, lambda exc: self._report(exc, environ, headers), request_scope)
+        return _Body(body, lambda exc: self._report(exc, environ), request_scope)
 
-    def _report(self, exc: BaseException, environ: Environ, headers: dict[str, str]) -> None:
-        report_request_exception(
-            exc, request_info(environ, headers), mechanism="wsgi", client=self.client
-        )
+    def _report(self, exc: BaseException, environ: Environ) -> None:
+        info = request_info(environ, environ_headers(environ))
+        report_request_exception(exc, info, mechanism="wsgi", client=self.client)
 
 
 class _Body:
@@ -113,7 +111,8 @@ class _Body:
                 raise
 
 
-def _headers(environ: Environ) -> dict[str, str]:
+def environ_headers(environ: Mapping[str, Any]) -> dict[str, str]:
+    """The HTTP headers of a WSGI environ (or Django's ``request.META``), names in lower case."""
     out: dict[str, str] = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
@@ -123,12 +122,15 @@ def _headers(environ: Environ) -> dict[str, str]:
     return out
 
 
-def request_info(environ: Environ, headers: dict[str, str]) -> dict[str, Any]:
+def request_info(environ: Mapping[str, Any], headers: dict[str, str]) -> dict[str, Any]:
     """Method, URL and filtered headers of a WSGI request, for an event."""
     scheme = environ.get("wsgi.url_scheme", "http")
-    host = headers.get("host") or f"{environ.get('SERVER_NAME', 'localhost')}:" + str(
-        environ.get("SERVER_PORT", "80")
-    )
+    host = headers.get("host")
+    if not host:  # as PEP 3333 rebuilds the URL: the port only when not the scheme's default
+        host = str(environ.get("SERVER_NAME", "localhost"))
+        port = str(environ.get("SERVER_PORT", "80"))
+        if port != {"http": "80", "https": "443"}.get(scheme):
+            host += ":" + port
     path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/;=,@:")
     query = environ.get("QUERY_STRING", "")
     url = f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
