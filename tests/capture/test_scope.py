@@ -691,6 +691,11 @@ def test_the_scope_is_sent_as_sentry_sdk_sends_it(transport: MemoryTransport) ->
 
     sink = EnvelopeSink()
     with sentry_sdk.isolation_scope(), sentry_sdk.new_scope():
+        # Earlier tests' sentry-sdk clients may have left breadcrumbs in its scopes (a new
+        # isolation scope starts as a copy of the one around it).
+        for held in (sentry_sdk.Scope.get_global_scope(), sentry_sdk.get_isolation_scope()):
+            held.clear_breadcrumbs()
+        sentry_sdk.get_current_scope().clear_breadcrumbs()
         sentry_sdk.init(
             dsn="http://public@127.0.0.1:1/1",
             transport=sink.transport,
