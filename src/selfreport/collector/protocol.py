@@ -237,6 +237,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """Answer ``status`` (unless the app already started answering) and close."""
         self._rejected = True
         self._wait(_NOTHING)
+        # Counted before the client can see the answer: whoever reads it, then the metrics,
+        # finds it there.
+        self.settings.on_reject(reason)
         cycle = self.cycle  # while reading headers: the previous request's
         answered = False
         if cycle is not None:
@@ -247,7 +250,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not answered and not self.transport.is_closing():
             self.transport.write(_reply(status, detail, extra))
         self.transport.close()
-        self.settings.on_reject(reason)
 
     # --- deadlines ----------------------------------------------------------------------
 
@@ -273,8 +275,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _headers_timed_out(self) -> None:
         if not self._received:  # connected, sent nothing: no one to answer
             self._rejected = True
-            self.transport.close()
             self.settings.on_reject("idle")
+            self.transport.close()
             return
         detail = f"the request headers took longer than {self._limits.header_timeout:g} s"
         self._reject(408, "timeout", detail)
