@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import random
@@ -13,7 +14,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union, cast
 
 from ._admission.admission import Admission, Fingerprint
 from ._capture import scope
@@ -176,6 +177,26 @@ def _is_sdk_logger(name: str) -> bool:
     return name == "selfreport" or (
         name.startswith("selfreport.") and not name.startswith("selfreport.collector")
     )
+
+
+_Admit = TypeVar("_Admit", bound=Callable[..., Optional[str]])
+
+
+def _one_at_a_time(admit: _Admit) -> _Admit:
+    """A signal handler or a GC finalizer may interrupt a thread inside ``admit`` and report:
+    the locks it holds are not reentrant, so the nested call touches none and drops the event."""
+
+    @functools.wraps(admit)
+    def guarded_admit(self: Client, *args: Any) -> Optional[str]:
+        if getattr(_admitting, "active", False):
+            return None
+        _admitting.active = True
+        try:
+            return admit(self, *args)
+        finally:
+            _admitting.active = False
+
+    return cast(_Admit, guarded_admit)
 
 
 class Client:
@@ -454,22 +475,6 @@ class Client:
             lambda: capture_from_message(text, level),
         )
 
-    def _admit(
-        self,
-        exc: Optional[BaseException],
-        fingerprint: Callable[[], Fingerprint],
-        snapshot: Callable[[], Capture],
-    ) -> Optional[str]:
-        if getattr(_admitting, "active", False):
-            # A signal handler or a GC finalizer interrupted this thread inside _admit: the
-            # locks it holds are not reentrant, so touch none of them and drop the event.
-            return None
-        _admitting.active = True
-        try:
-            return self._admit_unguarded(exc, fingerprint, snapshot)
-        finally:
-            _admitting.active = False
-
     def _admissible(self, exc: Optional[BaseException]) -> bool:
         """The cheap checks, before any work: each refusal counted under its reason."""
         if self._born_in_path:
@@ -492,7 +497,8 @@ class Client:
             return False
         return True
 
-    def _admit_unguarded(
+    @_one_at_a_time
+    def _admit(
         self,
         exc: Optional[BaseException],
         fingerprint: Callable[[], Fingerprint],

@@ -10,12 +10,11 @@ import time
 import types
 from collections.abc import Mapping
 from itertools import islice
-from types import TracebackType
 from typing import Any, Callable, NamedTuple, Optional
 
 from selfreport._capture.event import _RECORD_ATTRS, iso_time, level_name, safe_repr, safe_str
 from selfreport._core.diag import Diagnostics
-from selfreport._core.guard import ReportingPath, is_reporting
+from selfreport._core.guard import ReportingPath, SyncAndAsync, is_reporting
 from selfreport._core.patching import Patches
 
 __all__ = [
@@ -394,7 +393,7 @@ def _log_extra(record: logging.LogRecord) -> Optional[dict[str, Any]]:
 # --- new_scope ---------------------------------------------------------------------------------
 
 
-class NewScope:
+class NewScope(SyncAndAsync):
     """``with new_scope():`` / ``async with new_scope():``, see :func:`new_scope`."""
 
     __slots__ = ("_saved", "_tokens")
@@ -410,12 +409,7 @@ class NewScope:
         self._tokens.append((_fields.set(state.fields), _crumbs.set(state.crumbs)))
         return self
 
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if not self._tokens:
             return
         fields_token, crumbs_token = self._tokens.pop()
@@ -426,17 +420,6 @@ class NewScope:
         except ValueError:  # left in another context (a generator resumed elsewhere)
             _fields.set(saved.fields)
             _crumbs.set(saved.crumbs)
-
-    async def __aenter__(self) -> NewScope:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 def new_scope() -> NewScope:

@@ -16,8 +16,7 @@ import threading
 import types
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from types import TracebackType
-from typing import Any, Callable, Optional, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
 
 import wrapt  # its stubs cover Python 3.10+ only: mypy --python-version 3.9 sees no names
 
@@ -26,6 +25,7 @@ from .patching import Patches, Replace
 
 __all__ = [
     "ReportingPath",
+    "SyncAndAsync",
     "context_is_reporting",
     "enter_thread_for_life",
     "guarded",
@@ -115,7 +115,25 @@ def _from_path(exc: Optional[BaseException], budget: list[int]) -> bool:
     return False
 
 
-class ReportingPath:
+class SyncAndAsync:
+    """A context manager for ``with`` and ``async with`` alike: the async side runs the sync
+    one (neither awaits anything)."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:  # what every subclass has
+
+        def __enter__(self) -> Any: ...
+        def __exit__(self, exc_type: object, exc: object, tb: object, /) -> None: ...
+
+    async def __aenter__(self) -> Any:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__(*exc_info)
+
+
+class ReportingPath(SyncAndAsync):
     """Context manager marking its body as part of the reporting path (sync and async)."""
 
     __slots__ = ("_thread_depth", "_token")
@@ -133,32 +151,19 @@ class ReportingPath:
             self._thread_depth = True
         return self
 
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self._thread_depth:
             _local.depth -= 1
             self._thread_depth = False
         if self._token is not None:
             _in_path.reset(self._token)
             self._token = None
-        if exc is not None:
+        if isinstance(exc, BaseException):
             mark_exception(exc)
 
     async def __aenter__(self) -> ReportingPath:
         self._token = _in_path.set(True)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 def reporting_path() -> ReportingPath:
