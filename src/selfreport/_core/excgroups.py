@@ -11,21 +11,20 @@ __all__ = ["first_leaf", "group_members"]
 _BUILTIN: Optional[type] = getattr(builtins, "BaseExceptionGroup", None)
 
 
-def _group_types() -> tuple[type, ...]:
-    types = [_BUILTIN] if _BUILTIN is not None else []
+def _backport_group(exc: BaseException) -> bool:
     # On 3.9 and 3.10 groups come from the backport (anyio and trio raise them); it is looked
     # up, never imported: if the application has not loaded it, none of its groups exist.
-    backport = sys.modules.get("exceptiongroup")
-    backport_type = getattr(backport, "BaseExceptionGroup", None)
-    if isinstance(backport_type, type) and backport_type is not _BUILTIN:
-        types.append(backport_type)
-    return tuple(types)
+    backport_type = getattr(sys.modules["exceptiongroup"], "BaseExceptionGroup", None)
+    return isinstance(backport_type, type) and isinstance(exc, backport_type)
 
 
 def group_members(exc: BaseException) -> Optional[tuple[BaseException, ...]]:
-    """The members of ``exc`` if it is an exception group, else None."""
-    types = _group_types()
-    if not types or not isinstance(exc, types):
+    """The members of ``exc`` if it is an exception group, else None (called on every
+    capture: an exception that is not a group costs one isinstance and one dict lookup)."""
+    if not (
+        (_BUILTIN is not None and isinstance(exc, _BUILTIN))
+        or ("exceptiongroup" in sys.modules and _backport_group(exc))
+    ):
         return None
     members = getattr(exc, "exceptions", ())
     if not isinstance(members, tuple):

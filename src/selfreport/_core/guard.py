@@ -8,7 +8,6 @@ import contextvars
 import functools
 import inspect
 import logging
-import multiprocessing.process
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from .excgroups import group_members
 from .patching import Patches, Replace
 
 __all__ = [
+    "RECORD_MARK",
     "ReportingPath",
     "SyncAndAsync",
     "context_is_reporting",
@@ -98,7 +98,22 @@ def originated_in_reporting_path(exc: Optional[BaseException]) -> bool:
     An exception group did when it was marked itself or when every member did: a TaskGroup
     outside the path gathers what tasks started in the path raised (each of them marked).
     """
-    return _from_path(exc, [64])
+    seen = 0
+    while exc is not None and seen < 16:  # the usual case: a short chain, no group in it
+        if getattr(exc, _MARK, False):
+            return True
+        members = group_members(exc)
+        if members and _group_from_path(members, [64]):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _group_from_path(members: tuple[BaseException, ...], budget: list[int]) -> bool:
+    """Whether every member (or what it was chained from) escaped the path, looking at no
+    more than ``budget`` exceptions in all: a stranger's group may be huge or deep."""
+    return all(_from_path(member, budget) for member in members)
 
 
 def _from_path(exc: Optional[BaseException], budget: list[int]) -> bool:
@@ -108,7 +123,7 @@ def _from_path(exc: Optional[BaseException], budget: list[int]) -> bool:
         if getattr(exc, _MARK, False):
             return True
         members = group_members(exc)
-        if members and all(_from_path(member, budget) for member in members):
+        if members and _group_from_path(members, budget):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
@@ -417,13 +432,29 @@ _propagation = Patches(
     (logging.Logger, "handle", Replace(_counting_logger_handle)),
     (threading.Thread, "start", _thread_start),
     (concurrent.futures.ThreadPoolExecutor, "submit", _executor_submit),
-    (concurrent.futures.ProcessPoolExecutor, "submit", _process_pool_submit),
     (concurrent.futures.Future, "add_done_callback", _future_add_done_callback),
     (asyncio.BaseEventLoop, "create_task", _loop_create_task),
     (asyncio.BaseEventLoop, "call_soon_threadsafe", _loop_call_soon_threadsafe),
     (subprocess.Popen, "__init__", _popen_init),
-    (multiprocessing.process.BaseProcess, "start", _process_start),
 )
+# multiprocessing only once the application imported it: importing it ourselves would make
+# logging look up the process name for every record of every logger (a cost of its own).
+_process_propagation: Optional[Patches] = None
+
+
+def _process_patches() -> Optional[Patches]:
+    global _process_propagation
+    if _process_propagation is None and "multiprocessing.process" in sys.modules:
+        import concurrent.futures.process
+        import multiprocessing.process
+
+        _process_propagation = Patches(
+            (concurrent.futures.process.ProcessPoolExecutor, "submit", _process_pool_submit),
+            (multiprocessing.process.BaseProcess, "start", _process_start),
+        )
+        if _propagation_users:  # installed before multiprocessing was imported
+            _process_propagation.install()
+    return _process_propagation
 
 
 _propagation_users = 0
@@ -440,6 +471,9 @@ def install_propagation() -> None:
     with _propagation_lock:
         _propagation_users += 1
         _propagation.install()
+        processes = _process_patches()
+        if processes is not None:
+            processes.install()
 
 
 def uninstall_propagation() -> None:
@@ -451,6 +485,8 @@ def uninstall_propagation() -> None:
         _propagation_users -= 1
         if _propagation_users == 0:
             _propagation.uninstall()
+            if _process_propagation is not None:
+                _process_propagation.uninstall()
 
 
 def thread_is_reporting(thread: Optional[threading.Thread]) -> bool:
