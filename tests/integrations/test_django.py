@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import logging
 import socketserver
 import sys
@@ -43,6 +42,7 @@ from django.http import HttpRequest, HttpResponse  # noqa: E402
 from django.test import AsyncClient, Client, RequestFactory, override_settings  # noqa: E402
 from django.urls import path, re_path  # noqa: E402
 from django.utils.functional import SimpleLazyObject  # noqa: E402
+from tests.integrations.together import assert_each_event_is_its_own, crash_together  # noqa: E402
 
 import selfreport  # noqa: E402
 from selfreport._delivery.transport import ORIGIN_HEADER, origin_value  # noqa: E402
@@ -290,17 +290,6 @@ class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-def get(port: int, path: str, headers: dict[str, str]) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 def test_concurrent_requests_on_a_real_server_never_see_each_other(
     events: CapturedEvents,
 ) -> None:
@@ -309,36 +298,14 @@ def test_concurrent_requests_on_a_real_server_never_see_each_other(
     )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
-    statuses: dict[str, int] = {}
-
-    def call(who: str) -> None:
-        statuses[who] = get(
-            server.server_port,
-            f"/together?who={who}&password=p",
-            {"X-Test-User": who, "Authorization": "Basic c2VjcmV0"},
-        )
-
     try:
-        callers = [threading.Thread(target=call, args=(who,)) for who in ("alice", "bob")]
-        for caller in callers:
-            caller.start()
-        for caller in callers:
-            caller.join(30)
+        statuses = crash_together(server.server_port)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
     assert statuses == {"alice": 500, "bob": 500}
-    events.flush()
-    assert len(events) == 2
-    for event in events:
-        who = event["tags"]["who"]
-        assert event["exception"]["values"][-1]["value"] == f"crash of {who}"
-        assert event["user"]["username"] == who
-        assert f"who={who}&password=[Filtered]" in event["request"]["url"]
-        assert event["request"]["headers"]["authorization"] == "[Filtered]"
-        assert event["transaction"] == "/together"
-    assert events.client.stats()["dropped_duplicate"] == 2
+    assert_each_event_is_its_own(events)
 
 
 def test_importing_without_django_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import logging
 import sys
 import threading
@@ -14,6 +13,7 @@ import pytest
 flask = pytest.importorskip("flask", reason="the Flask integration needs Flask (extra: flask)")
 flask_login = pytest.importorskip("flask_login", reason="flask-login is in the dev extra")
 
+from tests.integrations.together import assert_each_event_is_its_own, crash_together  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
 import selfreport  # noqa: E402
@@ -251,53 +251,20 @@ def test_a_broken_user_loader_leaves_the_user_out() -> None:
 # --- a real server on a real socket ---------------------------------------------------------
 
 
-def get(port: int, path: str, headers: dict[str, str]) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 def test_concurrent_requests_on_a_real_server_never_see_each_other(
     events: CapturedEvents,
 ) -> None:
     server = make_server("127.0.0.1", 0, make_app(), threaded=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
-    statuses: dict[str, int] = {}
-
-    def call(who: str) -> None:
-        statuses[who] = get(
-            server.server_port,
-            f"/together?who={who}&password=p",
-            {"X-Test-User": who, "Authorization": "Basic c2VjcmV0"},
-        )
-
     try:
-        callers = [threading.Thread(target=call, args=(who,)) for who in ("alice", "bob")]
-        for caller in callers:
-            caller.start()
-        for caller in callers:
-            caller.join(30)
+        statuses = crash_together(server.server_port)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
     assert statuses == {"alice": 500, "bob": 500}
-    events.flush()
-    assert len(events) == 2
-    for event in events:
-        who = event["tags"]["who"]
-        assert event["exception"]["values"][-1]["value"] == f"crash of {who}"
-        assert event["user"]["username"] == who
-        assert f"who={who}&password=[Filtered]" in event["request"]["url"]
-        assert event["request"]["headers"]["authorization"] == "[Filtered]"
-        assert event["transaction"] == "/together"
-    assert events.client.stats()["dropped_duplicate"] == 2
+    assert_each_event_is_its_own(events)
 
 
 def test_importing_without_flask_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
