@@ -443,6 +443,7 @@ _process_propagation: Optional[Patches] = None
 
 
 def _process_patches() -> Optional[Patches]:
+    """The multiprocessing patches, made the first time an install finds it imported."""
     global _process_propagation
     if _process_propagation is None and "multiprocessing.process" in sys.modules:
         import concurrent.futures.process
@@ -452,8 +453,6 @@ def _process_patches() -> Optional[Patches]:
             (concurrent.futures.process.ProcessPoolExecutor, "submit", _process_pool_submit),
             (multiprocessing.process.BaseProcess, "start", _process_start),
         )
-        if _propagation_users:  # installed before multiprocessing was imported
-            _process_propagation.install()
     return _process_propagation
 
 
