@@ -1,0 +1,1 @@
+"""Alerting: rules evaluated on what the collector ingests and sees, notifiers, the outbox."""
