@@ -18,6 +18,7 @@ from selfreport.collector.events import PreparedEvent, prepare_event
 from selfreport.collector.storage import SqliteStorage
 from selfreport.collector.store import (
     INTERNAL_PROJECT,
+    AlertRecord,
     ApiToken,
     StorageError,
     Store,
@@ -443,3 +444,28 @@ def test_every_member_of_the_protocol_has_a_contract_test_here() -> None:
     members = [name for name in vars(Store) if not name.startswith("_")]
     assert len(members) > 40
     assert [name for name in members if f".{name}" not in source] == []
+
+
+# --- alerts (part D) --------------------------------------------------------------------------
+
+
+def _alert(key: str, state: str, fired_at: float) -> AlertRecord:
+    return AlertRecord(key, "rule", "rate", key, state, f"title {key}", "default", 3,
+                       fired_at, fired_at, None, 1)  # fmt: skip
+
+
+def test_alerts_are_saved_replaced_and_old_ones_pruned(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selfreport.collector import storage as module
+
+    monkeypatch.setattr(module, "MAX_ALERTS", 3)
+    store.save_alert(_alert("a", "firing", 1.0))
+    for n in range(5):
+        store.save_alert(_alert(f"old{n}", "resolved", 10.0 + n))
+    assert [a.key for a in store.alerts(firing_only=True)] == ["a"]
+    # The firing one is kept however old; of the rest, the newest three.
+    assert [a.key for a in store.alerts()] == ["old4", "old3", "old2", "a"]
+    store.save_alert(dataclasses.replace(_alert("a", "resolved", 1.0), resolved_at=20.0))
+    assert store.alerts(firing_only=True) == []
+    assert store.alerts(limit=1)[0].key == "old4"

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -23,6 +23,7 @@ from .events import PreparedEvent
 from .store import (
     DEFAULT_PROJECT,
     INTERNAL_PROJECT,
+    AlertRecord,
     ApiToken,
     Event,
     Issue,
@@ -127,6 +128,27 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     created REAL NOT NULL
 );
 """
+
+# Part D: the alert engine's alerts (firing ones and the recent past), one row per key.
+_ALERT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    key TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    state TEXT NOT NULL,
+    title TEXT NOT NULL,
+    project TEXT,
+    count INTEGER,
+    fired_at REAL NOT NULL,
+    last_notified REAL,
+    resolved_at REAL,
+    notifications INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_by_fired ON alerts (fired_at);
+"""
+# Alerts kept that are not firing any more (the Alerts page's history of what fired).
+MAX_ALERTS = 1000
 
 # Counts events deleted before the forwarder handed them on (see SqliteStorage.forwarding_start).
 _FORWARD_TRIGGER = """
@@ -455,7 +477,8 @@ class SqliteStorage:
             if str(mode).lower() != "wal":
                 raise StorageError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             with _transaction(conn):
-                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + _AUTH_SCHEMA + "COMMIT;")
+                schema = _SCHEMA + _AUTH_SCHEMA + _ALERT_SCHEMA
+                conn.executescript("BEGIN IMMEDIATE;" + schema + "COMMIT;")
                 found = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if found is None:
                     conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -1353,6 +1376,32 @@ class SqliteStorage:
         future: Future[None] = Future()
         self._submit(_Write(write, _ThreadDone(future)))
         return future
+
+    # --- alerts (part D) ---------------------------------------------------------------------
+
+    def save_alert(self, alert: AlertRecord) -> None:
+        """Insert or replace the alert; keeps the newest MAX_ALERTS alerts not firing."""
+        with self._writing() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT OR REPLACE INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                astuple(alert),
+            )
+            conn.execute(
+                "DELETE FROM alerts WHERE state != 'firing' AND key NOT IN (SELECT key FROM alerts"
+                " WHERE state != 'firing' ORDER BY fired_at DESC LIMIT ?)",
+                (MAX_ALERTS,),
+            )
+            conn.execute("COMMIT")
+
+    def alerts(self, *, firing_only: bool = False, limit: int = 200) -> list[AlertRecord]:
+        """Alerts, newest first by when they fired (firing ones only, if asked)."""
+        where = "WHERE state = 'firing' " if firing_only else ""
+        with self._reader() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM alerts {where}ORDER BY fired_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [AlertRecord(*row) for row in rows]
 
     # --- lifecycle -----------------------------------------------------------------------
 

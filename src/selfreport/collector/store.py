@@ -13,6 +13,7 @@ from .events import EventColumns, PreparedEvent
 __all__ = [
     "DEFAULT_PROJECT",
     "INTERNAL_PROJECT",
+    "AlertRecord",
     "ApiToken",
     "Event",
     "Issue",
@@ -73,6 +74,27 @@ class Event(EventColumns):
     project_id: int
     issue_id: int
     payload: str
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """An alert (part D): one per rule and subject while it fires, kept after it resolved.
+
+    ``state`` is ``firing``, ``resolved`` or ``fired`` (instant alerts: new issue, regression);
+    ``notifications`` counts the notifications handed to the outbox for it."""
+
+    key: str
+    rule: str
+    when: str
+    subject: str
+    state: str
+    title: str
+    project: Optional[str]
+    count: Optional[int]
+    fired_at: float
+    last_notified: Optional[float]
+    resolved_at: Optional[float]
+    notifications: int
 
 
 @dataclass(frozen=True)
@@ -271,3 +293,12 @@ class Store(Protocol):
 
     def save_forward_cursor(self, cursor: int) -> Future[None]:
         """Move the saved cursor forward to ``cursor``, never back."""
+
+    # --- alerts (part D: the alert engine's state, so firing alerts survive a restart) --------
+
+    def save_alert(self, alert: AlertRecord) -> None:
+        """Insert or replace the alert with ``alert.key``; keeps the newest
+        ``MAX_ALERTS`` alerts that are not firing (older ones are deleted)."""
+
+    def alerts(self, *, firing_only: bool = False, limit: int = 200) -> list[AlertRecord]:
+        """Alerts, newest first by when they fired (firing ones only, if asked)."""

@@ -1,0 +1,159 @@
+"""Parts the alert engine's tests share: rules, outcomes, stored envelopes, outboxes, a receiver."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from selfreport.collector.alerting.model import Notification
+from selfreport.collector.ingest import StoredEnvelope
+from selfreport.collector.store import Project
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An alert rule with the configuration's fields and defaults (part B's ``AlertRule``)."""
+
+    name: str
+    when: str
+    project: Optional[str] = None
+    threshold: Optional[float] = None
+    window: Optional[float] = None
+    per: str = "project"
+    ratio: Optional[float] = None
+    baseline: float = 3600.0
+    notify: Sequence[str] = ("ops",)
+    renotify: float = 3600.0
+    grace: float = 0.0
+    monitor: Optional[str] = None
+    url: Optional[str] = None
+    check: Optional[str] = None
+    metric: Optional[str] = None
+    above: Optional[float] = None
+    consecutive: Optional[int] = None
+    level: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What storing one event did (part A's ``EventOutcome``)."""
+
+    stored: bool = True
+    issue_id: int = 1
+    new_issue: bool = False
+    regressed: bool = False
+    issue_title: str = "ValueError: boom"
+    level: str = "error"
+
+
+PROJECT = Project(1, "default", False, "k" * 32, 0.0)
+INTERNAL = Project(2, "selfreport-internal", True, "i" * 32, 0.0)
+
+
+def stored(outcomes: Sequence[Outcome], project: Project = PROJECT) -> StoredEnvelope:
+    """A StoredEnvelope as ingestion hands it to on_stored hooks, with its outcomes."""
+    envelope = StoredEnvelope(project, [], [o.stored for o in outcomes], b"", False)
+    envelope.outcomes = list(outcomes)  # type: ignore[attr-defined]
+    return envelope
+
+
+@dataclass
+class ListOutbox:
+    """An outbox keeping what it is given, in memory (for the engine's logic alone)."""
+
+    sent: list[tuple[Notification, list[str]]] = field(default_factory=list)
+    failing_now: dict[str, str] = field(default_factory=dict)
+
+    def put(self, notification: Notification, notifier_names: Sequence[str]) -> None:
+        self.sent.append((notification, list(notifier_names)))
+
+    def failing(self) -> dict[str, str]:
+        return dict(self.failing_now)
+
+    def states(self) -> list[tuple[str, str]]:
+        return [(n.subject, n.state) for n, _ in self.sent]
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 answering every POST with ``status``; keeps bodies."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.bodies: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def receiver(status: int = 200) -> Iterator[Receiver]:
+    running = Receiver(status)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+class WebhookOutbox:
+    """The smallest real outbox: POSTs each notification at once to the named webhooks (a URL
+    per name) and reports failures the way part B's outbox does (``on_notifier_failure``)."""
+
+    def __init__(self, urls: dict[str, str], attempts: int = 3) -> None:
+        self.urls = urls
+        self.attempts = attempts
+        self.delivered = 0
+        self.failures = 0
+        self.failing_now: dict[str, str] = {}
+        self.on_notifier_failure: Any = None
+
+    def put(self, notification: Notification, notifier_names: Sequence[str]) -> None:
+        body = json.dumps({"rule": notification.rule, "subject": notification.subject,
+                           "state": notification.state}).encode()  # fmt: skip
+        for name in notifier_names:
+            self._deliver(name, body)
+
+    def _deliver(self, name: str, body: bytes) -> None:
+        url = urlsplit(self.urls[name])
+        for _ in range(self.attempts):
+            conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+            try:
+                conn.request("POST", url.path, body, {"Content-Type": "application/json"})
+                status = conn.getresponse().status
+            finally:
+                conn.close()
+            if status < 300:
+                self.delivered += 1
+                self.failing_now.pop(name, None)
+                return
+            self.failures += 1
+            self.failing_now[name] = f"HTTP {status}"
+            if self.on_notifier_failure is not None:
+                self.on_notifier_failure(name, f"HTTP {status}")
+
+    def failing(self) -> dict[str, str]:
+        return dict(self.failing_now)
