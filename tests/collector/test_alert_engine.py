@@ -175,35 +175,45 @@ def test_health_waits_for_the_grace_period() -> None:
 @dataclass
 class Monitor:
     slug: str
-    status: str
+    state: str
     project: str = "default"
+    detail: str = ""
+
+    @property
+    def failing(self) -> bool:
+        return self.state in ("missed", "timeout", "failed")
 
 
 @dataclass
 class Check:
     url: str
     consecutive_failures: int
+    down: bool = False
 
 
 def test_checkin_and_uptime_fire_and_resolve() -> None:
-    monitors = [Monitor("nightly", "missed"), Monitor("hourly", "ok")]
-    checks = [Check("http://a/health", 2), Check("http://b/health", 5)]
+    monitors = [Monitor("nightly", "missed", detail="no check-in"), Monitor("hourly", "pending")]
+    checks = [Check("http://a/health", 2), Check("http://b/health", 5), Check("http://c", 1, True)]
     engine, outbox, _ = engine_of(
         Rule("crons", "checkin"),
         Rule("one", "checkin", monitor="hourly"),
-        Rule("up", "uptime", consecutive=3),
+        Rule("up", "uptime", consecutive=3, url="http://b/health"),
+        Rule("c", "uptime", url="http://c"),
         sources=Sources(monitors=lambda now: monitors, uptime=lambda: checks),
     )
     engine.tick()
     assert sorted(outbox.states()) == [
-        ("monitor:nightly", "firing"),
-        ("url:http://b/health", "firing"),
-    ]
+        ("monitor:nightly", "firing"), ("url:http://b/health", "firing"),
+        ("url:http://c", "firing"),
+    ]  # fmt: skip
+    assert outbox.sent[0][0].text == "no check-in"
     monitors[0] = Monitor("nightly", "ok")
     checks[1] = Check("http://b/health", 0)
+    checks[2] = Check("http://c", 0)
     engine.tick()
-    assert sorted(outbox.states()[2:]) == [
+    assert sorted(outbox.states()[3:]) == [
         ("monitor:nightly", "resolved"), ("url:http://b/health", "resolved"),
+        ("url:http://c", "resolved"),
     ]  # fmt: skip
 
 

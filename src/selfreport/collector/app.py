@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,13 +28,14 @@ from selfreport.collector import auth as _auth
 from selfreport.collector import web
 from selfreport.integrations.asgi import SelfreportMiddleware
 
+from .alerting.engine import AlertEngine
 from .health import HealthChecks, default_checks, upstream_reachable
 from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
 from .limits import LogThrottle
 from .metrics import CONTENT_TYPE, CollectorMetrics
 from .store import Project, Store
 
-__all__ = ["Collector", "CollectorApp", "create_app"]
+__all__ = ["Collector", "CollectorApp", "add_alerts", "create_app"]
 
 logger = logging.getLogger("selfreport.collector")
 
@@ -60,10 +63,13 @@ class Collector:
     public_url: str = _auth.DEFAULT_PUBLIC_URL
     # Forwarding's counters (Forwarder.stats) for /metrics and /status, when forwarding.
     forwarding: Optional[Callable[[], dict[str, int]]] = None
+    # The alert engine (part D), when alert rules are configured.
+    alerts: Optional[AlertEngine] = None
 
     def __post_init__(self) -> None:
         self.metrics.reporter_stats = self.reporter_stats
         self.metrics.forward_stats = self.forwarding_stats
+        self.metrics.alert_stats = self.alerting_stats
 
     def reporter_stats(self) -> dict[str, int]:
         """The self-reporter's ``stats()`` (the given client's, else the global one's)."""
@@ -73,6 +79,12 @@ class Collector:
     def forwarding_stats(self) -> Optional[dict[str, int]]:
         """Forwarding's counters, or None when the collector does not forward."""
         return None if self.forwarding is None else self.forwarding()
+
+    def alerting_stats(self) -> Optional[dict[str, Any]]:
+        """The alert engine's counters and failing notifiers, or None without alerts."""
+        if self.alerts is None:
+            return None
+        return {**self.alerts.stats(), "failing": self.alerts.failing_notifiers()}
 
 
 def create_app(
@@ -160,6 +172,42 @@ def _health_checks(
     return default_checks(storage, min_free_bytes=min_free_bytes, extra=extra)
 
 
+# --- alerts (part D) -------------------------------------------------------------------------
+
+# The health checks (one of which writes to the database) run for alert rules this often at most.
+HEALTH_EVERY = 5.0
+
+
+def add_alerts(app: CollectorApp, engine: AlertEngine) -> None:
+    """Give ``app`` (before it starts) the alert engine: it gets every stored envelope, reads
+    health, the self-reporter and forwarding, and is started and closed with the app."""
+    collector = app.collector
+    collector.alerts = engine
+    collector.on_stored.append(engine.on_stored)
+    engine.sources.reporter_stats = collector.reporter_stats
+    engine.sources.forwarding_stats = collector.forwarding_stats
+
+
+def _health_source(
+    health: HealthChecks, loop: asyncio.AbstractEventLoop
+) -> Callable[[], Mapping[str, tuple[bool, str]]]:
+    """The checks behind /health, run on the app's loop from the engine's thread, at most
+    every HEALTH_EVERY seconds (the results in between are the last ones)."""
+    last: dict[str, tuple[bool, str]] = {}
+    ran = [float("-inf")]
+
+    def results() -> Mapping[str, tuple[bool, str]]:
+        if time.monotonic() - ran[0] >= HEALTH_EVERY:
+            future = asyncio.run_coroutine_threadsafe(health.run(), loop)
+            _, checks = future.result(health.timeout + 5.0)
+            last.clear()
+            last.update({name: (c["ok"], str(c["detail"])) for name, c in checks.items()})
+            ran[0] = time.monotonic()
+        return dict(last)
+
+    return results
+
+
 def _ingest_endpoint(collector: Collector, kind: str, max_body: int) -> IngestEndpoint:
     return IngestEndpoint(
         collector.storage,
@@ -178,9 +226,15 @@ def _site(collector: Collector, policy: _auth.AuthPolicy, close_storage: bool) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        if collector.alerts is not None:
+            collector.alerts.sources.health = _health_source(collector.health, loop)
+            collector.alerts.start()
         try:
             yield
         finally:
+            if collector.alerts is not None:  # in a thread: its last tick may need this loop
+                await loop.run_in_executor(None, collector.alerts.close)
             if close_storage:
                 storage.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -71,6 +71,7 @@ class CollectorMetrics:
         self.storage = storage
         self.reporter_stats = reporter_stats
         self.forward_stats: Callable[[], Optional[dict[str, int]]] = lambda: None
+        self.alert_stats: Callable[[], Optional[dict[str, Any]]] = lambda: None
         self.started = time.time()
         self.window = RateWindow()
         self.events_received = self._counter(
@@ -183,6 +184,7 @@ class _LiveValues(Collector):
                 value=storage.size_bytes(),
             )
         yield from _forwarding(self.metrics.forward_stats())
+        yield from _alerting(self.metrics.alert_stats())
         source = self.metrics.reporter_stats
         if source is None:
             return
@@ -228,3 +230,42 @@ def _forwarding(stats: Optional[dict[str, int]]) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             f"selfreport_collector_forward_{key}", help_text, value=stats.get(key, 0)
         )
+
+
+# --- alerts (part D) ------------------------------------------------------------------------
+
+# AlertEngine.stats() keys exported as counters of the engine's work, by what happened.
+_ALERT_COUNTS = (
+    "fired", "resolved", "notifications", "not_sent_no_notifier", "put_failed", "save_failed",
+    "instant_held", "inbox_dropped", "notifier_failures", "tick_failed",
+)  # fmt: skip
+
+
+def _alerting(stats: Optional[dict[str, Any]]) -> Iterator[Metric]:
+    """The alert engine: alerts firing, its work by outcome, evaluation time, failing notifiers."""
+    if stats is None:
+        return
+    yield GaugeMetricFamily(
+        "selfreport_collector_alerts_firing", "Alerts firing now.", value=stats["firing"]
+    )
+    counters = CounterMetricFamily(
+        "selfreport_collector_alert_events",
+        "The alert engine: alerts fired and resolved, notifications queued, what went wrong.",
+        labels=["outcome"],
+    )
+    for key in _ALERT_COUNTS:
+        counters.add_metric([key], float(stats.get(key, 0)))
+    yield counters
+    yield CounterMetricFamily(
+        "selfreport_collector_alert_evaluation_seconds",
+        "Time the alert engine spent evaluating its rules.",
+        value=stats["evaluation_seconds"],
+    )
+    failing = GaugeMetricFamily(
+        "selfreport_collector_notifier_failing",
+        "1 for each notifier whose last delivery failed.",
+        labels=["notifier"],
+    )
+    for name in sorted(stats.get("failing", {})):
+        failing.add_metric([name], 1.0)
+    yield failing

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, TextIO, Union
+from typing import Any, Callable, Optional, TextIO, Union
 
 import uvicorn
 
@@ -23,7 +23,8 @@ from selfreport._version import __version__
 from selfreport.collector import auth as _auth
 from selfreport.exceptions import ConfigError
 
-from .app import Collector, CollectorApp, create_app
+from .alerting.engine import AlertEngine
+from .app import Collector, CollectorApp, add_alerts, create_app
 from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
 from .limits import HttpLimits, ThrottleFilter, loop_exception_handler, protocol_class
@@ -92,7 +93,8 @@ class CollectorServer:
     on this server (so this process's errors land there) and closes that client on stop.
     ``reporter_options`` are passed to that ``init``. ``limits`` bound what clients may send
     (sizes, timeouts, connections; see :class:`HttpLimits`); ``max_body`` is a shorthand for
-    its ``max_body`` when ``limits`` is not given.
+    its ``max_body`` when ``limits`` is not given. ``alerts`` builds the alert engine on the
+    server's storage (the app starts it, and closes it when the server stops).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class CollectorServer:
         allowed_hosts: Sequence[str] = (),
         metrics_public: bool = False,
         limits: Optional[HttpLimits] = None,
+        alerts: Optional[Callable[[Store], AlertEngine]] = None,
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         try:
@@ -141,6 +144,8 @@ class CollectorServer:
             allowed_hosts=_auth.allowed_hosts(host, self.public_url, allowed_hosts),
             metrics_public=metrics_public,
         )
+        if alerts is not None:
+            add_alerts(self.app, alerts(self.storage))
         self._start_forwarding()
         _throttle_uvicorn_log(install=True)
         self._config = self._uvicorn_config(log_level)

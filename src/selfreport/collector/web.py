@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from starlette.routing import Route
 
 from .auth import page_context
 from .events import LEVELS, exception_values, frames_of, parse_id
-from .store import Event, Issue, Project
+from .store import AlertRecord, Event, Issue, Project
 
 if TYPE_CHECKING:
     from .app import Collector
@@ -335,6 +336,7 @@ async def status_data(request: Request) -> dict[str, Any]:
         "internal_project": None
         if internal is None
         else {"id": internal.id, "name": internal.name},
+        "alerts": _alert_status(collector),
     }
 
 
@@ -439,6 +441,72 @@ def projects_api(request: Request) -> Response:
     )
 
 
+# --- alerts (part D) -------------------------------------------------------------------------
+
+# The Alerts page's history: this many alerts and deliveries at most.
+ALERT_HISTORY = 100
+
+
+def _alert_status(collector: Collector) -> Optional[dict[str, Any]]:
+    """Each rule's state and the engine's counters (None: no alert rules)."""
+    engine = collector.alerts
+    if engine is None:
+        return None
+    return {
+        "rules": engine.rule_states(),
+        "stats": engine.stats(),
+        "failing_notifiers": engine.failing_notifiers(),
+    }
+
+
+def _alert_json(alert: AlertRecord) -> dict[str, Any]:
+    return {
+        "rule": alert.rule,
+        "when": alert.when,
+        "subject": alert.subject,
+        "state": alert.state,
+        "title": alert.title,
+        "project": alert.project,
+        "count": alert.count,
+        "fired_at": alert.fired_at,
+        "last_notified": alert.last_notified,
+        "resolved_at": alert.resolved_at,
+        "notifications": alert.notifications,
+    }
+
+
+def _alerts_data(collector: Collector) -> dict[str, Any]:
+    """Rules, what fires now, the alerts' history and (from the outbox) the deliveries'."""
+    engine = collector.alerts
+    history = collector.storage.alerts(limit=ALERT_HISTORY)
+    deliveries: list[Any] = []
+    outbox_history = getattr(engine.outbox, "history", None) if engine is not None else None
+    if callable(outbox_history):
+        deliveries = [_plain(row) for row in outbox_history(ALERT_HISTORY)]
+    return {
+        "configured": engine is not None,
+        "engine": _alert_status(collector),
+        "firing": [_alert_json(a) for a in history if a.state == "firing"],
+        "history": [_alert_json(a) for a in history],
+        "deliveries": deliveries,
+    }
+
+
+def _plain(row: Any) -> Any:
+    """A delivery row as JSON can carry it (a dataclass, a mapping or a tuple)."""
+    if dataclasses.is_dataclass(row) and not isinstance(row, type):
+        return dataclasses.asdict(row)
+    return dict(row) if isinstance(row, dict) else list(row)
+
+
+def alerts_page(request: Request) -> Response:
+    return render(request, "alerts.html", **_alerts_data(_collector(request)))
+
+
+def alerts_api(request: Request) -> Response:
+    return JSONResponse(_alerts_data(_collector(request)))
+
+
 def routes() -> list[Route]:
     return [
         Route("/", issues_page, methods=["GET"]),
@@ -450,4 +518,6 @@ def routes() -> list[Route]:
         Route("/api/0/events/{project_id}/{event_id}/", event_api, methods=["GET"]),
         Route("/api/0/projects/", projects_api, methods=["GET"]),
         Route("/api/0/status/", status_api, methods=["GET"]),
+        Route("/alerts", alerts_page, methods=["GET"]),
+        Route("/api/0/alerts/", alerts_api, methods=["GET"]),
     ]

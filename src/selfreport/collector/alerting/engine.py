@@ -258,21 +258,21 @@ class AlertEngine:
         out = []
         for monitor in self.sources.monitors(now):
             if rule.monitor is None or rule.monitor == monitor.slug:
-                bad = monitor.status != "ok"
-                title = f"monitor {monitor.slug}: {monitor.status}"
-                project = getattr(monitor, "project", None)
-                out.append(Condition(f"monitor:{monitor.slug}", bad, title, "", None, project))
+                title = f"{monitor.project}: monitor {monitor.slug}: {monitor.state}"
+                condition = Condition(f"monitor:{monitor.slug}", monitor.failing, title)
+                condition.text, condition.project = monitor.detail, monitor.project
+                out.append(condition)
         return out
 
     def _uptime(self, rule: RuleSpec) -> Optional[list[Condition]]:
         if self.sources.uptime is None:
             return None
         out = []
-        needed = rule.consecutive or 1
         for check in self.sources.uptime():
             if rule.url is None or rule.url == check.url:
                 failures = check.consecutive_failures
-                bad = failures >= needed
+                # The rule's own count of failed probes, else the check's.
+                bad = check.down if rule.consecutive is None else failures >= rule.consecutive
                 title = f"{check.url} " + (f"down ({failures} failed probes)" if bad else "up")
                 out.append(Condition(f"url:{check.url}", bad, title, "", failures))
         return out
@@ -281,7 +281,7 @@ class AlertEngine:
         """Notifier failures (rules without a metric) and the collector's own metrics."""
         out = []
         if rule.metric is None:
-            failing = self._failing_notifiers()
+            failing = self.failing_notifiers()
             for name in sorted(set(failing) | set(self._notifier_subjects(rule))):
                 error = failing.get(name, "")
                 title = f"notifier {name} " + ("failing" if name in failing else "delivers again")
@@ -304,7 +304,8 @@ class AlertEngine:
             out.append(Condition(f"metric:{metric}", bad, title, "", int(value)))
         return out
 
-    def _failing_notifiers(self) -> dict[str, str]:
+    def failing_notifiers(self) -> dict[str, str]:
+        """Notifiers failing now and their last error (the outbox's view)."""
         try:
             return dict(self.outbox.failing())
         except Exception:  # an outbox without that view: the failures reported to us count

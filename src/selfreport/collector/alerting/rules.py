@@ -89,19 +89,29 @@ class EventOutcomeLike(Protocol):
 
 
 class MonitorLike(Protocol):
-    """A check-in monitor's evaluated state: ``status`` ok, or missed/late/failed/timeout."""
+    """A check-in monitor's evaluated state (``evaluate_monitors``' ``MonitorStatus``):
+    ``state`` ok, pending, missed, timeout or failed; ``failing`` for the last three."""
 
+    @property
+    def project(self) -> str: ...
     @property
     def slug(self) -> str: ...
     @property
-    def status(self) -> str: ...
+    def state(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def failing(self) -> bool: ...
 
 
 class UptimeLike(Protocol):
-    """An uptime check's last results."""
+    """An uptime check's last results (the prober's ``UptimeStatus``): ``down`` once its own
+    ``consecutive`` failures were reached."""
 
     @property
     def url(self) -> str: ...
+    @property
+    def down(self) -> bool: ...
     @property
     def consecutive_failures(self) -> int: ...
 
