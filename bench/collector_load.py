@@ -213,9 +213,11 @@ async def drive(
 class Server:
     """``selfreport serve`` (or the bare baseline app) in a subprocess, with RSS sampling."""
 
-    def __init__(self, baseline: bool = False) -> None:
+    def __init__(self, baseline: bool = False, command: Optional[list[str]] = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="selfreport-bench-")
-        if baseline:
+        if command is not None:  # another server (bench/alert_eval.py): the data dir appended
+            cmd = [*command, self.tmp.name]
+        elif baseline:
             cmd = [PYTHON, "-c", _BASELINE_APP]
         else:
             cli = "import sys; from selfreport.cli import main; sys.exit(main(sys.argv[1:]))"
