@@ -19,6 +19,8 @@ Phases:
           200 (no parsing, no storage): what the HTTP stack alone costs on this machine.
 
 Run:  .venv/bin/python bench/collector_load.py --duration 30
+      .venv/bin/python bench/collector_load.py --server-src ../old/src --server-src src \
+          --rounds 3 --phases open,closed   # two trees side by side, interleaved, as ratios
       .venv/bin/python bench/collector_load.py --duration 300 --phases open   # memory over 5 min
       .venv/bin/python bench/collector_load.py --phases open,huge   # a huge event meanwhile
 """
@@ -213,8 +215,16 @@ async def drive(
 class Server:
     """``selfreport serve`` (or the bare baseline app) in a subprocess, with RSS sampling."""
 
-    def __init__(self, baseline: bool = False, command: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        baseline: bool = False,
+        src: Optional[str] = None,
+        command: Optional[list[str]] = None,
+    ) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="selfreport-bench-")
+        env = dict(os.environ)
+        if src is not None:  # the server from another tree (this process keeps its own)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
         if command is not None:  # another server (bench/alert_eval.py): the data dir appended
             cmd = [*command, self.tmp.name]
         elif baseline:
@@ -223,7 +233,7 @@ class Server:
             cli = "import sys; from selfreport.cli import main; sys.exit(main(sys.argv[1:]))"
             cmd = [PYTHON, "-c", cli, "serve", "--port", "0", "--data", self.tmp.name]
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
         )
         assert self.proc.stdout is not None
         self.dsn = ""
@@ -356,20 +366,52 @@ def _print_row(row: dict[str, object]) -> None:
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, object]]:
     rows = []
-    for phase in args.phases.split(","):
-        server = Server(baseline=phase == "baseline")
-        try:
-            # Warm up: connections, SQLite pages, the key cache.
-            await drive(server.dsn, min(args.senders, 10), 1.0, None)
-            rate = args.rate if phase in ("open", "huge") else None
-            row = await _phase(phase, server, args, rate)
-            if phase != "baseline":
-                row["stored_events"] = _stored_events(server)
-            rows.append(row)
-            _print_row(row)
-        finally:
-            server.stop()
+    sources: list[Optional[str]] = list(args.server_src) or [None]
+    for round_ in range(args.rounds):
+        # Interleaved, and in turn first: a machine that gets busier favours neither tree.
+        order = sources if round_ % 2 == 0 else sources[::-1]
+        for src in order:
+            for phase in args.phases.split(","):
+                if phase == "baseline" and src != order[0]:
+                    continue  # the bare app is the same for every tree
+                row = await _run_phase(phase, args, src)
+                row["round"] = round_
+                rows.append(row)
+                _print_row(row)
+    if len(sources) > 1:
+        _print_ratios(rows, sources)
     return rows
+
+
+async def _run_phase(phase: str, args: argparse.Namespace, src: Optional[str]) -> dict[str, object]:
+    server = Server(baseline=phase == "baseline", src=src)
+    try:
+        # Warm up: connections, SQLite pages, the key cache.
+        await drive(server.dsn, min(args.senders, 10), 1.0, None)
+        rate = args.rate if phase in ("open", "huge") else None
+        row = await _phase(phase, server, args, rate)
+        if phase != "baseline":
+            row["stored_events"] = _stored_events(server)
+            row["server_src"] = src or "(this tree)"
+        return row
+    finally:
+        server.stop()
+
+
+def _print_ratios(rows: list[dict[str, object]], sources: list[Optional[str]]) -> None:
+    """Medians per tree and phase, and each tree's ratio to the first one."""
+    first = sources[0] or "(this tree)"
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for row in rows:
+        if "server_src" in row:
+            metrics = values.setdefault((str(row["server_src"]), str(row["phase"])), {})
+            for metric in ("accepted_per_s", "p50_ms", "p99_ms", "server_cpu_share"):
+                metrics.setdefault(metric, []).append(float(str(row[metric])))
+    for (src, phase), metrics in sorted(values.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        median = {m: statistics.median(v) for m, v in metrics.items()}
+        base = {m: statistics.median(v) for m, v in values.get((first, phase), {}).items()}
+        ratios = {m: round(median[m] / base[m], 3) for m in median if base.get(m)}
+        print(json.dumps({"phase": phase, "server_src": src, "median": median, "vs_first": ratios}))
 
 
 def _stored_events(server: Server) -> int:
@@ -394,6 +436,15 @@ def main() -> None:
     parser.add_argument(
         "--json", metavar="FILE", help="also write the rows (with RSS samples) here"
     )
+    parser.add_argument(
+        "--server-src",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="run the server from this source tree (a checkout's src/); twice or more to "
+        "compare trees side by side, as ratios to the first (default: this tree)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything, interleaved")
     args = parser.parse_args()
     print(
         f"selfreport {selfreport.__version__}, {os.cpu_count()} CPUs, senders={args.senders}",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 import os
 import random
@@ -14,7 +13,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ._admission.admission import Admission, Fingerprint
 from ._capture import scope
@@ -177,26 +176,6 @@ def _is_sdk_logger(name: str) -> bool:
     return name == "selfreport" or (
         name.startswith("selfreport.") and not name.startswith("selfreport.collector")
     )
-
-
-_Admit = TypeVar("_Admit", bound=Callable[..., Optional[str]])
-
-
-def _one_at_a_time(admit: _Admit) -> _Admit:
-    """A signal handler or a GC finalizer may interrupt a thread inside ``admit`` and report:
-    the locks it holds are not reentrant, so the nested call touches none and drops the event."""
-
-    @functools.wraps(admit)
-    def guarded_admit(self: Client, *args: Any) -> Optional[str]:
-        if getattr(_admitting, "active", False):
-            return None
-        _admitting.active = True
-        try:
-            return admit(self, *args)
-        finally:
-            _admitting.active = False
-
-    return cast(_Admit, guarded_admit)
 
 
 class Client:
@@ -497,21 +476,33 @@ class Client:
             return False
         return True
 
-    @_one_at_a_time
     def _admit(
         self,
         exc: Optional[BaseException],
         fingerprint: Callable[[], Fingerprint],
         snapshot: Callable[[], Capture],
     ) -> Optional[str]:
-        if not self._admissible(exc):
+        # A signal handler or a GC finalizer may interrupt a thread in here and report: the
+        # locks held are not reentrant, so the nested call touches none and drops the event.
+        # Inline, not a decorator: a storm makes this call for every error it drops.
+        if getattr(_admitting, "active", False):
             return None
+        _admitting.active = True
         try:
+            if not self._admissible(exc):
+                return None
             with ReportingPath():
                 # Dedupe before the queue-full check: a repeat is counted as one even while
                 # the queue is full, and carried by the next event sent.
                 key = fingerprint()
-                repeats = self._admission.dedupe(key)
+                admission = self._admission
+                # A storm's errors take the first two ways out, touching nothing else.
+                if admission.fold(key):
+                    return None
+                if admission.limited() and not self._worker.full():
+                    admission.drop_limited()
+                    return None
+                repeats = admission.dedupe(key)
                 if repeats is None:
                     return None
                 if self._worker.full():  # before the bucket: a full queue spends no token
@@ -519,18 +510,30 @@ class Client:
                     return None
                 if not self._admission.take(key, repeats):
                     return None
-                capture = snapshot()
-                capture.repeats = repeats
-                if self._admission.dedupes:
-                    capture.fingerprint = key
-                capture.context = contextvars.copy_context()
-                capture.scope = scope.current_state(self.max_breadcrumbs)
-                if exc is not None:
-                    mark_captured(exc)
+                return self._capture_admitted(exc, key, repeats, snapshot)
         except Exception as error:
             self._count("dropped_error")
             self.diagnostics.warn("capture_error", f"could not capture an event: {error!r}")
             return None
+        finally:
+            _admitting.active = False
+
+    def _capture_admitted(
+        self,
+        exc: Optional[BaseException],
+        key: Fingerprint,
+        repeats: int,
+        snapshot: Callable[[], Capture],
+    ) -> Optional[str]:
+        """Snapshot an admitted event on the caller's thread and queue it (in the path)."""
+        capture = snapshot()
+        capture.repeats = repeats
+        if self._admission.dedupes:
+            capture.fingerprint = key
+        capture.context = contextvars.copy_context()
+        capture.scope = scope.current_state(self.max_breadcrumbs)
+        if exc is not None:
+            mark_captured(exc)
         if not self._worker.submit(capture):
             if self._closed.is_set():
                 self._admission.forget(key, repeats)

@@ -9,7 +9,7 @@ from . import _state
 from ._capture.scope import record_log_breadcrumb
 
 # The mark is read inline: this runs for every record the root logger sees.
-from ._core.guard import RECORD_MARK, in_nested_log_record, is_reporting
+from ._core.guard import record_in_path
 from ._core.options import check_level
 
 if TYPE_CHECKING:
@@ -64,14 +64,14 @@ class LoggingHandler(logging.Handler):
             crumbs = self.breadcrumbs_level
             if crumbs is None or record.levelno < crumbs:
                 return False
-            if is_reporting() or in_nested_log_record() or record.__dict__.get(RECORD_MARK):
+            if record_in_path(record):
                 client.drop_reentrant_breadcrumb()
                 return False
             if self.filters:
                 return self._filtered_breadcrumb(record)
             record_log_breadcrumb(record)
             return True
-        if is_reporting() or in_nested_log_record() or record.__dict__.get(RECORD_MARK):
+        if record_in_path(record):
             client.drop_reentrant("log record")
             return False
         verdict: object = self.filter(record)

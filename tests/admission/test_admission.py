@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import sys
 import tracemalloc
+from typing import Optional
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tests.conftest import FakeClock
 
 from selfreport._admission.admission import LABEL_CHARS, Admission, Deduper, Fingerprint
@@ -281,3 +284,49 @@ def test_admission_forget_and_fork(clock: FakeClock) -> None:
     admission.reset_after_fork()
     assert admission.admit(fingerprint) == 0
     assert admission.dedupes
+
+
+def storm_admit(admission: Admission, fingerprint: Fingerprint) -> Optional[int]:
+    """The client's order (fold, then limited, then dedupe and take) for one event."""
+    if admission.fold(fingerprint):
+        return None
+    if admission.limited():
+        admission.drop_limited()
+        return None
+    return admission.admit(fingerprint)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abcd"), st.sampled_from((0.0, 0.3, 1.0, 30.0, 61.0))),
+        max_size=80,
+    )
+)
+def test_the_storm_shortcut_decides_and_counts_as_dedupe_then_take(
+    events: list[tuple[str, float]],
+) -> None:
+    # Fails if fold() or drop_limited() decide, count or remember anything differently from
+    # admit() (dedupe, then the bucket, then forget): the shortcut is only cheaper.
+    slow_clock, fast_clock = FakeClock(), FakeClock()
+    slow, slow_counts = make_admission(slow_clock)
+    fast, fast_counts = make_admission(fast_clock)
+    for name, step in events:
+        slow_clock.advance(step)
+        fast_clock.advance(step)
+        fingerprint = Fingerprint("app", name)
+        assert storm_admit(fast, fingerprint) == slow.admit(fingerprint)
+        assert fast_counts.snapshot() == slow_counts.snapshot()
+    assert fast.pending() == slow.pending()
+
+
+def test_fold_labels_a_repeat_only_when_there_is_one(clock: FakeClock) -> None:
+    dedupe = Deduper(window=60, clock=clock)
+    long = "x" * (LABEL_CHARS * 3)
+    assert not dedupe.fold(long)  # never seen: nothing remembered
+    assert dedupe.pending() == {}
+    assert dedupe.admit(long) == 0
+    assert dedupe.fold(long)
+    assert dedupe.pending() == {long[:LABEL_CHARS]: 1}
+    clock.advance(61)
+    assert not dedupe.fold(long)  # the window is over: the next one goes
+    assert not Deduper(window=0, clock=clock).fold(long)  # dedupe off

@@ -91,3 +91,28 @@ def test_bucket_reset_after_fork_gives_a_fresh_lock(clock: FakeClock) -> None:
     bucket._lock.acquire()  # as if another thread held it at fork time
     bucket.reset_after_fork()
     assert bucket.take()
+
+
+@given(st.lists(st.tuples(st.floats(min_value=0, max_value=2), st.booleans()), max_size=60))
+def test_empty_says_whether_take_would_fail_and_takes_nothing(
+    steps: list[tuple[float, bool]],
+) -> None:
+    clock, twin_clock = FakeClock(), FakeClock()
+    bucket = TokenBucket(rate=1.5, burst=3, clock=clock)
+    twin = TokenBucket(rate=1.5, burst=3, clock=twin_clock)  # never asked empty()
+    for step, ask in steps:
+        clock.advance(step)
+        twin_clock.advance(step)
+        if ask:
+            empty = bucket.empty()
+            assert bucket.empty() is empty  # asking twice changes nothing
+            assert bucket.take() is (not empty)
+        else:
+            assert bucket.take() is twin.take()
+            continue
+        assert twin.take() is (not empty)
+
+
+def test_empty_is_never_true_without_a_limit(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=0, burst=1, clock=clock)
+    assert not any(bucket.empty() or not bucket.take() for _ in range(1000))

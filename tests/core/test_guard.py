@@ -733,3 +733,19 @@ def test_a_spawned_process_and_a_process_pool_job_started_in_the_path(propagatio
         assert in_job["dropped_reentrant"] == 1
         assert outside["sent"] == 1  # the pool's process itself was not marked for life
         assert len(collector.events) == 1
+
+
+def test_record_in_path_is_born_in_the_path_or_logged_inside_it() -> None:
+    import logging
+
+    from selfreport._core.guard import RECORD_MARK, record_in_path
+
+    def record(**extra: object) -> logging.LogRecord:
+        made = logging.LogRecord("app", logging.ERROR, __file__, 1, "m", None, None)
+        made.__dict__.update(extra)
+        return made
+
+    assert not record_in_path(record())
+    assert record_in_path(record(**{RECORD_MARK: True}))  # born in the path, handled here
+    with reporting_path():
+        assert record_in_path(record())

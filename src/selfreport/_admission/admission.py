@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Callable, NamedTuple, Optional
 
 from selfreport._core.diag import Diagnostics
-from selfreport._core.excgroups import first_leaf
+from selfreport._core.excgroups import BUILTIN_GROUP, first_leaf
 from selfreport._core.text import safe_str
 
 from .ratelimit import Clock, TokenBucket
@@ -51,7 +51,8 @@ class Fingerprint(NamedTuple):
             return _new(cls, (logger, template, None, "", 0, None, "", ""))
         # A group is the same error as its first leaf: every TaskGroup's group is raised at
         # the same line of asyncio, which would fold unrelated failures into one.
-        exc = first_leaf(exc)
+        if BUILTIN_GROUP is None or isinstance(exc, BUILTIN_GROUP):
+            exc = first_leaf(exc)
         where = _innermost_location(exc.__traceback__)
         return _new(cls, (logger, template, type(exc), where[0], where[1], None, *where[2:]))
 
@@ -148,11 +149,13 @@ def _label(fingerprint: object) -> object:
 
 
 class _Seen:
+    # ``label`` only once there are repeats to describe: most fingerprints of a storm of
+    # distinct errors are seen once, and cutting their texts would be wasted work.
     __slots__ = ("first", "label", "repeats")
 
-    def __init__(self, first: float, label: object) -> None:
+    def __init__(self, first: float) -> None:
         self.first = first
-        self.label = label
+        self.label: object = None
         self.repeats = 0
 
 
@@ -181,14 +184,36 @@ class Deduper:
             now = self._clock()
             entry = self._seen.get(key)
             if entry is not None and now - entry.first < self.window:
+                if not entry.repeats:
+                    entry.label = _label(fingerprint)
                 entry.repeats += 1
                 return None
-            carried = entry.repeats if entry is not None else 0
-            self._seen[key] = _Seen(now, _label(fingerprint))
-            self._seen.move_to_end(key)
+            if entry is None:
+                self._seen[key] = _Seen(now)
+                carried = 0
+            else:  # its repeats are carried by this event: start afresh
+                carried = entry.repeats
+                entry.first = now
+                entry.repeats = 0
+                self._seen.move_to_end(key)
             while len(self._seen) > self.max_keys:
                 self._seen.popitem(last=False)
             return carried
+
+    def fold(self, fingerprint: object) -> bool:
+        """Fold ``fingerprint`` if it is a repeat (as :meth:`admit` would); False, changing
+        nothing, if it is not: for an event dropped whatever dedupe says."""
+        if self.window <= 0:
+            return False
+        key = hash(fingerprint)
+        with self._lock:
+            entry = self._seen.get(key)
+            if entry is None or self._clock() - entry.first >= self.window:
+                return False
+            if not entry.repeats:
+                entry.label = _label(fingerprint)
+            entry.repeats += 1
+            return True
 
     def forget(self, fingerprint: object, carried: int) -> None:
         """Undo :meth:`admit` for an event dropped after all (rate limit, full queue): the next
@@ -201,7 +226,7 @@ class Deduper:
             if entry is None:
                 return
             entry.first = -math.inf
-            entry.repeats += carried
+            entry.repeats += carried  # carried > 0 only after a repeat, which set the label
 
     def pending(self) -> dict[object, int]:
         """Fingerprints (texts cut to ``LABEL_CHARS``) with repeats not yet carried by any
@@ -251,6 +276,33 @@ class Admission:
         if repeats is None or not self.take(fingerprint, repeats):
             return None
         return repeats
+
+    @property
+    def bucket(self) -> TokenBucket:
+        return self._bucket
+
+    @bucket.setter
+    def bucket(self, bucket: TokenBucket) -> None:
+        self._bucket = bucket
+        # Whether the bucket is empty: whatever dedupe says, the event will not be sent (the
+        # bucket's own method, not a wrapper: asked for every error of a storm).
+        self.limited: Callable[[], bool] = bucket.empty
+
+    def fold(self, fingerprint: Fingerprint) -> bool:
+        """Whether ``fingerprint`` is a repeat: folded into the count the next event sent for
+        it carries, and counted. What :meth:`dedupe` does for a repeat; nothing otherwise."""
+        if self.deduper.fold(fingerprint):
+            self._count("dropped_rate_limited")
+            self._count("deduplicated")
+            return True
+        return False
+
+    def drop_limited(self) -> None:
+        """Count an event that is no repeat, dropped while :meth:`limited`: what :meth:`dedupe`
+        followed by a refused :meth:`take` would leave, for less work (the path of every error
+        of a storm)."""
+        self._count("dropped_rate_limited")
+        self._diagnostics.warn("rate_limited", self._limited_message)
 
     def dedupe(self, fingerprint: Fingerprint) -> Optional[int]:
         """The repeats a first occurrence carries, or None for a repeat (counted)."""

@@ -27,15 +27,30 @@ class TokenBucket:
         if self.rate <= 0:
             return True
         with self._lock:
+            if self._refill() >= 1.0:
+                self._tokens -= 1.0
+                return True
+            return False
+
+    def empty(self) -> bool:
+        """Whether :meth:`take` would fail now (taking nothing)."""
+        if self.rate <= 0:
+            return False
+        with self._lock:  # the refill inline: this runs for every error of a storm
             now = self._clock()
             elapsed = now - self._stamp
             self._stamp = now
             if elapsed > 0:
                 self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return True
-            return False
+            return self._tokens < 1.0
+
+    def _refill(self) -> float:
+        now = self._clock()
+        elapsed = now - self._stamp
+        self._stamp = now
+        if elapsed > 0:
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        return self._tokens
 
     def reset_after_fork(self) -> None:
         self._lock = threading.Lock()

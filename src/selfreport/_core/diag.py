@@ -38,6 +38,9 @@ class Diagnostics:
         self._lock = threading.RLock()
 
     def _should_write(self, kind: str, once: bool) -> bool:
+        last = self._last.get(kind)
+        if last is not None and (once or self._clock() - last < self.interval):
+            return False  # the usual answer in a storm, without taking the lock
         with self._lock:
             now = self._clock()
             last = self._last.get(kind)

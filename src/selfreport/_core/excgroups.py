@@ -6,9 +6,11 @@ import builtins
 import sys
 from typing import Optional
 
-__all__ = ["first_leaf", "group_members"]
+__all__ = ["BUILTIN_GROUP", "first_leaf", "group_members"]
 
-_BUILTIN: Optional[type] = getattr(builtins, "BaseExceptionGroup", None)
+# On 3.11+ every group is an instance of the builtin (the backport re-exports it there): an
+# exception that is not one is no group, one isinstance on the hot path, no call. None before 3.11.
+BUILTIN_GROUP: Optional[type] = getattr(builtins, "BaseExceptionGroup", None)
 
 
 def _backport_group(exc: BaseException) -> bool:
@@ -22,7 +24,7 @@ def group_members(exc: BaseException) -> Optional[tuple[BaseException, ...]]:
     """The members of ``exc`` if it is an exception group, else None (called on every
     capture: an exception that is not a group costs one isinstance and one dict lookup)."""
     if not (
-        (_BUILTIN is not None and isinstance(exc, _BUILTIN))
+        (BUILTIN_GROUP is not None and isinstance(exc, BUILTIN_GROUP))
         or ("exceptiongroup" in sys.modules and _backport_group(exc))
     ):
         return None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
 
 import wrapt  # its stubs cover Python 3.10+ only: mypy --python-version 3.9 sees no names
 
-from .excgroups import group_members
+from .excgroups import BUILTIN_GROUP, group_members
 from .patching import Patches, Replace
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "originated_in_reporting_path",
     "process_born_in_path",
     "record_born_in_path",
+    "record_in_path",
     "reporting_path",
     "thread_is_reporting",
     "uninstall_propagation",
@@ -102,9 +103,10 @@ def originated_in_reporting_path(exc: Optional[BaseException]) -> bool:
     while exc is not None and seen < 16:  # the usual case: a short chain, no group in it
         if getattr(exc, _MARK, False):
             return True
-        members = group_members(exc)
-        if members and _group_from_path(members, [64]):
-            return True
+        if BUILTIN_GROUP is None or isinstance(exc, BUILTIN_GROUP):
+            members = group_members(exc)
+            if members and _group_from_path(members, [64]):
+                return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
@@ -173,7 +175,7 @@ class ReportingPath(SyncAndAsync):
         if self._token is not None:
             _in_path.reset(self._token)
             self._token = None
-        if isinstance(exc, BaseException):
+        if exc is not None and isinstance(exc, BaseException):
             mark_exception(exc)
 
     async def __aenter__(self) -> ReportingPath:
@@ -345,6 +347,20 @@ def _counting_logger_handle(original: Callable[[Any, Any], Any]) -> Callable[[An
 def record_born_in_path(record: logging.LogRecord) -> bool:
     """Whether ``record`` was logged inside the reporting path, wherever it is handled now."""
     return bool(record.__dict__.get(RECORD_MARK, False))
+
+
+def record_in_path(record: logging.LogRecord) -> bool:
+    """Whether handling ``record`` is reporting-path work: it was logged inside the path (here,
+    or before it was handed elsewhere), or while another record is handled on this thread.
+
+    One call for what every record a reporting handler takes is checked against.
+    """
+    return (
+        _in_path.get()
+        or getattr(_local, "depth", 0) > 0
+        or getattr(_local, "log_depth", 0) > 1
+        or bool(record.__dict__.get(RECORD_MARK, False))
+    )
 
 
 def in_nested_log_record() -> bool:
