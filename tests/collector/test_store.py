@@ -20,6 +20,7 @@ from selfreport.collector.store import (
     INTERNAL_PROJECT,
     AlertRecord,
     ApiToken,
+    OutboxEntry,
     StorageError,
     Store,
     User,
@@ -469,3 +470,51 @@ def test_alerts_are_saved_replaced_and_old_ones_pruned(
     store.save_alert(dataclasses.replace(_alert("a", "resolved", 1.0), resolved_at=20.0))
     assert store.alerts(firing_only=True) == []
     assert store.alerts(limit=1)[0].key == "old4"
+
+
+# --- alerting: the notification outbox (issue 13, part B) ------------------------------------
+
+
+def outbox_entry(notification_id: str, notifier: str = "ops", when: float = 100.0) -> OutboxEntry:
+    return OutboxEntry(
+        0, notification_id, notifier, "rate:r:p", "r", "firing", "t", "{}", "pending", when, 0, when
+    )
+
+
+def test_the_outbox_keeps_rows_until_marked_and_bounds_itself(open_store: OpenStore) -> None:
+    store = open_store(clock=lambda: 500.0).start()
+    assert store.outbox_next_try() is None
+    dropped = store.outbox_put([outbox_entry("a"), outbox_entry("a", "mail")], 3, 10)
+    assert dropped == []
+    store.outbox_put([outbox_entry("a")], 3, 10)  # the same notification again: ignored
+    assert store.outbox_counts() == {"pending": 2}
+    assert store.outbox_next_try() == 100.0
+    assert store.outbox_due(99.0, 10) == []
+    first, second = store.outbox_due(100.0, 10)
+    assert (first.notifier, second.notifier, first.status) == ("ops", "mail", "pending")
+    store.outbox_mark(first.id, "pending", attempts=1, next_try=200.0, error="HTTP 500")
+    assert [e.notifier for e in store.outbox_due(150.0, 10)] == ["mail"]
+    store.outbox_mark(second.id, "delivered", attempts=1, next_try=100.0)
+    dropped = store.outbox_put([outbox_entry(n, when=300.0) for n in "bcd"], 3, 10)
+    assert [e.notification_id for e in dropped] == ["a"]  # the oldest pending went
+    assert store.outbox_counts() == {"pending": 3, "delivered": 1, "dropped": 1}
+    newest = store.outbox_history(2)
+    assert [e.notification_id for e in newest] == ["d", "c"]
+    history = store.outbox_history()
+    dropped_row = next(e for e in history if e.status == "dropped")
+    assert (dropped_row.last_error, dropped_row.done_at) == ("outbox full", 500.0)
+    store.outbox_put([], 3, 1)  # keeps only the newest finished row
+    assert store.outbox_counts() == {"pending": 3, "delivered": 1}
+
+
+def test_the_outbox_survives_reopening(open_store: OpenStore, tmp_path: Path) -> None:
+    store = open_store(tmp_path / "db").start()
+    store.outbox_put([outbox_entry("a")], 10, 10)
+    store.close()
+    again = open_store(tmp_path / "db").start()
+    (entry,) = again.outbox_due(1000.0, 10)
+    assert entry.notification_id == "a"
+    again.outbox_mark(entry.id, "failed", attempts=5, next_try=0.0, error="gave up")
+    (entry,) = again.outbox_history()
+    assert (entry.status, entry.attempts, entry.last_error) == ("failed", 5, "gave up")
+    assert entry.done_at is not None

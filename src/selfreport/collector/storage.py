@@ -27,6 +27,7 @@ from .store import (
     ApiToken,
     Event,
     Issue,
+    OutboxEntry,
     Project,
     StorageError,
     StorageFull,
@@ -150,6 +151,29 @@ CREATE INDEX IF NOT EXISTS alerts_by_fired ON alerts (fired_at);
 # Alerts kept that are not firing any more (the Alerts page's history of what fired).
 MAX_ALERTS = 1000
 
+# Alerting's durable outbox (issue 13, part B): one row per (notification, notifier), written
+# before the engine goes on, marked delivered only after the notifier took it.
+_OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    notification_id TEXT NOT NULL,
+    notifier TEXT NOT NULL,
+    alert_key TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    state TEXT NOT NULL,
+    title TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    last_error TEXT,
+    done_at REAL,
+    UNIQUE (notification_id, notifier)
+);
+CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, next_try);
+"""
+
 # Counts events deleted before the forwarder handed them on (see SqliteStorage.forwarding_start).
 _FORWARD_TRIGGER = """
 CREATE TRIGGER IF NOT EXISTS forward_lost AFTER DELETE ON events
@@ -167,6 +191,10 @@ _ISSUE_COLUMNS = (
 # Event's fields but the payload, in their order.
 _EVENT_COLUMNS = (
     "event_id, received, timestamp, level, environment, release, id, project_id, issue_id"
+)
+_OUTBOX_COLUMNS = (
+    "id, notification_id, notifier, alert_key, rule, state, title, payload, status, created,"
+    " attempts, next_try, last_error, done_at"
 )
 _SORTS = {"last_seen": "i.last_seen DESC", "first_seen": "i.first_seen DESC", "count": None}
 
@@ -477,7 +505,7 @@ class SqliteStorage:
             if str(mode).lower() != "wal":
                 raise StorageError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             with _transaction(conn):
-                schema = _SCHEMA + _AUTH_SCHEMA + _ALERT_SCHEMA
+                schema = _SCHEMA + _AUTH_SCHEMA + _ALERT_SCHEMA + _OUTBOX_SCHEMA
                 conn.executescript("BEGIN IMMEDIATE;" + schema + "COMMIT;")
                 found = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if found is None:
@@ -1403,6 +1431,90 @@ class SqliteStorage:
             ).fetchall()
         return [AlertRecord(*row) for row in rows]
 
+    # --- alerting: the notification outbox (issue 13, part B) -------------------------------
+
+    def outbox_put(
+        self, entries: Sequence[OutboxEntry], max_pending: int, keep_done: int
+    ) -> list[OutboxEntry]:
+        """Insert ``entries`` (pending; a row already there for the same notification and
+        notifier is left as it is), then, past ``max_pending`` pending rows, mark the oldest
+        ``dropped``; keep the newest ``keep_done`` finished rows. Returns the rows dropped."""
+        now = self._clock()
+        with self._writing() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO outbox (notification_id, notifier, alert_key, rule, state,"
+                " title, payload, status, created, attempts, next_try)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, 0, ?)",
+                [_outbox_values(e) for e in entries],
+            )
+            rows = conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending'"
+                " ORDER BY id DESC LIMIT -1 OFFSET ?",
+                (max(0, max_pending),),
+            ).fetchall()
+            dropped = [OutboxEntry(*row) for row in rows]
+            conn.executemany(
+                "UPDATE outbox SET status = 'dropped', last_error = 'outbox full', done_at = ?"
+                " WHERE id = ?",
+                [(now, e.id) for e in dropped],
+            )
+            conn.execute(
+                "DELETE FROM outbox WHERE status != 'pending' AND id NOT IN (SELECT id FROM"
+                " outbox WHERE status != 'pending' ORDER BY id DESC LIMIT ?)",
+                (max(0, keep_done),),
+            )
+        return dropped
+
+    def outbox_due(self, now: float, limit: int) -> list[OutboxEntry]:
+        """Pending rows whose ``next_try`` has come, the earliest first."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending'"
+                " AND next_try <= ? ORDER BY next_try, id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_next_try(self) -> Optional[float]:
+        """When the earliest pending row is due (None: nothing pending)."""
+        with self._reader() as conn:
+            row = conn.execute("SELECT min(next_try) FROM outbox WHERE status = 'pending'")
+            found = row.fetchone()[0]
+        return None if found is None else float(found)
+
+    def outbox_mark(
+        self,
+        entry_id: int,
+        status: str,
+        *,
+        attempts: int,
+        next_try: float,
+        error: Optional[str] = None,
+    ) -> None:
+        """Record a try: ``delivered``, ``failed`` (given up), or ``pending`` (again at
+        ``next_try``)."""
+        done_at = None if status == "pending" else self._clock()
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE outbox SET status = ?, attempts = ?, next_try = ?, last_error = ?,"
+                " done_at = ? WHERE id = ?",
+                (status, attempts, next_try, error, done_at, entry_id),
+            )
+
+    def outbox_history(self, limit: int = 100) -> list[OutboxEntry]:
+        """The newest rows, whatever their status, newest first."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_counts(self) -> dict[str, int]:
+        """Rows by status (``pending``, ``delivered``, ``failed``, ``dropped``)."""
+        with self._reader() as conn:
+            rows = conn.execute("SELECT status, count(*) FROM outbox GROUP BY status").fetchall()
+        return {str(status): int(count) for status, count in rows}
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def close(self, timeout: float = 10.0) -> None:
@@ -1432,6 +1544,20 @@ class SqliteStorage:
 
 Storage = SqliteStorage
 """The name this class had before the :class:`~.store.Store` interface (still importable)."""
+
+
+def _outbox_values(e: OutboxEntry) -> tuple[Any, ...]:
+    return (
+        e.notification_id,
+        e.notifier,
+        e.alert_key,
+        e.rule,
+        e.state,
+        e.title,
+        e.payload,
+        e.created,
+        e.next_try,
+    )
 
 
 @contextlib.contextmanager

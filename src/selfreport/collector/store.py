@@ -17,6 +17,7 @@ __all__ = [
     "ApiToken",
     "Event",
     "Issue",
+    "OutboxEntry",
     "Project",
     "StorageError",
     "StorageFull",
@@ -107,6 +108,30 @@ class User:
 class ApiToken:
     name: str
     created: float
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One notification for one notifier in the alerting outbox (issue 13, part B).
+
+    ``payload`` is the notification as JSON; ``status`` is ``pending``, ``delivered``,
+    ``failed`` (given up after its tries) or ``dropped`` (pushed out of a full outbox).
+    """
+
+    id: int  # 0 until stored
+    notification_id: str
+    notifier: str
+    alert_key: str
+    rule: str
+    state: str
+    title: str
+    payload: str
+    status: str
+    created: float
+    attempts: int
+    next_try: float
+    last_error: Optional[str] = None
+    done_at: Optional[float] = None
 
 
 class Store(Protocol):
@@ -302,3 +327,35 @@ class Store(Protocol):
 
     def alerts(self, *, firing_only: bool = False, limit: int = 200) -> list[AlertRecord]:
         """Alerts, newest first by when they fired (firing ones only, if asked)."""
+
+    # --- alerting: the notification outbox (issue 13, part B) -----------------------------------
+
+    def outbox_put(
+        self, entries: Sequence[OutboxEntry], max_pending: int, keep_done: int
+    ) -> list[OutboxEntry]:
+        """Commit ``entries`` as pending (one per notification and notifier: a second put of
+        the same is ignored) before returning; past ``max_pending`` pending rows the oldest are
+        marked ``dropped`` and returned; only the newest ``keep_done`` finished rows are kept."""
+
+    def outbox_due(self, now: float, limit: int) -> list[OutboxEntry]:
+        """Up to ``limit`` pending rows whose ``next_try`` is at most ``now``, earliest first."""
+
+    def outbox_next_try(self) -> Optional[float]:
+        """The earliest ``next_try`` of a pending row, or None."""
+
+    def outbox_mark(
+        self,
+        entry_id: int,
+        status: str,
+        *,
+        attempts: int,
+        next_try: float,
+        error: Optional[str] = None,
+    ) -> None:
+        """Record the outcome of a try of one row."""
+
+    def outbox_history(self, limit: int = 100) -> list[OutboxEntry]:
+        """The newest ``limit`` rows, newest first."""
+
+    def outbox_counts(self) -> dict[str, int]:
+        """How many rows have each status."""

@@ -35,6 +35,7 @@ class HttpReceiver:
     requests: list[Request] = field(default_factory=list)
     answers: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    hold: Optional[threading.Event] = None  # when set: answers wait until it is set
 
     def answer(self, status: int, body: bytes = b"", **headers: str) -> None:
         with self.lock:
@@ -60,6 +61,8 @@ def http_receiver(status: int = 200, body: bytes = b"ok") -> Iterator[HttpReceiv
             content = self.rfile.read(length)
             with receiver.lock:
                 receiver.requests.append(Request(self.path, dict(self.headers), content))
+            if receiver.hold is not None:
+                receiver.hold.wait(60)
             code, headers, answer = receiver.next_answer()
             self.send_response(code)
             for key, value in headers.items():
@@ -80,6 +83,8 @@ def http_receiver(status: int = 200, body: bytes = b"ok") -> Iterator[HttpReceiv
     try:
         yield receiver
     finally:
+        if receiver.hold is not None:
+            receiver.hold.set()
         server.shutdown()
         server.server_close()
         thread.join(10)
