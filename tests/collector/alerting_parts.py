@@ -51,6 +51,7 @@ class Outcome:
     regressed: bool = False
     issue_title: str = "ValueError: boom"
     level: str = "error"
+    ignored: bool = False
 
 
 PROJECT = Project(1, "default", False, "k" * 32, 0.0)
@@ -59,9 +60,8 @@ INTERNAL = Project(2, "selfreport-internal", True, "i" * 32, 0.0)
 
 def stored(outcomes: Sequence[Outcome], project: Project = PROJECT) -> StoredEnvelope:
     """A StoredEnvelope as ingestion hands it to on_stored hooks, with its outcomes."""
-    envelope = StoredEnvelope(project, [], [o.stored for o in outcomes], b"", False)
-    envelope.outcomes = list(outcomes)  # type: ignore[attr-defined]
-    return envelope
+    flags = [o.stored for o in outcomes]
+    return StoredEnvelope(project, [], flags, b"", False, {}, list(outcomes))  # type: ignore[arg-type]
 
 
 @dataclass

@@ -414,3 +414,28 @@ def test_rule_states_name_what_fires() -> None:
     assert states["h"]["state"] == "firing"
     assert states["n"]["state"] == "ok"
     assert states["h"]["firing"][0]["subject"] == "check:disk_space"
+
+
+def test_a_notifier_failures_rule_watches_only_notifiers() -> None:
+    stats = {"dropped_reentrant": 0}
+    engine, outbox, clock = engine_of(
+        Rule("n", "self", metric="notifier_failures", notify=("ops", "pager")),
+        sources=Sources(reporter_stats=lambda: stats),
+    )
+    engine.tick()
+    stats["dropped_reentrant"] = 9
+    engine.on_notifier_failure("ops", RuntimeError("HTTP 500"))
+    outbox.failing_now["ops"] = "HTTP 500"
+    clock.advance(1)
+    engine.tick()
+    assert [(n.subject, names) for n, names in outbox.sent] == [("notifier:ops", ["pager"])]
+    assert engine.notifier_failures == {"ops": "HTTP 500"}
+    engine.on_notifier_recovery("ops")
+    assert engine.notifier_failures == {}
+
+
+def test_events_on_ignored_issues_count_for_no_rule() -> None:
+    engine, outbox, _ = engine_of(Rule("spike", "rate", threshold=1, window=60))
+    engine.on_stored(stored([Outcome(ignored=True)] * 5 + [Outcome()]))
+    engine.tick()
+    assert outbox.sent == []

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from tests.collector.alerting_parts import ListOutbox, Rule, WebhookOutbox, receiver
+from tests.collector.alerting.receivers import http_receiver
+from tests.collector.alerting_parts import (
+    ListOutbox,
+    Outcome,
+    Rule,
+    WebhookOutbox,
+    receiver,
+    stored,
+)
 from tests.collector.conftest import Target, call, envelope, make_event
-from tests.conftest import wait_until
+from tests.conftest import FakeClock, wait_until
 
 import selfreport
 from selfreport.collector import app as app_module
-from selfreport.collector.alerting.engine import AlertEngine
+from selfreport.collector.alerting.config import CollectorConfig, parse_config
+from selfreport.collector.alerting.engine import AlertEngine, engine_from_config
 from selfreport.collector.alerting.model import Notification
+from selfreport.collector.alerting.outbox import DEFAULT_RETRY, Outbox
 from selfreport.collector.health import CheckResult
 from selfreport.collector.server import CollectorServer
+from selfreport.collector.storage import Storage
 from selfreport.collector.store import Store
 
 MakeServer = Callable[..., CollectorServer]
@@ -37,8 +50,12 @@ def test_a_rate_alert_through_a_real_webhook_shows_everywhere(make_server: MakeS
         target = Target(server)
         for _ in range(3):
             assert target.send(envelope(make_event())).status == 200
-        assert wait_until(lambda: len(hook.bodies) == 1)
-        assert hook.bodies[0] == {"rule": "spike", "subject": "default", "state": "firing"}
+        assert wait_until(lambda: len(hook.bodies) == 2)
+        # A new issue for each event (make_event's ids differ, its exception is the same: one
+        # issue), and the rate over its threshold after the third: one notification each.
+        assert sorted(tuple(b.values()) for b in hook.bodies) == [
+            ("new", "issue:1", "firing"), ("spike", "default", "firing"),
+        ]  # fmt: skip
         status = call(server.port, "GET", "/api/0/status/").json()["alerts"]
         assert {r["name"]: r["state"] for r in status["rules"]} == {"spike": "firing", "new": "ok"}
         assert status["stats"]["firing"] == 1
@@ -54,7 +71,7 @@ def test_a_rate_alert_through_a_real_webhook_shows_everywhere(make_server: MakeS
         assert "3 events in 600s" in html.text
         metrics = call(server.port, "GET", "/metrics").text
         assert "selfreport_collector_alerts_firing 1.0" in metrics
-        assert 'selfreport_collector_alert_events_total{outcome="notifications"} 1.0' in metrics
+        assert 'selfreport_collector_alert_events_total{outcome="notifications"} 2.0' in metrics
 
 
 def test_the_alerts_page_without_rules(target: Target) -> None:
@@ -118,3 +135,78 @@ def test_alerts_on_the_internal_project_do_not_loop_when_sending_raises(
     assert server.storage.event_count(server.internal_project.id) == 1
     assert len(outbox.sent) == 1  # fired once; the firing alert is not fired again
     assert engine.counts["put_failed"] == 1
+
+
+def _config(url: str, rules: str) -> CollectorConfig:
+    text = f'[[notifier]]\nname = "hook"\nkind = "webhook"\nurl = "{url}"\n\n{rules}'
+    return parse_config(text, "alerts.toml", environ={})
+
+
+def test_the_self_loop_with_the_real_outbox_and_a_webhook_answering_500(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's loop test: a webhook answering 500 and a `self` rule pointed at the same
+    webhook. Every failed try is counted; the self alert sends nothing; the log stays short."""
+    caplog.set_level(logging.DEBUG)
+    rules = (
+        '[[alert]]\nname = "spike"\nwhen = "rate"\nthreshold = 1\nwindow = "60s"\n'
+        'notify = ["hook"]\n\n'
+        '[[alert]]\nname = "me"\nwhen = "self"\nmetric = "notifier_failures"\nabove = 0\n'
+        'notify = ["hook"]\nrenotify = "1s"\n'
+    )
+    clock = FakeClock(1_000_000.0)
+    with http_receiver(500) as hook, Storage(tmp_path / "db") as storage:
+        engine = engine_from_config(_config(hook.url, rules), storage, clock=clock)
+        outbox = engine.outbox
+        assert isinstance(outbox, Outbox)
+        engine.on_stored(stored([Outcome()] * 5))
+        for _ in range(40):  # long enough for both of the rate's notifications to be given up
+            engine.tick()
+            outbox.deliver_due()
+            clock.advance(700)  # past the outbox's longest backoff
+        stats = outbox.stats()
+    tries = hook.count()
+    assert tries == 2 * (DEFAULT_RETRY.total + 1)  # firing and resolved, each tried 9 times
+    assert {r.json()["rule"] for r in hook.requests} == {"spike"}
+    assert stats["notifiers"]["hook"]["failures"] == tries
+    assert engine.counts["notifier_failures"] == tries
+    assert stats["gave_up"] == 2
+    assert engine.counts["notifications"] == 2
+    assert engine.counts["not_sent_no_notifier"] == 1  # the one alert about "hook"
+    assert len(caplog.records) <= 6
+
+
+def test_a_configured_collector_notifies_through_its_outbox(
+    make_server: MakeServer,
+) -> None:
+    rules = '[[alert]]\nname = "new"\nwhen = "new_issue"\nnotify = ["hook"]\n'
+    with http_receiver(200) as hook:
+        config = _config(hook.url, rules)
+        server = make_server(
+            alerts=lambda storage: engine_from_config(config, storage, public_url="http://x:1")
+        )
+        target = Target(server)
+        assert target.send(envelope(make_event())).status == 200
+        assert wait_until(lambda: hook.count() == 1)
+        body = hook.requests[0].json()
+        assert (body["rule"], body["when"], body["url"]) == (
+            "new",
+            "new_issue",
+            "http://x:1/issues/1",
+        )
+        alerts = wait_until(
+            lambda: (
+                (a := call(server.port, "GET", "/api/0/alerts/").json())["deliveries"]
+                and a["deliveries"][0]["status"] == "delivered"
+                and a
+            )
+        )
+        assert alerts["deliveries"][0]["notifier"] == "hook"
+        assert "payload" not in alerts["deliveries"][0]
+        page = call(server.port, "GET", "/alerts").text
+        assert "Deliveries" in page
+        assert "delivered" in page
+        engine = server.collector.alerts
+        server.stop()
+    assert engine is not None
+    assert not engine.outbox.alive  # type: ignore[attr-defined]

@@ -508,11 +508,15 @@ def test_on_stored_hooks_get_committed_events_and_cannot_fail_the_request(
     assert stored.project.id == target.project.id
     assert [e.event_id for e in stored.events] == [event["event_id"]]
     assert stored.stored == [True]
+    [outcome] = stored.outcomes
+    assert (outcome.stored, outcome.new_issue, outcome.regressed) == (True, True, False)
+    assert outcome.issue_title == stored.events[0].title
     assert stored.own_report is False
     assert b'"type": "event"' in stored.body
     assert "an on_stored hook failed" in caplog.text
     target.send(target_envelope(target, event))
     assert received[1].stored == [False]
+    assert [o.stored for o in received[1].outcomes] == [False]
 
 
 # --- units ----------------------------------------------------------------------------------------

@@ -863,3 +863,50 @@ def test_retention_counts_events_deleted_before_they_were_forwarded(
         }
     finally:
         storage.close()
+
+
+# --- Part A: issue states -----------------------------------------------------------------------
+
+
+def test_a_database_from_before_issue_states_gets_their_columns(
+    tmp_path: Path, make_event: Callable[..., Event]
+) -> None:
+    """The schema script of 0.1.0 (no state columns): opened, migrated, its issues unresolved."""
+    path = tmp_path / "old.db"
+    with Storage(path) as storage:
+        storage.ensure_defaults()
+        storage.start()
+        assert storage.store(1, [prepared(make_event)]).result(10) == [True]
+    conn = sqlite3.connect(path)
+    try:
+        for table, column in [
+            ("issues", "status"),
+            ("issues", "ignore_count"),
+            ("issues", "ignore_until"),
+            ("issues", "ignore_seen"),
+            ("issues", "resolved_at"),
+            ("events", "repeats"),
+        ]:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.commit()
+    finally:
+        conn.close()
+    with Storage(path) as storage:
+        [issue] = storage.issues(status="unresolved")
+        assert (issue.status, issue.times_seen) == ("unresolved", 1)
+        storage.start()
+        assert storage.set_issue_status(issue.id, "resolved") is not None
+        assert storage.store(1, [prepared(make_event)]).result(10) == [True]
+        again = storage.issue(issue.id)
+        assert again is not None
+        assert (again.status, again.times_seen) == ("unresolved", 2)
+
+
+def test_a_status_change_the_writer_cannot_take_is_a_storage_error(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "db.sqlite", max_queue=1)
+    try:
+        storage.ensure_defaults()
+        with pytest.raises(StorageError, match="not running"):
+            storage.set_issue_status(1, "resolved")
+    finally:
+        storage.close()

@@ -518,3 +518,132 @@ def test_the_outbox_survives_reopening(open_store: OpenStore, tmp_path: Path) ->
     (entry,) = again.outbox_history()
     assert (entry.status, entry.attempts, entry.last_error) == ("failed", 5, "gave up")
     assert entry.done_at is not None
+
+
+# --- Part A: issue states, outcomes, the chart, pipeline latency ------------------------------
+
+
+@pytest.mark.asyncio
+async def test_outcomes_say_new_issue_duplicate_and_regression(store: Store) -> None:
+    first, again = event(1.0), event(2.0)
+    [new] = await store.store_outcomes_async(1, [first])
+    assert (new.stored, new.new_issue, new.regressed, new.ignored) == (True, True, False, False)
+    assert (new.issue_title, new.level) == ("ValueError: bad input", "error")
+    issue_id = new.issue_id
+    outcomes = await store.store_outcomes_async(1, [again, first])
+    assert [(o.stored, o.issue_id, o.new_issue, o.regressed) for o in outcomes] == [
+        (True, issue_id, False, False),
+        (False, issue_id, False, False),  # a duplicate changes nothing
+    ]
+    resolved = store.set_issue_status(issue_id, "resolved")
+    assert resolved is not None
+    assert resolved.status == "resolved"
+    assert resolved.resolved_at is not None
+    assert [i.id for i in store.issues(status="resolved")] == [issue_id]
+    assert store.issues(status="unresolved") == []
+    [back, after] = await store.store_outcomes_async(1, [event(3.0), event(4.0)])
+    assert (back.regressed, back.new_issue, after.regressed) == (True, False, False)
+    reopened = store.issue(issue_id)
+    assert reopened is not None
+    assert (reopened.status, reopened.resolved_at, reopened.times_seen) == ("unresolved", None, 4)
+    assert await store.store_async(1, [event(5.0)]) == [True]  # the old answer still works
+
+
+@pytest.mark.asyncio
+async def test_ignored_forever_for_n_events_or_until_a_time(store: Store) -> None:
+    [first] = await store.store_outcomes_async(1, [event(1.0)])
+    issue_id = first.issue_id
+    ignored = store.set_issue_status(issue_id, "ignored")
+    assert ignored is not None
+    assert (ignored.status, ignored.ignore_count, ignored.ignore_until) == ("ignored", None, None)
+    [quiet] = await store.store_outcomes_async(1, [event(2.0)])
+    assert (quiet.ignored, quiet.regressed) == (True, False)
+    # Until 3 more events (repeats folded by the SDK count).
+    counted = store.set_issue_status(issue_id, "ignored", ignore_count=3)
+    assert counted is not None
+    assert counted.ignore_count == 3
+    one, two = await store.store_outcomes_async(1, [event(3.0), event(4.0, extra=None)])
+    assert (one.ignored, two.ignored) == (True, True)
+    [third] = await store.store_outcomes_async(1, [event(5.0)])
+    assert (third.ignored, third.regressed) == (False, False)  # back, but no regression
+    assert [i.id for i in store.issues(status="unresolved")] == [issue_id]
+    store.set_issue_status(issue_id, "ignored", ignore_count=2)
+    [folded] = await store.store_outcomes_async(1, [event(6.0, extra={"selfreport_repeats": 1})])
+    assert not folded.ignored  # 1 + 1 repeat: two events
+    # Until a time: events received before it stay ignored, the first after it reopens.
+    store.set_issue_status(issue_id, "ignored", ignore_until=NOW + 1500)
+    [before] = await store.store_outcomes_async(1, [event(1400.0)])
+    assert before.ignored
+    [past] = await store.store_outcomes_async(1, [event(1600.0)])
+    assert (past.ignored, past.regressed) == (False, False)
+    # A time that passed without events: the issue reads as unresolved already.
+    store.set_issue_status(issue_id, "ignored", ignore_until=time.time() - 1)
+    lapsed = store.issue(issue_id)
+    assert lapsed is not None
+    assert (lapsed.status, lapsed.ignore_until) == ("unresolved", None)
+    assert [i.id for i in store.issues(status="unresolved")] == [issue_id]
+    assert store.issues(status="ignored") == []
+    reopened = store.set_issue_status(issue_id, "unresolved")
+    assert reopened is not None
+    assert reopened.status == "unresolved"
+
+
+def test_bad_issue_states_are_refused(store: Store) -> None:
+    assert store.set_issue_status(999, "resolved") is None
+    for status, options, message in [
+        ("fixed", {}, "status must be one of"),
+        ("resolved", {"ignore_count": 3}, "go with status 'ignored' only"),
+        ("ignored", {"ignore_count": 3, "ignore_until": NOW}, "not both"),
+        ("ignored", {"ignore_count": 0}, "ignore_count must be"),
+        ("ignored", {"ignore_count": True}, "ignore_count must be"),
+        ("ignored", {"ignore_until": float("nan")}, "ignore_until must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            store.set_issue_status(1, status, **options)
+
+
+@pytest.mark.asyncio
+async def test_issue_states_survive_reopening(open_store: OpenStore, tmp_path: Path) -> None:
+    first = open_store(tmp_path / "kept")
+    first.ensure_defaults()
+    first.start()
+    [stored] = await first.store_outcomes_async(1, [event(1.0)])
+    first.set_issue_status(stored.issue_id, "ignored", ignore_count=2)
+    [quiet] = await first.store_outcomes_async(1, [event(2.0)])
+    assert quiet.ignored
+    first.close()
+    again = open_store(tmp_path / "kept").start()
+    [back] = await again.store_outcomes_async(1, [event(3.0)])  # the second of the two
+    assert (back.ignored, back.regressed) == (False, False)
+    again.set_issue_status(stored.issue_id, "resolved")
+    again.close()
+    third = open_store(tmp_path / "kept").start()
+    [regressed] = await third.store_outcomes_async(1, [event(4.0)])
+    assert regressed.regressed
+
+
+@pytest.mark.asyncio
+async def test_the_histogram_of_an_issue(store: Store) -> None:
+    base = NOW + 10_000.0
+    events = [event(10_000.0 + offset) for offset in (0.0, 10.0, 3600.0, 3 * 3600.0 - 1)]
+    events.append(event(10_000.0 + 7200.0, extra={"selfreport_repeats": 4}))
+    outcomes = await store.store_outcomes_async(1, events)
+    issue_id = outcomes[0].issue_id
+    assert store.issue_histogram(issue_id, base, 3600.0, until=base + 3 * 3600) == [2, 1, 6]
+    assert store.issue_histogram(issue_id, base + 3600, 3600.0, until=base + 7201) == [1, 6]
+    assert store.issue_histogram(issue_id, base, 1.0, until=base + 10**9)[:2] == [1, 0]
+    assert len(store.issue_histogram(issue_id, base, 1.0, until=base + 10**9)) == 1000
+    assert store.issue_histogram(999, base, 60.0, until=base + 60) == [0]
+    assert store.issue_histogram(issue_id, time.time() + 60, 3600.0) == [0]  # until now
+    with pytest.raises(ValueError, match="bucket_seconds"):
+        store.issue_histogram(issue_id, base, 0.0)
+
+
+@pytest.mark.asyncio
+async def test_when_events_were_received(store: Store) -> None:
+    await store.store_async(1, [event(1.0), event(2.0)])
+    await store.store_async(2, [message("internal", 3.0)])
+    _rows, upto = store.events_to_forward(0, 10)
+    assert upto == 3
+    assert store.received_between(0, upto) == [NOW + 1.0, NOW + 2.0, NOW + 3.0]
+    assert store.received_between(1, upto, project_id=1) == [NOW + 2.0]

@@ -31,7 +31,7 @@ from .events import (
 )
 from .limits import DEFAULT_MAX_BODY
 from .metrics import CollectorMetrics
-from .store import Project, StorageError, StorageFull, Store
+from .store import EventOutcome, Project, StorageError, StorageFull, Store
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -83,6 +83,8 @@ class StoredEnvelope:
     body: bytes  # the decompressed request body (an envelope, or an event for /store/)
     own_report: bool  # sent by this collector's own self-reporter
     headers: dict[str, str] = field(default_factory=dict)
+    # Per event, what storing it did (issue, new issue, regression): for alert rules.
+    outcomes: list[EventOutcome] = field(default_factory=list)
 
 
 OnStored = Callable[[StoredEnvelope], None]
@@ -325,14 +327,15 @@ class IngestEndpoint:
             return 200, {"id": _valid_event_id(envelope_event_id)}
         first_id = kept[0].event_id
         try:
-            stored = await self.storage.store_async(project.id, kept)
+            outcomes = await self.storage.store_outcomes_async(project.id, kept)
         except StorageFull as exc:
             raise IngestError(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
         except StorageError as exc:  # the database as a whole: senders should retry later
             raise IngestError(503, "storage_unavailable", str(exc), {"Retry-After": "5"}) from None
         elapsed = time.perf_counter() - started
+        stored = [outcome.stored for outcome in outcomes]
         self.metrics.stored(sum(stored), len(stored) - sum(stored), elapsed)
-        self._notify(StoredEnvelope(project, kept, stored, body, is_reporting(), headers))
+        self._notify(StoredEnvelope(project, kept, stored, body, is_reporting(), headers, outcomes))
         return 200, {"id": first_id}
 
     def _prepare_all(

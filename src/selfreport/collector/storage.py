@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 import queue
 import secrets
@@ -13,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -23,9 +26,11 @@ from .events import PreparedEvent
 from .store import (
     DEFAULT_PROJECT,
     INTERNAL_PROJECT,
+    ISSUE_STATUSES,
     AlertRecord,
     ApiToken,
     Event,
+    EventOutcome,
     Issue,
     OutboxEntry,
     Project,
@@ -60,6 +65,8 @@ _PAYLOAD_BYTES = (
     else "length(CAST(payload AS BLOB))"
 )
 _VACUUM_PAGES = 2048  # pages given back to the disk at most per step
+MAX_IGNORE_COUNT = 10**9
+MAX_HISTOGRAM_BUCKETS = 1000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -184,9 +191,26 @@ BEGIN
 END
 """
 
+# Part A: columns added to databases made before issue states (ALTER TABLE ADD COLUMN is
+# cheap in SQLite: only the schema changes; old rows read the default). Older versions of
+# selfreport ignore them, so the schema version stays.
+_ADDED_COLUMNS = (
+    ("issues", "status", "TEXT NOT NULL DEFAULT 'unresolved'"),
+    ("issues", "ignore_count", "INTEGER"),
+    ("issues", "ignore_until", "REAL"),
+    ("issues", "ignore_seen", "INTEGER"),  # times_seen when ignored (for ignore_count)
+    ("issues", "resolved_at", "REAL"),
+    ("events", "repeats", "INTEGER NOT NULL DEFAULT 0"),  # collapsed repeats (the chart)
+)
+# An issue ignored until a time that has passed reads as unresolved (its row changes at its
+# next event); the one parameter is now.
+_STATUS = (
+    "CASE WHEN i.status = 'ignored' AND i.ignore_until <= ? THEN 'unresolved' ELSE i.status END"
+)
 _ISSUE_COLUMNS = (
     "i.id, i.project_id, p.name, i.title, i.culprit, i.level, i.environment, i.release,"
-    " i.first_seen, i.last_seen, i.times_seen, i.last_event_id"
+    " i.first_seen, i.last_seen, i.times_seen, i.last_event_id, " + _STATUS + ","
+    " i.ignore_count, i.ignore_until, i.resolved_at"
 )
 # Event's fields but the payload, in their order.
 _EVENT_COLUMNS = (
@@ -303,12 +327,27 @@ def _issue_columns(event: PreparedEvent, times: int) -> list[Any]:
     ]
 
 
+class _IssueState:
+    """The writer's note of an issue that is resolved or ignored (no note: unresolved)."""
+
+    __slots__ = ("left", "status", "until")
+
+    def __init__(self, status: str, left: Optional[int], until: Optional[float]) -> None:
+        self.status = status
+        self.left = left  # events still ignored (ignored until N more events)
+        self.until = until  # ignored until then
+
+
 class _Batch:
     """Issue counters of one transaction, written once per issue at its end (a storm of one
-    error costs one UPDATE per batch, not one per event)."""
+    error costs one UPDATE per batch, not one per event). ``states`` notes the issues of
+    ``issue_ids`` that are not unresolved (both are the writer's, forgotten together)."""
 
-    def __init__(self, issue_ids: dict[tuple[int, str], int]) -> None:
+    def __init__(
+        self, issue_ids: dict[tuple[int, str], int], states: dict[int, _IssueState]
+    ) -> None:
         self.issue_ids = issue_ids
+        self.states = states
         self.updates: dict[int, list[Any]] = {}
         self.inserted = 0
 
@@ -345,6 +384,7 @@ class _Batch:
     def forget(self) -> None:
         self.updates.clear()
         self.issue_ids.clear()
+        self.states.clear()
 
 
 def _size(events: list[PreparedEvent]) -> int:
@@ -356,6 +396,15 @@ def _store_events(
     project_id: int, events: list[PreparedEvent]
 ) -> Callable[[sqlite3.Connection, _Batch], list[bool]]:
     def apply(conn: sqlite3.Connection, batch: _Batch) -> list[bool]:
+        return [_insert_event(conn, batch, project_id, event).stored for event in events]
+
+    return apply
+
+
+def _store_outcomes(
+    project_id: int, events: list[PreparedEvent]
+) -> Callable[[sqlite3.Connection, _Batch], list[EventOutcome]]:
+    def apply(conn: sqlite3.Connection, batch: _Batch) -> list[EventOutcome]:
         return [_insert_event(conn, batch, project_id, event) for event in events]
 
     return apply
@@ -464,8 +513,10 @@ class SqliteStorage:
         self._inserted_since_retention = 0
         self._last_issue_cleanup = 0.0
         # (project, fingerprint) -> issue id; the writer's alone, cleared after rollbacks
-        # and retention passes (which delete issues).
+        # and retention passes (which delete issues). With it, the states of those issues
+        # that are not unresolved (cleared with it).
         self._issue_ids: dict[tuple[int, str], int] = {}
+        self._issue_states: dict[int, _IssueState] = {}
         self._closed = False
         self.created = False  # set by _create: True if this opened a new, empty database
         self.warning: Optional[str] = None  # for the operator, about the database file
@@ -507,6 +558,7 @@ class SqliteStorage:
             with _transaction(conn):
                 schema = _SCHEMA + _AUTH_SCHEMA + _ALERT_SCHEMA + _OUTBOX_SCHEMA
                 conn.executescript("BEGIN IMMEDIATE;" + schema + "COMMIT;")
+                _add_columns(conn)
                 found = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if found is None:
                     conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -824,6 +876,19 @@ class SqliteStorage:
         )
         return await future
 
+    async def store_outcomes_async(
+        self, project_id: int, events: Sequence[PreparedEvent]
+    ) -> list[EventOutcome]:
+        """:meth:`store_async`, answering per event what storing it did (its issue, new or
+        regressed), as the writer found it in its batch."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[EventOutcome]] = loop.create_future()
+        events = list(events)
+        self._submit(
+            _Write(_store_outcomes(project_id, events), _LoopDone(loop, future), _size(events))
+        )
+        return await future
+
     def probe(self) -> Future[float]:
         """A tiny write through the writer: proves the writer runs and the disk takes writes."""
 
@@ -863,7 +928,7 @@ class SqliteStorage:
         self._consecutive_failures += 1
         self.writer_last_error = repr(exc)
         self.writer_last_error_at = time.time()
-        self._issue_ids.clear()
+        self._forget_issues()
         error = StorageError(f"the storage writer failed: {exc!r}")
         inflight, self._inflight = self._inflight, []
         if inflight:
@@ -993,7 +1058,7 @@ class SqliteStorage:
         self, conn: sqlite3.Connection, writes: list[_Write], isolated: bool
     ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
-        batch = _Batch(self._issue_ids)
+        batch = _Batch(self._issue_ids, self._issue_states)
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Counted once committed: a rolled-back transaction (retried write by write, or
@@ -1026,9 +1091,13 @@ class SqliteStorage:
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._issue_ids.clear()  # ids of issues inserted in the rolled-back transaction
+            self._forget_issues()  # ids of issues inserted in the rolled-back transaction
             raise
         return outcomes
+
+    def _forget_issues(self) -> None:
+        self._issue_ids.clear()
+        self._issue_states.clear()
 
     def _fail_pending(self, error: Exception) -> None:
         failed = []
@@ -1061,7 +1130,7 @@ class SqliteStorage:
         many events were deleted for space (to count once committed). Under load this rides
         along with each batch (no commit, no fsync of its own), so a minute's worth of
         expired events never holds the writer, and every waiting request, for seconds."""
-        self._issue_ids.clear()  # retention may delete issues
+        self._forget_issues()  # retention may delete issues
         conn.execute("SAVEPOINT retention")
         try:
             deleted = self._delete_expired(conn, limit)
@@ -1195,10 +1264,15 @@ class SqliteStorage:
         sort: str = "last_seen",
         limit: int = 50,
         offset: int = 0,
+        status: Optional[str] = None,
     ) -> list[Issue]:
         """Issues matching the filters; ``query`` searches title and culprit."""
+        now = self._clock()
         where: list[str] = []
-        params: list[Any] = []
+        params: list[Any] = [now]  # _STATUS in the columns
+        if status is not None:
+            where.append(f"{_STATUS} = ?")
+            params += [now, status]
         if project_id is not None:
             where.append("i.project_id = ?")
             params.append(project_id)
@@ -1222,16 +1296,16 @@ class SqliteStorage:
         sql += f" ORDER BY {order} LIMIT ? OFFSET ?"
         params += [max(0, limit), max(0, offset)]
         with self._reader() as conn:
-            return [Issue(*row) for row in conn.execute(sql, params).fetchall()]
+            return [_issue(row) for row in conn.execute(sql, params).fetchall()]
 
     def issue(self, issue_id: int) -> Optional[Issue]:
         with self._reader() as conn:
             rows = conn.execute(
                 f"SELECT {_ISSUE_COLUMNS} FROM issues i JOIN projects p ON p.id = i.project_id"
                 " WHERE i.id = ?",
-                (issue_id,),
+                (self._clock(), issue_id),
             ).fetchall()
-        return Issue(*rows[0]) if rows else None
+        return _issue(rows[0]) if rows else None
 
     def events(self, issue_id: int, limit: int = 50, payloads: bool = True) -> list[Event]:
         """The newest events of an issue, newest first; with ``payloads=False`` their
@@ -1515,6 +1589,62 @@ class SqliteStorage:
             rows = conn.execute("SELECT status, count(*) FROM outbox GROUP BY status").fetchall()
         return {str(status): int(count) for status, count in rows}
 
+    # --- Part A: issue states, the events-over-time chart, pipeline latency -----------------
+
+    def set_issue_status(
+        self,
+        issue_id: int,
+        status: str,
+        *,
+        ignore_count: Optional[int] = None,
+        ignore_until: Optional[float] = None,
+        timeout: float = 10.0,
+    ) -> Optional[Issue]:
+        """Resolve, reopen or ignore an issue; the issue as it is now (None: no such issue).
+        Through the writer, in order with the events: the writer keeps the states of the
+        issues it knows, and an event committed after this sees the new one."""
+        _check_status(status, ignore_count, ignore_until)
+        future: Future[bool] = Future()
+        apply = _set_status(issue_id, status, ignore_count, ignore_until, self._clock())
+        self._submit(_Write(apply, _ThreadDone(future)))
+        try:
+            changed = future.result(timeout)
+        except FutureTimeout as exc:  # the builtin TimeoutError from 3.11 on
+            raise StorageError("the storage writer did not answer in time") from exc
+        return self.issue(issue_id) if changed else None
+
+    def issue_histogram(
+        self, issue_id: int, since: float, bucket_seconds: float, until: Optional[float] = None
+    ) -> list[int]:
+        """Events of the issue (with their collapsed repeats) per bucket from ``since``."""
+        if not bucket_seconds > 0:
+            raise ValueError("bucket_seconds must be positive")
+        until = self._clock() if until is None else until
+        count = min(MAX_HISTOGRAM_BUCKETS, max(1, math.ceil((until - since) / bucket_seconds)))
+        out = [0] * count
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT CAST((received - ?) / ? AS INTEGER), sum(1 + repeats) FROM events"
+                " WHERE issue_id = ? AND received >= ? AND received < ? GROUP BY 1",
+                (since, bucket_seconds, issue_id, since, since + count * bucket_seconds),
+            ).fetchall()
+        for bucket, events in rows:
+            if 0 <= bucket < count:  # pragma: no branch - the WHERE keeps them inside
+                out[int(bucket)] = int(events)
+        return out
+
+    def received_between(
+        self, after: int, upto: int, project_id: Optional[int] = None
+    ) -> list[float]:
+        """When the events with ids in (``after``, ``upto``] were received."""
+        sql = "SELECT received FROM events WHERE id > ? AND id <= ?"
+        params: tuple[int, ...] = (after, upto)
+        if project_id is not None:
+            sql += " AND project_id = ?"
+            params += (project_id,)
+        with self._reader() as conn:
+            return [float(row[0]) for row in conn.execute(sql, params).fetchall()]
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def close(self, timeout: float = 10.0) -> None:
@@ -1571,6 +1701,14 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Add the columns of :data:`_ADDED_COLUMNS` a database made by an older version lacks."""
+    for table, column, declaration in _ADDED_COLUMNS:
+        names = {row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()}
+        if column not in names:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
 def _pages_in_use(conn: sqlite3.Connection) -> int:
     pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
     return pages - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
@@ -1584,17 +1722,23 @@ def _delete_empty_issues(conn: sqlite3.Connection) -> None:
 
 def _insert_event(
     conn: sqlite3.Connection, batch: _Batch, project_id: int, event: PreparedEvent
-) -> bool:
-    """Store one event and count it in its issue; False when its event_id was stored before."""
+) -> EventOutcome:
+    """Store one event and count it in its issue (not stored when its event_id was stored
+    before); what that did to the issue."""
     key = (project_id, event.fingerprint)
     issue_id = batch.issue_ids.get(key)
+    new_issue = False
     if issue_id is None:
         row = conn.execute(
-            "SELECT id FROM issues WHERE project_id = ? AND fingerprint = ?", key
+            "SELECT id, status, ignore_count, ignore_until, times_seen - ignore_seen"
+            " FROM issues WHERE project_id = ? AND fingerprint = ?",
+            key,
         ).fetchone()
         if row is not None:
             issue_id = int(row[0])
+            _note_state(batch.states, issue_id, row[1:])
         else:
+            new_issue = True
             cursor = conn.execute(
                 "INSERT INTO issues (project_id, fingerprint, title, culprit, level, environment,"
                 " release, first_seen, last_seen, times_seen, last_event_id)"
@@ -1605,7 +1749,7 @@ def _insert_event(
         batch.issue_ids[key] = issue_id
     inserted = conn.execute(
         "INSERT OR IGNORE INTO events (project_id, issue_id, event_id, received, timestamp, level,"
-        " environment, release, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " environment, release, payload, repeats) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             project_id,
             issue_id,
@@ -1616,9 +1760,94 @@ def _insert_event(
             event.environment,
             event.release,
             event.payload,
+            event.repeats,
         ),
     ).rowcount
     if not inserted:
-        return False
+        return EventOutcome(False, issue_id, False, False, event.title, event.level)
     batch.count(issue_id, event)
-    return True
+    regressed = ignored = False
+    if batch.states:  # else every issue the writer knows is unresolved
+        regressed, ignored = _after_event(conn, batch.states, issue_id, event)
+    return EventOutcome(True, issue_id, new_issue, regressed, event.title, event.level, ignored)
+
+
+# --- Part A: issue states, in the writer -----------------------------------------------------
+
+
+def _issue(row: Sequence[Any]) -> Issue:
+    issue = Issue(*row)
+    if issue.status == "unresolved" and issue.ignore_until is not None:  # ran out
+        return dataclasses.replace(issue, ignore_count=None, ignore_until=None)
+    return issue
+
+
+def _note_state(states: dict[int, _IssueState], issue_id: int, row: Sequence[Any]) -> None:
+    """Note an issue's state as read from its row (status, ignore_count, ignore_until, events
+    since it was ignored)."""
+    status, count, until, seen = row
+    if status == "unresolved":
+        states.pop(issue_id, None)
+        return
+    left = None if count is None else int(count) - int(seen or 0)
+    states[issue_id] = _IssueState(str(status), left, until)
+
+
+def _after_event(
+    conn: sqlite3.Connection,
+    states: dict[int, _IssueState],
+    issue_id: int,
+    event: PreparedEvent,
+) -> tuple[bool, bool]:
+    """What an event stored on an issue that is not unresolved does to it: (regressed, still
+    ignored). A resolved issue reopens (a regression); an ignored one once its count or time
+    ran out (no regression)."""
+    state = states.get(issue_id)
+    if state is None:
+        return False, False
+    if state.status == "ignored":
+        if state.left is not None:
+            state.left -= 1 + event.repeats
+            if state.left > 0:
+                return False, True
+        elif state.until is None or event.received < state.until:
+            return False, True
+    conn.execute(
+        "UPDATE issues SET status = 'unresolved', resolved_at = NULL, ignore_count = NULL,"
+        " ignore_until = NULL, ignore_seen = NULL WHERE id = ?",
+        (issue_id,),
+    )
+    del states[issue_id]
+    return state.status == "resolved", False
+
+
+def _set_status(
+    issue_id: int, status: str, count: Optional[int], until: Optional[float], now: float
+) -> Callable[[sqlite3.Connection, _Batch], bool]:
+    def apply(conn: sqlite3.Connection, batch: _Batch) -> bool:
+        batch.flush(conn)  # ignore_seen counts from the events stored before this
+        changed = conn.execute(
+            "UPDATE issues SET status = ?, resolved_at = ?, ignore_count = ?, ignore_until = ?,"
+            " ignore_seen = CASE WHEN ? = 'ignored' THEN times_seen END WHERE id = ?",
+            (status, now if status == "resolved" else None, count, until, status, issue_id),
+        ).rowcount
+        if status == "unresolved":
+            batch.states.pop(issue_id, None)
+        else:
+            batch.states[issue_id] = _IssueState(status, count, until)
+        return bool(changed)
+
+    return apply
+
+
+def _check_status(status: str, count: Optional[int], until: Optional[float]) -> None:
+    if status not in ISSUE_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(ISSUE_STATUSES)}, not {status!r}")
+    if status != "ignored" and (count is not None or until is not None):
+        raise ValueError("ignore_count and ignore_until go with status 'ignored' only")
+    if count is not None and until is not None:
+        raise ValueError("give ignore_count or ignore_until, not both")
+    if count is not None and (isinstance(count, bool) or not 1 <= count <= MAX_IGNORE_COUNT):
+        raise ValueError(f"ignore_count must be a whole number from 1 to {MAX_IGNORE_COUNT}")
+    if until is not None and not math.isfinite(until):
+        raise ValueError("ignore_until must be a time (seconds since the epoch)")

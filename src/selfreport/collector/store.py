@@ -13,9 +13,11 @@ from .events import EventColumns, PreparedEvent
 __all__ = [
     "DEFAULT_PROJECT",
     "INTERNAL_PROJECT",
+    "ISSUE_STATUSES",
     "AlertRecord",
     "ApiToken",
     "Event",
+    "EventOutcome",
     "Issue",
     "OutboxEntry",
     "Project",
@@ -27,6 +29,9 @@ __all__ = [
 
 DEFAULT_PROJECT = "default"
 INTERNAL_PROJECT = "selfreport-internal"
+# What an issue can be: open, fixed (an event reopens it: a regression), or muted (forever,
+# for N more events, or until a time).
+ISSUE_STATUSES = ("unresolved", "resolved", "ignored")
 
 
 class StorageError(RuntimeError):
@@ -65,6 +70,31 @@ class Issue:
     last_seen: float
     times_seen: int
     last_event_id: str
+    # Part A (issue states). An ignore that ran out (time passed) reads as unresolved.
+    status: str = "unresolved"
+    ignore_count: Optional[int] = None  # ignored until this many more events, from ignoring
+    ignore_until: Optional[float] = None  # ignored until then (``time.time()``)
+    resolved_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    """What storing one event did, computed by the storage in the writer's batch (for alert
+    rules: ``StoredEnvelope.outcomes``).
+
+    ``regressed``: the event landed on a resolved issue, which is unresolved again. An ignored
+    issue whose count or time ran out becomes unresolved too, but that is no regression;
+    ``ignored`` says the event landed on an issue that stays ignored (alerts skip it).
+    A duplicate (``stored`` False) changes nothing: both flags are False.
+    """
+
+    stored: bool
+    issue_id: int
+    new_issue: bool
+    regressed: bool
+    issue_title: str
+    level: str
+    ignored: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +240,12 @@ class Store(Protocol):
         """Store ``events`` all together or none, and answer once they are durable: per
         event, True if stored and False if its event_id was stored before in this project."""
 
+    async def store_outcomes_async(
+        self, project_id: int, events: Sequence[PreparedEvent]
+    ) -> list[EventOutcome]:
+        """:meth:`store_async`, answering per event what storing it did (issue, new issue,
+        regression): what ingestion calls."""
+
     def probe(self) -> Future[float]:
         """A tiny durable write: proves that writes get through; gives its time."""
 
@@ -230,9 +266,11 @@ class Store(Protocol):
         sort: str = "last_seen",
         limit: int = 50,
         offset: int = 0,
+        status: Optional[str] = None,
     ) -> list[Issue]:
-        """Issues matching the filters (``query`` searches title and culprit), sorted by
-        ``last_seen`` or ``first_seen`` (newest first) or ``count`` (most seen first)."""
+        """Issues matching the filters (``query`` searches title and culprit; ``status``
+        one of :data:`ISSUE_STATUSES`, None: any), sorted by ``last_seen`` or ``first_seen``
+        (newest first) or ``count`` (most seen first)."""
 
     def issue(self, issue_id: int) -> Optional[Issue]: ...
 
@@ -359,3 +397,30 @@ class Store(Protocol):
 
     def outbox_counts(self) -> dict[str, int]:
         """How many rows have each status."""
+
+    # --- Part A: issue states, the events-over-time chart, pipeline latency ----------------------
+
+    def set_issue_status(
+        self,
+        issue_id: int,
+        status: str,
+        *,
+        ignore_count: Optional[int] = None,
+        ignore_until: Optional[float] = None,
+    ) -> Optional[Issue]:
+        """Resolve, reopen or ignore an issue (ignored: forever, until ``ignore_count`` more
+        events, or until the time ``ignore_until``); the issue as it is now, or None if there
+        is no such issue. ValueError for a bad status or ignore option. Ordered with the
+        event writes: an event stored after this call sees the new state."""
+
+    def issue_histogram(
+        self, issue_id: int, since: float, bucket_seconds: float, until: Optional[float] = None
+    ) -> list[int]:
+        """Events of the issue (collapsed repeats included) per bucket of ``bucket_seconds``
+        from ``since`` to ``until`` (default: now), oldest first; at most 1000 buckets."""
+
+    def received_between(
+        self, after: int, upto: int, project_id: Optional[int] = None
+    ) -> list[float]:
+        """When the events with ids in (``after``, ``upto``] were received (forwarding
+        measures its latency with it)."""

@@ -11,14 +11,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import jinja2
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
-from .auth import page_context
+from .auth import _form, identity_of, is_loopback, page_context
 from .events import LEVELS, exception_values, frames_of, parse_id
-from .store import AlertRecord, Event, Issue, Project
+from .store import ISSUE_STATUSES, AlertRecord, Event, Issue, Project, StorageError
 
 if TYPE_CHECKING:
     from .app import Collector
@@ -236,6 +243,7 @@ def _filters(request: Request) -> dict[str, Any]:
         "environment": params.get("environment", "")[:64],
         "sort": sort if sort in ("last_seen", "first_seen", "count") else "last_seen",
         "page": _query_int(request, "page", 1, _MAX_PAGE),
+        "status": _status_filter(request),
     }
 
 
@@ -248,6 +256,7 @@ def _find_issues(collector: Collector, filters: dict[str, Any]) -> list[Issue]:
         sort=filters["sort"],
         limit=PAGE_SIZE + 1,
         offset=(filters["page"] - 1) * PAGE_SIZE,
+        status=None if filters["status"] == "all" else filters["status"],
     )
 
 
@@ -255,7 +264,11 @@ def issues_page(request: Request) -> Response:
     collector = _collector(request)
     filters = _filters(request)
     found = _find_issues(collector, filters)
-    query = {k: v for k, v in filters.items() if v not in (None, "") and k != "page"}
+    query = {
+        k: v
+        for k, v in filters.items()
+        if v not in (None, "") and k != "page" and (k, v) != ("status", "unresolved")
+    }
     return render(
         request,
         "issues.html",
@@ -291,6 +304,9 @@ def issue_page(request: Request) -> Response:
         events=events,
         event=chosen,
         view=event_view(chosen.payload) if chosen is not None else None,
+        charts=issue_charts(collector, issue.id),
+        state_csrf=_state_csrf(request),
+        state_changes=_may_change_state(request),
     )
 
 
@@ -361,6 +377,10 @@ def _issue_json(issue: Issue) -> dict[str, Any]:
         "last_seen": issue.last_seen,
         "count": issue.times_seen,
         "last_event_id": issue.last_event_id,
+        "status": issue.status,
+        "ignore_count": issue.ignore_count,
+        "ignore_until": issue.ignore_until,
+        "resolved_at": issue.resolved_at,
     }
 
 
@@ -492,11 +512,12 @@ def _alerts_data(collector: Collector) -> dict[str, Any]:
     }
 
 
-def _plain(row: Any) -> Any:
-    """A delivery row as JSON can carry it (a dataclass, a mapping or a tuple)."""
-    if dataclasses.is_dataclass(row) and not isinstance(row, type):
-        return dataclasses.asdict(row)
-    return dict(row) if isinstance(row, dict) else list(row)
+def _plain(row: Any) -> dict[str, Any]:
+    """A delivery row (the outbox's entry) as JSON, without its payload (the notification)."""
+    is_entry = dataclasses.is_dataclass(row) and not isinstance(row, type)
+    fields = dataclasses.asdict(row) if is_entry else dict(row)
+    fields.pop("payload", None)
+    return fields
 
 
 def alerts_page(request: Request) -> Response:
@@ -507,9 +528,217 @@ def alerts_api(request: Request) -> Response:
     return JSONResponse(_alerts_data(_collector(request)))
 
 
+# --- Part A: issue states and the events-over-time chart ------------------------------------
+
+_STATUS_FILTERS = (*ISSUE_STATUSES, "all")
+_MAX_STATE_BODY = 4096
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_IGNORE_SECONDS = 10 * 365 * 86400.0
+# The issue page's buttons: action -> (status, ignore_count, ignore for seconds).
+_ACTIONS: dict[str, tuple[str, Optional[int], Optional[float]]] = {
+    "resolve": ("resolved", None, None),
+    "reopen": ("unresolved", None, None),
+    "ignore": ("ignored", None, None),
+    "ignore_1h": ("ignored", None, 3600.0),
+    "ignore_100": ("ignored", 100, None),
+}
+# (title, bucket seconds, buckets): the last 24 hours by hour, the last 14 days by day.
+CHARTS = (("Last 24 hours", 3600, 24), ("Last 14 days", 86400, 14))
+_CHART_WIDTH, _CHART_HEIGHT = 480, 80
+
+
+def _status_filter(request: Request) -> str:
+    status = request.query_params.get("status", "unresolved")
+    if status not in _STATUS_FILTERS:
+        raise HTTPException(400, f"status must be one of {', '.join(_STATUS_FILTERS)}")
+    return status
+
+
+def issue_charts(collector: Collector, issue_id: int) -> list[dict[str, Any]]:
+    """The issue page's charts: per chart its title, bars (x, y, width, height, count, when)
+    and total, for a server-rendered SVG (the pages run no script)."""
+    now = time.time()
+    charts = []
+    for title, bucket, count in CHARTS:
+        # Buckets end at the next whole hour or day (UTC), so they read as hours and days.
+        end = (now // bucket + 1) * bucket
+        counts = collector.storage.issue_histogram(issue_id, end - bucket * count, bucket, end)
+        charts.append(_chart(title, counts, end - bucket * count, bucket))
+    return charts
+
+
+def _chart(title: str, counts: list[int], since: float, bucket: float) -> dict[str, Any]:
+    top = max(counts) or 1
+    width = _CHART_WIDTH / len(counts)
+    bars = []
+    for index, count in enumerate(counts):
+        height = round(count / top * (_CHART_HEIGHT - 2), 1) if count else 0.0
+        bars.append(
+            {
+                "x": round(index * width + 1, 1),
+                "y": round(_CHART_HEIGHT - height, 1),
+                "width": round(max(1.0, width - 2), 1),
+                "height": height,
+                "count": count,
+                "when": _when(since + index * bucket),
+            }
+        )
+    return {
+        "title": title,
+        "bars": bars,
+        "total": sum(counts),
+        "top": max(counts),
+        "width": _CHART_WIDTH,
+        "height": _CHART_HEIGHT,
+    }
+
+
+def _csrf_seed(request: Request) -> str:
+    """What a state change's CSRF token is made from: the session, else (no login, on a
+    loopback collector) a constant: a foreign page still cannot read the token."""
+    identity = identity_of(request)
+    return identity.session if identity is not None and identity.session else "anonymous"
+
+
+def _state_csrf(request: Request) -> Optional[str]:
+    policy = _collector(request).auth
+    return None if policy is None else policy.csrf_token(_csrf_seed(request))
+
+
+def _may_change_state(request: Request) -> Optional[str]:
+    """None if this request may change issue states, else why not. Without a login (``off``,
+    or ``auto`` before the first user) only clients on this machine may."""
+    identity = identity_of(request)
+    if identity is not None and identity.via in ("open", "off"):
+        host = request.client.host if request.client is not None else ""
+        if not is_loopback(host):
+            return "without a login, issue states change only from this machine"
+    return None
+
+
+def _csrf_ok(request: Request, token: Optional[str]) -> bool:
+    policy = _collector(request).auth
+    if policy is None:
+        return True
+    return policy.csrf_ok(_csrf_seed(request), token)
+
+
+def _duration(value: object) -> float:
+    """Seconds from a number or a text like ``30s``, ``5m``, ``1h``, ``2d``."""
+    if isinstance(value, str) and value[-1:] in _DURATION_UNITS and value[:-1].isdigit():
+        return float(value[:-1]) * _DURATION_UNITS[value[-1]]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError('ignore_for must be seconds or a duration like "30m", "1h", "2d"')
+
+
+def _state_request(body: dict[str, Any]) -> tuple[str, Optional[int], Optional[float]]:
+    """(status, ignore_count, ignore_until) from the API's JSON body; ValueError if bad."""
+    unknown = sorted(set(body) - {"status", "ignore_count", "ignore_until", "ignore_for", "csrf"})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    status = body.get("status")
+    if not isinstance(status, str):
+        raise ValueError(f"status must be one of {', '.join(ISSUE_STATUSES)}")
+    count = body.get("ignore_count")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+        raise ValueError("ignore_count must be a whole number")
+    until = body.get("ignore_until")
+    if until is not None and (not isinstance(until, (int, float)) or isinstance(until, bool)):
+        raise ValueError("ignore_until must be a time (seconds since the epoch)")
+    if body.get("ignore_for") is not None:
+        if until is not None:
+            raise ValueError("give ignore_until or ignore_for, not both")
+        seconds = _duration(body["ignore_for"])
+        if not 0 < seconds <= _MAX_IGNORE_SECONDS:
+            raise ValueError("ignore_for must be more than 0 and at most 10 years")
+        until = time.time() + seconds
+    return status, count, None if until is None else float(until)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_STATE_BODY:
+            raise HTTPException(413, f"the body must be at most {_MAX_STATE_BODY} bytes")
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise HTTPException(400, "the body must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return value
+
+
+async def _change_state(
+    request: Request, status: str, count: Optional[int], until: Optional[float]
+) -> Issue:
+    """Apply a state change to the issue in the path; HTTPException when refused."""
+    issue_id = _path_id(request, "issue_id")
+    storage = _collector(request).storage
+    try:
+        issue = await run_in_threadpool(
+            lambda: (
+                None
+                if issue_id is None
+                else storage.set_issue_status(
+                    issue_id, status, ignore_count=count, ignore_until=until
+                )
+            )
+        )
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    except StorageError as exc:
+        raise HTTPException(503, f"the storage cannot take it now: {exc}") from None
+    if issue is None:
+        raise HTTPException(404, "no such issue")
+    return issue
+
+
+async def issue_status_api(request: Request) -> Response:
+    """``POST /api/0/issues/{id}/status``: resolve, reopen or ignore (JSON)."""
+    refused = _may_change_state(request)
+    if refused is not None:
+        raise HTTPException(403, refused)
+    body = await _json_body(request)
+    identity = identity_of(request)
+    if identity is not None and identity.session is not None:
+        token = request.headers.get("x-csrf-token") or body.get("csrf")
+        if not _csrf_ok(request, token if isinstance(token, str) else None):
+            raise HTTPException(403, "missing or wrong CSRF token (X-CSRF-Token)")
+    try:
+        status, count, until = _state_request(body)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    issue = await _change_state(request, status, count, until)
+    return JSONResponse(_issue_json(issue))
+
+
+async def issue_status_form(request: Request) -> Response:
+    """The issue page's buttons: change the state, then back to the page (303)."""
+    refused = _may_change_state(request)
+    if refused is not None:
+        raise HTTPException(403, refused)
+    form = await _form(request)
+    if form is None:
+        raise HTTPException(400, "expected a form (application/x-www-form-urlencoded)")
+    if not _csrf_ok(request, form.get("csrf")):
+        raise HTTPException(403, "the form expired: reload the page")
+    action = _ACTIONS.get(form.get("action", ""))
+    if action is None:
+        raise HTTPException(400, f"action must be one of {', '.join(_ACTIONS)}")
+    status, count, seconds = action
+    until = None if seconds is None else time.time() + seconds
+    issue = await _change_state(request, status, count, until)
+    return RedirectResponse(f"/issues/{issue.id}", status_code=303)
+
+
 def routes() -> list[Route]:
     return [
         Route("/", issues_page, methods=["GET"]),
+        Route("/issues/{issue_id}/status", issue_status_form, methods=["POST"]),
+        Route("/api/0/issues/{issue_id}/status", issue_status_api, methods=["POST"]),
         Route("/issues/{issue_id}", issue_page, methods=["GET"]),
         Route("/projects", projects_page, methods=["GET"]),
         Route("/status", status_page, methods=["GET"]),

@@ -42,6 +42,7 @@ SELF_METRICS = (
     "forward_backlog",
     "spool_bytes",
     "ingest_p99_ms",
+    "notifier_failures",  # part D: a notifier failing (its alert never goes through it)
 )
 LEVELS = ("debug", "info", "warning", "error", "fatal")
 PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")

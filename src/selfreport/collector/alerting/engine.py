@@ -13,11 +13,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from selfreport._core.guard import reporting_path
 from selfreport.collector.limits import LogThrottle
-from selfreport.collector.store import AlertRecord, StorageError
+from selfreport.collector.store import AlertRecord, StorageError, Store
 
+from .config import CollectorConfig
 from .model import Notification
+from .notifiers import build_notifiers
+from .outbox import Outbox
 from .rules import (
     COUNTER_METRICS,
+    NOTIFIER_METRIC,
     Condition,
     CounterHistory,
     EventOutcomeLike,
@@ -33,7 +37,7 @@ from .rules import (
 if TYPE_CHECKING:
     from selfreport.collector.ingest import StoredEnvelope
 
-__all__ = ["AlertEngine", "AlertStore", "OutboxLike", "Sources"]
+__all__ = ["AlertEngine", "AlertStore", "OutboxLike", "Sources", "engine_from_config"]
 
 logger = logging.getLogger("selfreport")
 
@@ -49,7 +53,7 @@ DEFAULT_SELF_WINDOW = 300.0
 class OutboxLike(Protocol):
     """The durable outbox (part B) as the engine uses it."""
 
-    def put(self, notification: Notification, notifier_names: Sequence[str]) -> None: ...
+    def put(self, notification: Notification, notifier_names: Sequence[str]) -> object: ...
 
     def failing(self) -> dict[str, str]: ...
 
@@ -134,8 +138,9 @@ class AlertEngine:
 
     def on_stored(self, stored: StoredEnvelope) -> None:
         """The ingest hook: queue what was stored for the thread; O(1), never blocks."""
-        outcomes = tuple(getattr(stored, "outcomes", ()) or ())
-        events = sum(stored.stored)
+        # Events on an issue that stays ignored count for no rule (as Sentry mutes them).
+        outcomes = tuple(o for o in stored.outcomes if not o.ignored)
+        events = sum(1 for o in outcomes if o.stored) if stored.outcomes else sum(stored.stored)
         if len(self._inbox) >= MAX_INBOX:
             self._inbox.popleft()
             self.counts["inbox_dropped"] += 1
@@ -143,18 +148,26 @@ class AlertEngine:
         if any(o.new_issue or o.regressed for o in outcomes):
             self._wake.set()
 
-    def on_notifier_failure(self, name: str, error: str) -> None:
+    def on_notifier_failure(self, name: str, error: object) -> None:
         """The outbox's callback: notifier ``name`` failed (feeds ``self`` rules)."""
-        self.notifier_failures[name] = error[:300]
+        self.notifier_failures[name] = str(error)[:300]
         self.counts["notifier_failures"] += 1
+
+    def on_notifier_recovery(self, name: str) -> None:
+        """The outbox's callback: notifier ``name`` delivers again."""
+        self.notifier_failures.pop(name, None)
 
     # --- the thread ---------------------------------------------------------------------
 
     def start(self) -> AlertEngine:
-        """Load the alerts firing before a restart and start the thread (idempotent)."""
+        """Load the alerts firing before a restart, start the outbox (if it has a thread) and
+        the engine's thread (idempotent)."""
         if self._thread is not None:
             return self
         self._load()
+        start_outbox = getattr(self.outbox, "start", None)
+        if callable(start_outbox):
+            start_outbox()
         self._thread = threading.Thread(target=self._run, name="selfreport-alerts", daemon=True)
         self._thread.start()
         return self
@@ -163,8 +176,12 @@ class AlertEngine:
         """Stop the thread after one last tick (within ``timeout``)."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
+        close_outbox = getattr(self.outbox, "close", None)
+        if callable(close_outbox):
+            close_outbox(max(0.1, deadline - time.monotonic()))
 
     def _load(self) -> None:
         if self.storage is None:
@@ -280,12 +297,14 @@ class AlertEngine:
     def _self(self, rule: RuleSpec, now: float) -> list[Condition]:
         """Notifier failures (rules without a metric) and the collector's own metrics."""
         out = []
-        if rule.metric is None:
+        if rule.metric in (None, NOTIFIER_METRIC):
             failing = self.failing_notifiers()
             for name in sorted(set(failing) | set(self._notifier_subjects(rule))):
                 error = failing.get(name, "")
                 title = f"notifier {name} " + ("failing" if name in failing else "delivers again")
                 out.append(Condition(f"notifier:{name}", name in failing, title, error))
+        if rule.metric == NOTIFIER_METRIC:
+            return out
         metrics = COUNTER_METRICS if rule.metric is None else (rule.metric,)
         reporter = self.sources.reporter_stats() if self.sources.reporter_stats else {}
         forwarding = self.sources.forwarding_stats() if self.sources.forwarding_stats else None
@@ -527,6 +546,22 @@ _COUNTS = (
     "fired", "resolved", "notifications", "not_sent_no_notifier", "put_failed", "save_failed",
     "instant_held", "inbox_dropped", "notifier_failures", "tick_failed", "ticks",
 )  # fmt: skip
+
+
+def engine_from_config(
+    config: CollectorConfig,
+    storage: Store,
+    *,
+    public_url: str = "",
+    clock: Callable[[], float] = time.time,
+) -> AlertEngine:
+    """The engine for ``config``'s rules, with a durable outbox on ``storage`` delivering
+    through ``config``'s notifiers and telling the engine which of them fail."""
+    outbox = Outbox(storage, build_notifiers(config), clock=clock)
+    engine = AlertEngine(config.alerts, outbox, storage=storage, clock=clock, public_url=public_url)
+    outbox.on_notifier_failure = engine.on_notifier_failure
+    outbox.on_notifier_recovery = engine.on_notifier_recovery
+    return engine
 
 
 def alert_key(rule: str, subject: str) -> str:

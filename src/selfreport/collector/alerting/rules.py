@@ -11,6 +11,7 @@ from selfreport.collector.events import LEVELS
 __all__ = [
     "COUNTER_METRICS",
     "GAUGE_METRICS",
+    "NOTIFIER_METRIC",
     "Condition",
     "CounterHistory",
     "EventOutcomeLike",
@@ -26,6 +27,8 @@ __all__ = [
 # `self` rules: counters (alert on growth within the window) and levels (alert above a value).
 COUNTER_METRICS = ("dropped_reentrant", "send_failed", "dropped_queue_full")
 GAUGE_METRICS = ("forward_backlog", "spool_bytes", "ingest_p99_ms")
+# `self` rules on this (or on no metric) alert about each failing notifier, never through it.
+NOTIFIER_METRIC = "notifier_failures"
 # A subject per rule at most this many (per-issue rates): the oldest are forgotten, counted.
 MAX_SUBJECTS = 10_000
 
@@ -86,6 +89,8 @@ class EventOutcomeLike(Protocol):
     def issue_title(self) -> str: ...
     @property
     def level(self) -> str: ...
+    @property
+    def ignored(self) -> bool: ...
 
 
 class MonitorLike(Protocol):
