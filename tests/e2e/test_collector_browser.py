@@ -295,6 +295,77 @@ def test_screenshots_render(server: CollectorServer, tmp_path: Path) -> None:
             shutil.copyfile(target, DOCS_IMG / name)
 
 
+# --- the Alerts page (issue 13, part D) ---------------------------------------------------
+
+ALERT_RULES = """
+[[alert]]
+name = "new issue in checkout"
+when = "new_issue"
+project = "checkout-api"
+notify = ["ops"]
+
+[[alert]]
+name = "error spike"
+when = "rate"
+threshold = 5
+window = "5m"
+notify = ["ops"]
+
+[[alert]]
+name = "collector healthy"
+when = "health"
+grace = "1m"
+notify = ["ops"]
+
+[[alert]]
+name = "notifiers"
+when = "self"
+metric = "notifier_failures"
+above = 0
+notify = ["ops"]
+"""
+
+
+@needs_chromium
+def test_alerts_page_screenshot(tmp_path: Path) -> None:
+    """The Alerts page with rules, an alert firing and its deliveries to a real webhook;
+    ``SELFREPORT_SCREENSHOTS=1`` also updates docs/img/collector-alerts.png."""
+    from tests.collector.alerting.receivers import http_receiver
+
+    from selfreport.collector.alerting.config import parse_config
+    from selfreport.collector.alerting.engine import engine_from_config
+
+    with http_receiver(200) as hook:
+        text = f'[[notifier]]\nname = "ops"\nkind = "webhook"\nurl = "{hook.url}"\n' + ALERT_RULES
+        config = parse_config(text, "alerts.toml", environ={})
+        server = CollectorServer(
+            tmp_path / "data",
+            self_report=False,
+            alerts=lambda storage: engine_from_config(config, storage),
+        ).start()
+        try:
+            realistic_data(server)
+            assert wait_until(lambda: hook.count() >= 5)  # 4 new issues, the spike
+            server.storage.add_user("alice", hash_password("a good password"))
+            browser = Browser(tmp_path / "profile")
+            try:
+                browser.log_in(server, "alice", "a good password")
+                dom = browser.go(server.url + "/alerts", "/alerts")
+                browser.screenshot(tmp_path / "collector-alerts.png")
+            finally:
+                browser.close()
+        finally:
+            server.stop()
+    assert "error spike" in dom
+    assert "delivered" in dom
+    data = (tmp_path / "collector-alerts.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 20_000
+    if os.environ.get("SELFREPORT_SCREENSHOTS") == "1":
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / "collector-alerts.png", DOCS_IMG / "collector-alerts.png")
+
+
 # --- logging in, in a real browser ---------------------------------------------------------
 
 
