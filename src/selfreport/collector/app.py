@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Union
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,6 +31,9 @@ from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Proces
 from .limits import LogThrottle
 from .metrics import CONTENT_TYPE, CollectorMetrics
 from .store import Project, Store
+
+if TYPE_CHECKING:
+    from .alerting.config import CollectorConfig
 
 __all__ = ["Collector", "CollectorApp", "create_app"]
 
@@ -60,6 +63,9 @@ class Collector:
     public_url: str = _auth.DEFAULT_PUBLIC_URL
     # Forwarding's counters (Forwarder.stats) for /metrics and /status, when forwarding.
     forwarding: Optional[Callable[[], dict[str, int]]] = None
+    # Alerting's configuration (`serve --config`, create_app's `config`): notifiers, rules,
+    # uptime checks, as alerting.config.load_config read them.
+    config: Optional[CollectorConfig] = None
 
     def __post_init__(self) -> None:
         self.metrics.reporter_stats = self.reporter_stats
@@ -88,6 +94,7 @@ def create_app(
     public_url: Optional[str] = None,
     allowed_hosts: Optional[Sequence[str]] = None,
     metrics_public: bool = False,
+    config: Optional[CollectorConfig] = None,
 ) -> CollectorApp:
     """Build the collector app on ``storage`` (whose writer thread it starts).
 
@@ -126,6 +133,7 @@ def create_app(
         internal_project=next((p for p in storage.projects() if p.internal), None),
         auth=policy,
         public_url=public_url,
+        config=config,
     )
     return CollectorApp(
         _site(collector, policy, close_storage),

@@ -23,6 +23,7 @@ from selfreport._version import __version__
 from selfreport.collector import auth as _auth
 from selfreport.exceptions import ConfigError
 
+from .alerting.config import CollectorConfig, config_path, describe, load_config
 from .app import Collector, CollectorApp, create_app
 from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
@@ -116,6 +117,7 @@ class CollectorServer:
         allowed_hosts: Sequence[str] = (),
         metrics_public: bool = False,
         limits: Optional[HttpLimits] = None,
+        config: Optional[CollectorConfig] = None,
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         try:
@@ -140,6 +142,7 @@ class CollectorServer:
             public_url=self.public_url,
             allowed_hosts=_auth.allowed_hosts(host, self.public_url, allowed_hosts),
             metrics_public=metrics_public,
+            config=config,
         )
         self._start_forwarding()
         _throttle_uvicorn_log(install=True)
@@ -412,6 +415,7 @@ def serve(
     max_storage: Optional[int] = None,
     limits: Optional[HttpLimits] = None,
     upstream_file: Optional[str] = None,
+    config: Optional[str] = None,
 ) -> int:
     """``selfreport serve``: run until interrupted; prints the web page and the default DSN.
     A problem starting (the database, the data directory, the port) is one line on stderr
@@ -420,7 +424,8 @@ def serve(
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     try:
         upstream = _serve_upstream(upstream, upstream_file, forward, scrub, spool_dir, max_storage)
-    except ValueError as exc:  # ConfigError too
+        alerting = _load_alerting(config)
+    except ValueError as exc:  # ConfigError too (alerting's: one line naming file and line)
         print(f"selfreport: {exc}", file=sys.stderr)
         return 2
     try:
@@ -439,6 +444,7 @@ def serve(
             metrics_public=metrics_public,
             storage_options=None if max_storage is None else {"max_storage_bytes": max_storage},
             limits=limits,
+            config=alerting,
         )
     except (ConfigError, StorageError, ValueError) as exc:
         print(f"selfreport: {exc}", file=sys.stderr)
@@ -450,6 +456,12 @@ def serve(
     _print_banner(server, directory, out, forward, scrub)
     _run_in_foreground(server)
     return 0
+
+
+def _load_alerting(path: Optional[str]) -> Optional[CollectorConfig]:
+    """Alerting's configuration: ``--config``, else ``$SELFREPORT_CONFIG``, else none."""
+    path = config_path(path)
+    return None if path is None else load_config(path)
 
 
 def _run_in_foreground(server: CollectorServer) -> None:
@@ -506,6 +518,8 @@ def _print_banner(
     listening = "" if server.public_url == server.url else f" (listening on {server.url})"
     print(f"selfreport collector {__version__}: web page {server.public_url}/{listening}", file=out)
     print(f"DSN of the default project: {server.dsn()}", file=out)
+    if server.collector.config is not None:
+        print(f"alerting: {describe(server.collector.config)[0]}", file=out)
     print(
         f"(its own errors go to project {server.internal_project.id}, "
         f"{server.internal_project.name!r})",
