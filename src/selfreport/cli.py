@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_access_arguments(serve)
     _add_limit_arguments(serve)
     _add_forwarding_arguments(serve)
+    _add_alerting_arguments(serve)
     _add_project_command(sub.add_parser("project", help="manage the collector's projects and keys"))
     _named_actions(
         sub.add_parser("user", help="manage who may log in to the pages and the API"),
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("revoke", "revoke a token"),
             ("list", "list the tokens by name"),
         ],
+    )
+    _add_alerts_command(
+        sub.add_parser("alerts", help="check alerting's configuration, try a notifier")
     )
     return parser
 
@@ -180,6 +184,39 @@ def _add_forwarding_arguments(serve: argparse.ArgumentParser) -> None:
     )
 
 
+# --- alerting (issue 13): serve --config, alerts check, alerts test ---------------------------
+
+
+def _add_alerting_arguments(serve: argparse.ArgumentParser) -> None:
+    alerting = serve.add_argument_group("alerting (see docs/alerts.md)")
+    alerting.add_argument(
+        "--config",
+        metavar="PATH",
+        help="the TOML file of notifiers, alert rules and uptime checks "
+        "(default: $SELFREPORT_CONFIG, else none)",
+    )
+
+
+def _add_alerts_command(alerts: argparse.ArgumentParser) -> None:
+    actions = alerts.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = actions.add_parser("check", help="check a configuration file and summarize it")
+    test = actions.add_parser("test", help="send a test notification through one notifier")
+    test.add_argument("name", help="the notifier's name in the configuration")
+    for action in (check, test):
+        action.add_argument(
+            "--config", metavar="PATH", help="the configuration (default: $SELFREPORT_CONFIG)"
+        )
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    try:
+        from .collector.alerting.commands import alerts_command
+    except ImportError as exc:  # tomli before Python 3.11
+        print(f"selfreport: {exc}: pip install 'selfreport[collector]'", file=sys.stderr)
+        return 2
+    return alerts_command(args.action, args.config, getattr(args, "name", ""))
+
+
 def _add_project_command(project: argparse.ArgumentParser) -> None:
     actions = project.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a project and print its DSN")
@@ -213,6 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .demo import run_demo
 
         return int(run_demo(once=args.once))
+    if args.command == "alerts":
+        return _alerts(args)
     if args.command in ("serve", "project", "user", "token"):
         from .collector import require_extra
 

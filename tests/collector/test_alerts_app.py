@@ -182,9 +182,7 @@ def test_a_configured_collector_notifies_through_its_outbox(
     rules = '[[alert]]\nname = "new"\nwhen = "new_issue"\nnotify = ["hook"]\n'
     with http_receiver(200) as hook:
         config = _config(hook.url, rules)
-        server = make_server(
-            alerts=lambda storage: engine_from_config(config, storage, public_url="http://x:1")
-        )
+        server = make_server(config=config, public_url="http://x:1")
         target = Target(server)
         assert target.send(envelope(make_event())).status == 200
         assert wait_until(lambda: hook.count() == 1)

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,6 +34,9 @@ from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Proces
 from .limits import LogThrottle
 from .metrics import CONTENT_TYPE, CollectorMetrics
 from .store import Project, Store
+
+if TYPE_CHECKING:
+    from .alerting.config import CollectorConfig
 
 __all__ = ["Collector", "CollectorApp", "add_alerts", "create_app"]
 
@@ -65,6 +68,9 @@ class Collector:
     forwarding: Optional[Callable[[], dict[str, int]]] = None
     # The alert engine (part D), when alert rules are configured.
     alerts: Optional[AlertEngine] = None
+    # Alerting's configuration (`serve --config`, create_app's `config`): notifiers, rules,
+    # uptime checks, as alerting.config.load_config read them.
+    config: Optional[CollectorConfig] = None
 
     def __post_init__(self) -> None:
         self.metrics.reporter_stats = self.reporter_stats
@@ -100,6 +106,7 @@ def create_app(
     public_url: Optional[str] = None,
     allowed_hosts: Optional[Sequence[str]] = None,
     metrics_public: bool = False,
+    config: Optional[CollectorConfig] = None,
 ) -> CollectorApp:
     """Build the collector app on ``storage`` (whose writer thread it starts).
 
@@ -138,6 +145,7 @@ def create_app(
         internal_project=next((p for p in storage.projects() if p.internal), None),
         auth=policy,
         public_url=public_url,
+        config=config,
     )
     return CollectorApp(
         _site(collector, policy, close_storage),

@@ -23,7 +23,8 @@ from selfreport._version import __version__
 from selfreport.collector import auth as _auth
 from selfreport.exceptions import ConfigError
 
-from .alerting.engine import AlertEngine
+from .alerting.config import CollectorConfig, config_path, describe, load_config
+from .alerting.engine import AlertEngine, engine_from_config
 from .app import Collector, CollectorApp, add_alerts, create_app
 from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
@@ -94,7 +95,8 @@ class CollectorServer:
     ``reporter_options`` are passed to that ``init``. ``limits`` bound what clients may send
     (sizes, timeouts, connections; see :class:`HttpLimits`); ``max_body`` is a shorthand for
     its ``max_body`` when ``limits`` is not given. ``alerts`` builds the alert engine on the
-    server's storage (the app starts it, and closes it when the server stops).
+    server's storage; without it, ``config``'s alert rules make one (with the durable outbox
+    and the configured notifiers). The app starts it, and closes it when the server stops.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class CollectorServer:
         metrics_public: bool = False,
         limits: Optional[HttpLimits] = None,
         alerts: Optional[Callable[[Store], AlertEngine]] = None,
+        config: Optional[CollectorConfig] = None,
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         try:
@@ -143,9 +146,9 @@ class CollectorServer:
             public_url=self.public_url,
             allowed_hosts=_auth.allowed_hosts(host, self.public_url, allowed_hosts),
             metrics_public=metrics_public,
+            config=config,
         )
-        if alerts is not None:
-            add_alerts(self.app, alerts(self.storage))
+        self._add_alerts(alerts, config)
         self._start_forwarding()
         _throttle_uvicorn_log(install=True)
         self._config = self._uvicorn_config(log_level)
@@ -153,6 +156,17 @@ class CollectorServer:
         self._thread: Optional[threading.Thread] = None
         self._reporting = False
         self._closed = False
+
+    def _add_alerts(
+        self, alerts: Optional[Callable[[Store], AlertEngine]], config: Optional[CollectorConfig]
+    ) -> None:
+        """The alert engine: the one ``alerts`` builds, else the configuration's (if it has
+        alert rules), with its outbox and notifiers."""
+        if alerts is not None:
+            add_alerts(self.app, alerts(self.storage))
+        elif config is not None and config.alerts:
+            engine = engine_from_config(config, self.storage, public_url=self.public_url)
+            add_alerts(self.app, engine)
 
     def _open_storage(self, options: dict[str, Any], login: str) -> None:
         """The database, its default projects and the login mode it allows."""
@@ -417,6 +431,7 @@ def serve(
     max_storage: Optional[int] = None,
     limits: Optional[HttpLimits] = None,
     upstream_file: Optional[str] = None,
+    config: Optional[str] = None,
 ) -> int:
     """``selfreport serve``: run until interrupted; prints the web page and the default DSN.
     A problem starting (the database, the data directory, the port) is one line on stderr
@@ -425,7 +440,8 @@ def serve(
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     try:
         upstream = _serve_upstream(upstream, upstream_file, forward, scrub, spool_dir, max_storage)
-    except ValueError as exc:  # ConfigError too
+        alerting = _load_alerting(config)
+    except ValueError as exc:  # ConfigError too (alerting's: one line naming file and line)
         print(f"selfreport: {exc}", file=sys.stderr)
         return 2
     try:
@@ -444,6 +460,7 @@ def serve(
             metrics_public=metrics_public,
             storage_options=None if max_storage is None else {"max_storage_bytes": max_storage},
             limits=limits,
+            config=alerting,
         )
     except (ConfigError, StorageError, ValueError) as exc:
         print(f"selfreport: {exc}", file=sys.stderr)
@@ -455,6 +472,12 @@ def serve(
     _print_banner(server, directory, out, forward, scrub)
     _run_in_foreground(server)
     return 0
+
+
+def _load_alerting(path: Optional[str]) -> Optional[CollectorConfig]:
+    """Alerting's configuration: ``--config``, else ``$SELFREPORT_CONFIG``, else none."""
+    path = config_path(path)
+    return None if path is None else load_config(path)
 
 
 def _run_in_foreground(server: CollectorServer) -> None:
@@ -511,6 +534,8 @@ def _print_banner(
     listening = "" if server.public_url == server.url else f" (listening on {server.url})"
     print(f"selfreport collector {__version__}: web page {server.public_url}/{listening}", file=out)
     print(f"DSN of the default project: {server.dsn()}", file=out)
+    if server.collector.config is not None:
+        print(f"alerting: {describe(server.collector.config)[0]}", file=out)
     print(
         f"(its own errors go to project {server.internal_project.id}, "
         f"{server.internal_project.name!r})",

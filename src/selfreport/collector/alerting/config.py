@@ -19,6 +19,7 @@ else:  # pragma: no cover - exercised by the 3.9/3.10 runs of make test-all
     import tomli as tomllib
 
 __all__ = [
+    "CONFIG_ENV",
     "DEFAULT_PAGERDUTY_URL",
     "LEVELS",
     "SELF_METRICS",
@@ -28,11 +29,14 @@ __all__ = [
     "NotifierConfig",
     "SmtpConfig",
     "UptimeConfig",
+    "config_path",
+    "describe",
     "load_config",
     "parse_config",
     "parse_duration",
 ]
 
+CONFIG_ENV = "SELFREPORT_CONFIG"  # the configuration file when --config is not given
 DEFAULT_PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
 # What a `self` rule can watch: the reporter's counters, forwarding, ingest latency.
 SELF_METRICS = (
@@ -590,3 +594,31 @@ def load_config(
     except UnicodeDecodeError as exc:
         raise ConfigError(name, f"not UTF-8 (byte {exc.start})") from None
     return parse_config(text, name, environ)
+
+
+def describe(config: CollectorConfig) -> list[str]:
+    """One line per notifier, rule and uptime check (``selfreport alerts check``, ``serve``)."""
+    lines = [
+        f"{config.path}: {len(config.notifiers)} notifiers, {len(config.alerts)} alert rules,"
+        f" {len(config.uptime)} uptime checks"
+    ]
+    for n in config.notifiers:
+        where = f"{n.smtp.host}:{n.smtp.port}" if n.smtp is not None else _without_query(n.url)
+        lines.append(f"  notifier {n.name!r}: {n.kind} to {where}")
+    for rule in config.alerts:
+        targets = ", ".join(repr(name) for name in rule.notify) or "nobody (logged only)"
+        lines.append(f"  alert {rule.name!r}: when {rule.when}, notify {targets}")
+    for check in config.uptime:
+        lines.append(f"  uptime {check.name!r}: every {check.interval:g}s")
+    return lines
+
+
+def _without_query(url: Optional[str]) -> str:
+    # Slack and PagerDuty URLs can hold secrets in their path or query: show the host only.
+    match = re.match(r"^(https?://[^/?#]+)", url or "")
+    return match.group(1) if match else "?"
+
+
+def config_path(given: Optional[str]) -> Optional[str]:
+    """``--config``, else ``$SELFREPORT_CONFIG``, else None."""
+    return given or os.environ.get(CONFIG_ENV) or None
