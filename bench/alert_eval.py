@@ -4,7 +4,7 @@ Starts a collector (``CollectorServer``, as ``selfreport serve`` runs it) in a s
 twice: without alert rules, then with 20 (rate per project and per issue, with and without
 ratio, new_issue, regression, health, self) and an outbox that counts. Each time it drives the
 open phase of bench/collector_load.py (``--rate`` events/s, default 2,000) and its closed phase
-(the maximum sustained throughput), and reads the engine's own evaluation time.
+(the maximum sustained throughput), and reads the engine's own evaluation time (CPU time of its thread).
 
 Figures: the server's CPU per event at the offered rate, the closed-loop throughput, and the
 engine's evaluation time as a share of the phase; the cost ratio is
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import textwrap
 import urllib.request
@@ -102,23 +103,37 @@ async def _measure(rules: int, args: argparse.Namespace) -> dict[str, object]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    without = await _measure(0, args)
-    print(json.dumps(without), flush=True)
-    with_rules = await _measure(RULES, args)
-    print(json.dumps(with_rules), flush=True)
+    """Without and with rules, alternately, ``--rounds`` times: medians (the box is shared)."""
+    rows: dict[int, list[dict[str, object]]] = {0: [], RULES: []}
+    for _ in range(args.rounds):
+        for rules in (0, RULES):
+            rows[rules].append(await _measure(rules, args))
+            print(json.dumps(rows[rules][-1]), flush=True)
 
-    def ratio(key: str) -> float:
-        return float(str(with_rules[key])) / float(str(without[key]))
+    def median(rules: int, key: str) -> float:
+        return statistics.median(float(str(row[key])) for row in rows[rules])
 
-    lost = 1 - ratio("closed_events_per_s")
-    cpu = ratio("open_server_cpu_us_per_event")
     summary = {
-        "throughput_cost": round(lost, 4),
-        "cpu_per_event_ratio": round(cpu, 3),
-        "engine_share_at_rate": with_rules["open_engine_share"],
+        "closed_events_per_s": [
+            median(0, "closed_events_per_s"),
+            median(RULES, "closed_events_per_s"),
+        ],
+        "throughput_cost": round(
+            1 - median(RULES, "closed_events_per_s") / median(0, "closed_events_per_s"), 4
+        ),
+        "cpu_us_per_event_at_rate": [
+            median(0, "open_server_cpu_us_per_event"),
+            median(RULES, "open_server_cpu_us_per_event"),
+        ],
+        "cpu_per_event_ratio": round(
+            median(RULES, "open_server_cpu_us_per_event")
+            / median(0, "open_server_cpu_us_per_event"),
+            3,
+        ),
+        "engine_cpu_share_at_rate": median(RULES, "open_engine_share"),
     }
     print(json.dumps(summary), flush=True)
-    return {"without": without, "with": with_rules, "summary": summary}
+    return {"rows": rows, "summary": summary}
 
 
 def main() -> None:
@@ -129,6 +144,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000.0, help="offered events/s (open phase)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
     parser.add_argument("--sample-every", type=float, default=5.0, help="RSS sampling interval (s)")
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of runs (medians)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs, senders={args.senders}, rules={RULES}", flush=True)
