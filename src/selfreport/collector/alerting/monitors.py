@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import calendar
+import math
+import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -14,7 +17,10 @@ __all__ = [
     "DEFAULT_MAX_RUNTIME",
     "FAILING_STATES",
     "INTERVAL_UNITS",
+    "MAX_SLUG",
     "CheckIn",
+    "CheckInError",
+    "CheckInItem",
     "Monitor",
     "MonitorConfig",
     "MonitorConfigError",
@@ -22,6 +28,7 @@ __all__ = [
     "evaluate_monitor",
     "evaluate_monitors",
     "next_expected",
+    "parse_checkin",
     "parse_monitor_config",
 ]
 
@@ -46,7 +53,16 @@ _ALIASES = {  # cronsim reads five fields only; Sentry accepts these as well
 }
 
 
-class MonitorConfigError(ValueError):
+MAX_SLUG = 128  # characters of a monitor slug; environments get 64, like events'
+_MAX_ENVIRONMENT = 64
+_CHECK_IN_ID = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F-]{36}")
+
+
+class CheckInError(ValueError):
+    """A check-in a client sent is malformed; the message names the field."""
+
+
+class MonitorConfigError(CheckInError):
     """A monitor_config a client sent is malformed; the message names the key."""
 
 
@@ -84,6 +100,18 @@ class MonitorConfig:
             "max_runtime": self.max_runtime,
             "timezone": self.timezone,
         }
+
+
+@dataclass(frozen=True)
+class CheckInItem:
+    """A ``check_in`` envelope item, checked: what ingestion hands the store."""
+
+    slug: str
+    check_in_id: str  # 32 lowercase hex digits
+    status: str  # one of CHECKIN_STATUSES
+    duration: Optional[float] = None
+    environment: Optional[str] = None
+    config: Optional[MonitorConfig] = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +240,54 @@ def parse_monitor_config(raw: Any) -> MonitorConfig:
         checkin_margin=_minutes(raw, "checkin_margin", DEFAULT_MARGIN),
         max_runtime=_minutes(raw, "max_runtime", DEFAULT_MAX_RUNTIME),
         timezone=zone,
+    )
+
+
+def _text(value: Any, name: str, limit: int) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise CheckInError(f"{name} must be a string of 1 to {limit} characters")
+    return value
+
+
+def parse_checkin(value: Any) -> CheckInItem:
+    """A ``check_in`` item's JSON as sentry-sdk sends it (``check_in_id``, ``monitor_slug``,
+    ``status``, ``duration``, ``environment``, ``monitor_config``), checked; a missing
+    check_in_id gets a new one. Unknown fields are ignored. Raises :class:`CheckInError`."""
+    if not isinstance(value, Mapping):
+        raise CheckInError("a check-in must be a JSON object")
+    slug = _text(value.get("monitor_slug"), "monitor_slug", MAX_SLUG)
+    if slug is None:
+        raise CheckInError("monitor_slug is missing")
+    status = value.get("status")
+    if status not in CHECKIN_STATUSES:
+        raise CheckInError(f"status must be one of {', '.join(CHECKIN_STATUSES)}")
+    raw_id = value.get("check_in_id")
+    if raw_id is None:
+        check_in_id = uuid.uuid4().hex
+    elif isinstance(raw_id, str) and _CHECK_IN_ID.fullmatch(raw_id):
+        check_in_id = raw_id.replace("-", "").lower()
+        if len(check_in_id) != 32:
+            raise CheckInError("check_in_id must be a UUID")
+    else:
+        raise CheckInError("check_in_id must be a UUID")
+    duration = value.get("duration")
+    if duration is not None and (
+        isinstance(duration, bool)
+        or not isinstance(duration, (int, float))
+        or not math.isfinite(duration)
+        or duration < 0
+    ):
+        raise CheckInError("duration must be a non-negative number of seconds")
+    config = value.get("monitor_config")
+    return CheckInItem(
+        slug=slug,
+        check_in_id=check_in_id,
+        status=str(status),
+        duration=None if duration is None else float(duration),
+        environment=_text(value.get("environment"), "environment", _MAX_ENVIRONMENT),
+        config=None if config is None else parse_monitor_config(config),
     )
 
 
