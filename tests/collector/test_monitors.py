@@ -131,7 +131,7 @@ def test_hourly_monitor_ok_then_missed_after_the_margin() -> None:
     assert missed.failing
     assert missed.since == at(2026, 1, 1, 11, 5)
     assert missed.next_expected == at(2026, 1, 1, 12)
-    assert "2026-01-01 11:00 UTC" in missed.detail
+    assert missed.detail == "no check-in for 2026-01-01 11:00 UTC (margin 5 min)"
     assert missed.subject == "default/nightly"
     much_later = evaluate_monitor(job, at(2026, 1, 8, 13, 30))
     assert much_later.state == "missed"

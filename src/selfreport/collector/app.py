@@ -26,6 +26,7 @@ from selfreport.collector import auth as _auth
 from selfreport.collector import web
 from selfreport.integrations.asgi import SelfreportMiddleware
 
+from .alerting.uptime import UptimeProber
 from .health import HealthChecks, default_checks, upstream_reachable
 from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
 from .limits import LogThrottle
@@ -60,6 +61,9 @@ class Collector:
     public_url: str = _auth.DEFAULT_PUBLIC_URL
     # Forwarding's counters (Forwarder.stats) for /metrics and /status, when forwarding.
     forwarding: Optional[Callable[[], dict[str, int]]] = None
+    # Uptime probes (issue 13, part C): started and stopped with the app (its lifespan); on
+    # the Monitors page, and ``uptime.status()`` for alerts.
+    uptime: Optional[UptimeProber] = None
 
     def __post_init__(self) -> None:
         self.metrics.reporter_stats = self.reporter_stats
@@ -178,9 +182,14 @@ def _site(collector: Collector, policy: _auth.AuthPolicy, close_storage: bool) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        uptime = collector.uptime
+        if uptime is not None:
+            uptime.start()
         try:
             yield
         finally:
+            if uptime is not None:
+                uptime.close(timeout=2.0)
             if close_storage:
                 storage.close()
 

@@ -23,6 +23,7 @@ from selfreport._version import __version__
 from selfreport.collector import auth as _auth
 from selfreport.exceptions import ConfigError
 
+from .alerting.uptime import UptimeCheck, UptimeProber
 from .app import Collector, CollectorApp, create_app
 from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
@@ -92,7 +93,9 @@ class CollectorServer:
     on this server (so this process's errors land there) and closes that client on stop.
     ``reporter_options`` are passed to that ``init``. ``limits`` bound what clients may send
     (sizes, timeouts, connections; see :class:`HttpLimits`); ``max_body`` is a shorthand for
-    its ``max_body`` when ``limits`` is not given.
+    its ``max_body`` when ``limits`` is not given. ``uptime``: ``[[uptime]]`` checks (``url``,
+    ``interval``, ``timeout``, ``expect_status``, ``consecutive``, ``name``) probed while it
+    runs: on the Monitors page, and ``collector.uptime.status()`` for alerts.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class CollectorServer:
         allowed_hosts: Sequence[str] = (),
         metrics_public: bool = False,
         limits: Optional[HttpLimits] = None,
+        uptime: Sequence[UptimeCheck] = (),
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         try:
@@ -141,6 +145,8 @@ class CollectorServer:
             allowed_hosts=_auth.allowed_hosts(host, self.public_url, allowed_hosts),
             metrics_public=metrics_public,
         )
+        if uptime:
+            self.app.collector.uptime = UptimeProber(uptime)
         self._start_forwarding()
         _throttle_uvicorn_log(install=True)
         self._config = self._uvicorn_config(log_level)

@@ -334,7 +334,7 @@ def _missed(monitor: Monitor, latest: CheckIn, now: float) -> Optional[MonitorSt
     deadline = due + config.checkin_margin * 60.0
     if now <= deadline:
         return None
-    detail = f"no check-in since {_format(due, config)}"
+    detail = f"no check-in for {_format(due, config)} (margin {config.checkin_margin:g} min)"
     return _status(monitor, "missed", deadline, _first_after(config, due, now), latest, detail)
 
 
