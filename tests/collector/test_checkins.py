@@ -214,6 +214,15 @@ def test_a_malformed_checkin_is_400_and_nothing_of_the_envelope_is_stored(
     assert reply.status == 400
 
 
+def test_a_bad_event_beside_a_checkin_stores_neither(target: Target) -> None:
+    checkin = checkin_envelope({"monitor_slug": "a", "status": "ok"})
+    body = checkin + b'{"type":"event","length":2}\n[]\n'
+    reply = target.send(body)
+    assert reply.status == 400
+    assert "item 2 (event) must be a JSON object" in reply.json()["detail"]
+    assert target.server.storage.monitors() == []
+
+
 def test_the_monitor_limit_is_counted(make_server: Callable[..., CollectorServer]) -> None:
     target = Target(make_server())
     target.server.storage.max_monitors_per_project = 1  # type: ignore[attr-defined]

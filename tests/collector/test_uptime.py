@@ -83,6 +83,7 @@ def test_up_then_500_then_gone_then_back(site: Site) -> None:
     prober.probe_all()
     twice = prober.status()[0]
     assert (twice.down, twice.consecutive_failures, twice.since) == (True, 2, 101.0)
+    assert twice.failing
     site.stop()
     prober.probe_all()
     gone = prober.status()[0]

@@ -313,8 +313,7 @@ class IngestEndpoint:
         if key is None:
             raise _missing_auth()
         project = await self.keys.authorize(key, project_id)
-        if envelope is not None:
-            await self._other_items(envelope, project)
+        checkins = self._other_items(envelope)
         self.metrics.received(len(raw_events))
         if len(body) > PREPARE_INLINE_MAX:  # parsing and trimming it would stall the loop
             events = await run_in_threadpool(
@@ -322,6 +321,7 @@ class IngestEndpoint:
             )
         else:
             events = self._prepare_all(raw_events, project, envelope_event_id)
+        await self._store_checkins(project, checkins)  # once every item was found valid
         kept = [event for event in events if event is not None]
         if len(kept) < len(events):
             self.metrics.rejected("filtered", len(events) - len(kept))
@@ -341,16 +341,21 @@ class IngestEndpoint:
 
     # --- items other than events (issue 13, part C) ---------------------------------------
 
-    async def _other_items(self, envelope: Envelope, project: Project) -> None:
-        """Check-ins are stored; every other item type that is not an event is counted as
-        dropped under its type in /metrics (never a silent 200)."""
+    def _other_items(self, envelope: Optional[Envelope]) -> list[CheckInItem]:
+        """The check-ins, checked (IngestError 400 naming the item); every other item type
+        that is not an event is counted as dropped under its type in /metrics."""
         checkins: list[CheckInItem] = []
-        for index, item in enumerate(envelope.items, 1):
+        for index, item in enumerate(envelope.items if envelope is not None else (), 1):
             if item.type == "check_in":
                 checkins.append(_checkin(index, item))
             elif item.type != "event":
                 self.metrics.item_dropped(item.type)
-        for checkin in checkins:  # all checked before any is stored
+        return checkins
+
+    async def _store_checkins(self, project: Project, checkins: list[CheckInItem]) -> None:
+        """Stored before the events: a sender retrying after a 503 sends them again, and one
+        check_in_id is one check-in however often it comes."""
+        for checkin in checkins:
             try:
                 kept = await self.storage.checkin_async(project.id, checkin, time.time())
             except StorageFull as exc:

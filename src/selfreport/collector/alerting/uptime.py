@@ -61,7 +61,13 @@ class UptimeStatus:
     threshold: int
 
     @property
+    def failing(self) -> bool:
+        """What an ``uptime`` alert fires on (the same as ``down``)."""
+        return self.down
+
+    @property
     def subject(self) -> str:
+        """What an alert about this URL is about: the check's name (its URL without one)."""
         return self.name
 
 
