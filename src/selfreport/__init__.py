@@ -23,6 +23,7 @@ from ._onprem.destination import Destination
 from ._state import current_client
 from ._state import init as _init
 from ._version import __version__
+from .crons import checkin, monitor
 from .exceptions import ConfigError, SelfreportError
 from .logging import LoggingHandler
 
@@ -44,12 +45,14 @@ __all__ = [
     "add_breadcrumb",
     "capture_exception",
     "capture_message",
+    "checkin",
     "close",
     "flush",
     "guarded",
     "init",
     "is_own_report",
     "is_reporting",
+    "monitor",
     "new_scope",
     "reporting_path",
     "set_context",

@@ -42,7 +42,7 @@ from ._core.guard import (
 from ._core.options import check_callable, check_level, check_number, check_text
 from ._core.processors import process_event
 from ._core.text import safe_repr
-from ._delivery.envelope import serialize_envelope
+from ._delivery.envelope import serialize_checkin, serialize_envelope
 from ._delivery.retry import Retry
 from ._delivery.spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES
 from ._delivery.transport import (
@@ -86,9 +86,20 @@ STAT_KEYS = (
     "dropped_spool_expired",  # spooled envelopes older than spool_max_age
     "quarantined",  # spooled envelopes refused for good, or failing again and again (5xx)
     "queue_size",
+    "checkins",  # cron check-ins accepted into the queue (then counted in sent/send_failed too)
 )
 
 _CAPTURED_MARK = "__selfreport_captured__"
+
+
+class CheckInCapture(Capture):
+    """A cron check-in riding the event queue: the payload, built on the caller's thread."""
+
+    __slots__ = ("checkin",)
+
+    def __init__(self, checkin: dict[str, Any]) -> None:
+        super().__init__("info")
+        self.checkin = checkin
 
 
 def mark_captured(exc: BaseException) -> None:
@@ -454,6 +465,29 @@ class Client:
             lambda: capture_from_message(text, level),
         )
 
+    def capture_checkin(self, checkin: dict[str, Any]) -> bool:
+        """Queue a cron check-in (``selfreport.checkin`` builds it); whether it was queued.
+
+        Not an error: neither deduplicated nor sampled nor held by the token bucket, but
+        dropped (and counted) inside the reporting path, when closed or when the queue is
+        full. Check-ins go to the upstream only, not to destinations.
+        """
+        if is_reporting() or self._born_in_path:
+            self.drop_reentrant("check-in")
+            return False
+        if self.upstream is None:
+            return False
+        if self._closed.is_set():
+            self._count("dropped_closed")
+            return False
+        checkin.setdefault("environment", self.environment)
+        checkin.setdefault("release", self.release)
+        if not self._worker.submit(CheckInCapture(checkin)):
+            self._count("dropped_closed" if self._closed.is_set() else "dropped_queue_full")
+            return False
+        self._count("checkins")
+        return True
+
     def _admissible(self, exc: Optional[BaseException]) -> bool:
         """The cheap checks, before any work: each refusal counted under its reason."""
         if self._born_in_path:
@@ -567,9 +601,26 @@ class Client:
                 event = dict(result)
             return event
 
+    def _send_checkin(self, capture: CheckInCapture, upstream: Upstream) -> None:
+        if upstream.holding_back():
+            self._count("dropped_rate_limited")
+            return
+        try:
+            sent_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            body = serialize_checkin(capture.checkin, capture.event_id, self.dsn, sent_at)
+        except BaseException as error:  # pragma: no cover - _dumps copes with any value
+            self._count("dropped_error")
+            self.diagnostics.warn("checkin_error", f"dropped a check-in: {error!r}")
+            return
+        upstream.deliver(body)
+
     def _process(self, capture: Capture) -> None:
         # A spool keeps what the collector cannot take now; destinations have their own limits.
         upstream = self.upstream
+        if isinstance(capture, CheckInCapture):
+            if upstream is not None:
+                self._send_checkin(capture, upstream)
+            return
         limited = upstream is not None and upstream.holding_back()
         if limited and not self.destinations:
             self._count("dropped_rate_limited")

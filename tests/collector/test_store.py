@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from selfreport.collector.alerting.monitors import CheckInItem, parse_monitor_config
 from selfreport.collector.events import PreparedEvent, prepare_event
 from selfreport.collector.storage import SqliteStorage
 from selfreport.collector.store import (
@@ -437,6 +438,29 @@ async def test_retention_by_size_keeps_the_store_under_its_limit(open_store: Ope
     assert store.event(1, events[0].event_id) is None  # the oldest went first
     store.close()
     assert store.size_bytes() <= limit
+
+
+# --- check-in monitors (issue 13, part C) -------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_checkins_make_monitors_with_their_newest_checkins(store: Store) -> None:
+    hourly = parse_monitor_config({"schedule": "0 * * * *"})
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    assert await store.checkin_async(1, CheckInItem("job", first, "in_progress", config=hourly), 10)
+    assert await store.checkin_async(1, CheckInItem("job", first, "ok", duration=1.5), 12.0)
+    assert await store.checkin_async(1, CheckInItem("job", second, "error"), 20.0)
+    assert await store.checkin_async(2, CheckInItem("internal", first, "ok"), 11.0)
+    job, internal = store.monitors(checkins=5)
+    assert (job.project, job.slug, job.config, job.created) == ("default", "job", hourly, 10.0)
+    assert [(c.check_in_id, c.status, c.started) for c in job.checkins] == [
+        (second, "error", 20.0),
+        (first, "ok", 10.0),
+    ]
+    assert job.checkins[1].duration == 1.5
+    assert (internal.project, internal.config) == (INTERNAL_PROJECT, None)
+    assert [m.slug for m in store.monitors(project_id=2)] == ["internal"]
+    assert len(store.monitors()[0].checkins) == 1
 
 
 def test_every_member_of_the_protocol_has_a_contract_test_here() -> None:

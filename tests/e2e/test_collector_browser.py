@@ -3,6 +3,7 @@ forms posted from another origin are refused."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import fcntl
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -608,3 +610,111 @@ def test_logging_in_and_out_and_a_cross_site_form_is_refused(
     finally:
         attacker.close()
         browser.close()
+
+
+# --- the Monitors page (issue 13, part C) --------------------------------------------------
+
+
+@dataclass
+class _UptimeCheck:
+    url: str
+    name: Optional[str] = None
+    interval: float = 0.2
+    timeout: float = 5.0
+    expect_status: int = 200
+    consecutive: int = 2
+
+
+def monitors_data(server: CollectorServer) -> None:
+    """Believable check-in monitors: one fine, one failed, one missed, one running."""
+    from selfreport.collector.alerting.monitors import CheckInItem, parse_monitor_config
+
+    project = server.project("checkout-api")
+    now = time.time()
+    storage: Any = server.storage
+    rows = [
+        ("nightly-backup", "ok", {"schedule": "30 2 * * *", "timezone": "Europe/Berlin"}, 3600),
+        (
+            "invoice-run",
+            "error",
+            {"schedule": {"type": "interval", "value": 1, "unit": "hour"}},
+            600,
+        ),
+        ("cache-warmer", "ok", {"schedule": "*/5 * * * *", "checkin_margin": 2}, 1800),
+        ("report-export", "in_progress", {"schedule": "0 * * * *", "max_runtime": 45}, 120),
+    ]
+    for slug, status, config, age in rows:
+        for run in range(6):
+            item = CheckInItem(
+                slug=slug,
+                check_in_id=uuid.uuid4().hex,
+                status=status if run == 0 else "ok",
+                duration=None if status == "in_progress" and run == 0 else 12.0 + run,
+                config=parse_monitor_config(config),
+            )
+            at = now - age - run * 3600
+            asyncio.run(storage.checkin_async(project.id, item, at))
+
+
+@needs_chromium
+def test_monitors_page_renders_and_planted_slugs_never_run(tmp_path: Path) -> None:
+    """A screenshot of the Monitors page (``SELFREPORT_SCREENSHOTS=1`` updates docs/img), then
+    slugs carrying script: shown as text, never run."""
+    peer = _UptimeCheck("http://127.0.0.1:9/health", name="peer collector")
+    down = _UptimeCheck("http://127.0.0.1:9/health", name="billing health")
+    server = CollectorServer(tmp_path / "data", self_report=False, uptime=[peer, down]).start()
+    try:
+        peer.url = f"{server.url}/health"
+        monitors_data(server)
+        uptime = server.collector.uptime
+        assert uptime is not None
+        wait_until(lambda: uptime.status()[0].up and uptime.status()[1].down)
+        server.storage.add_user("alice", hash_password("a good password"))
+        browser = Browser(tmp_path / "profile")
+        try:
+            browser.log_in(server, "alice", "a good password")
+            browser.go(server.url + "/monitors", "/monitors")
+            browser.screenshot(tmp_path / "collector-monitors.png")
+        finally:
+            browser.close()
+        server.storage.remove_user("alice")  # open again, for --dump-dom
+        for payload in PAYLOADS:
+            post_checkin(server, {"monitor_slug": payload, "status": "error"})
+        dom = chromium(["--dump-dom", server.url + "/monitors"], tmp_path / "profile2")
+    finally:
+        server.stop()
+    title = re.search(r"<title>(.*?)</title>", dom, re.S)
+    assert title is not None
+    assert title.group(1).strip().startswith("Monitors")
+    assert "data-pwned" not in dom.split("<body", 1)[1].split(">", 1)[0]
+    assert dom.count("<script") == 0
+    assert '<img src="x"' not in dom
+    assert "<iframe" not in dom
+    assert "<svg" not in dom
+    for payload in PAYLOADS:
+        assert payload in html.unescape(dom), payload
+    data = (tmp_path / "collector-monitors.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 20_000
+    if os.environ.get("SELFREPORT_SCREENSHOTS") == "1":
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / "collector-monitors.png", DOCS_IMG / "collector-monitors.png")
+
+
+def post_checkin(server: CollectorServer, payload: dict[str, Any]) -> None:
+    project = server.default_project
+    body = json.dumps(payload).encode()
+    envelope = b"{}\n" + json.dumps({"type": "check_in", "length": len(body)}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request(
+            "POST",
+            f"/api/{project.id}/envelope/",
+            body=envelope + b"\n" + body + b"\n",
+            headers={"X-Sentry-Auth": f"Sentry sentry_key={project.public_key}"},
+        )
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+    finally:
+        conn.close()

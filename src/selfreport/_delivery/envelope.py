@@ -12,7 +12,14 @@ from selfreport._capture.event import SDK_INFO, safe_repr
 from selfreport._core.dsn import Dsn
 from selfreport._core.untrusted_json import loads
 
-__all__ = ["Envelope", "EnvelopeError", "Item", "parse_envelope", "serialize_envelope"]
+__all__ = [
+    "Envelope",
+    "EnvelopeError",
+    "Item",
+    "parse_envelope",
+    "serialize_checkin",
+    "serialize_envelope",
+]
 
 
 class EnvelopeError(ValueError):
@@ -111,15 +118,30 @@ def _dumps(value: Any) -> bytes:
     return text.encode("utf-8", "replace")
 
 
-def serialize_envelope(event: Mapping[str, Any], dsn: Optional[Dsn], sent_at: str) -> bytes:
-    """One event as a Sentry envelope: envelope header, item header, payload."""
+def _serialize_item(
+    kind: str, value: Mapping[str, Any], event_id: Any, dsn: Optional[Dsn], sent_at: str
+) -> bytes:
+    """One JSON item of type ``kind`` as a Sentry envelope: header, item header, payload."""
     header: dict[str, Any] = {
-        "event_id": event.get("event_id"),
+        "event_id": event_id,
         "sent_at": sent_at,
         "sdk": SDK_INFO,
     }
     if dsn is not None:
         header["dsn"] = str(dsn.public())  # never the secret key: envelopes get spooled
-    payload = _dumps(event)
-    item = {"type": "event", "length": len(payload), "content_type": "application/json"}
+    payload = _dumps(value)
+    item = {"type": kind, "length": len(payload), "content_type": "application/json"}
     return b"\n".join((_dumps(header), _dumps(item), payload)) + b"\n"
+
+
+def serialize_envelope(event: Mapping[str, Any], dsn: Optional[Dsn], sent_at: str) -> bytes:
+    """One event as a Sentry envelope: envelope header, item header, payload."""
+    return _serialize_item("event", event, event.get("event_id"), dsn, sent_at)
+
+
+def serialize_checkin(
+    checkin: Mapping[str, Any], event_id: str, dsn: Optional[Dsn], sent_at: str
+) -> bytes:
+    """One cron check-in as a Sentry envelope with a ``check_in`` item (as sentry-sdk sends
+    it); ``event_id`` is the envelope's own, the check-in's id is ``check_in_id`` inside."""
+    return _serialize_item("check_in", checkin, event_id, dsn, sent_at)

@@ -29,6 +29,8 @@ from selfreport.collector import web
 from selfreport.integrations.asgi import SelfreportMiddleware
 
 from .alerting.engine import AlertEngine
+from .alerting.monitors import evaluate_monitors
+from .alerting.uptime import UptimeProber
 from .health import HealthChecks, default_checks, upstream_reachable
 from .ingest import DEFAULT_MAX_BODY, IngestEndpoint, KeyCache, OnStored, Processor
 from .limits import LogThrottle
@@ -71,6 +73,9 @@ class Collector:
     # Alerting's configuration (`serve --config`, create_app's `config`): notifiers, rules,
     # uptime checks, as alerting.config.load_config read them.
     config: Optional[CollectorConfig] = None
+    # Uptime probes (issue 13, part C): started and stopped with the app (its lifespan); on
+    # the Monitors page, and ``uptime.status()`` for alerts.
+    uptime: Optional[UptimeProber] = None
 
     def __post_init__(self) -> None:
         self.metrics.reporter_stats = self.reporter_stats
@@ -194,6 +199,7 @@ def add_alerts(app: CollectorApp, engine: AlertEngine) -> None:
     collector.on_stored.append(engine.on_stored)
     engine.sources.reporter_stats = collector.reporter_stats
     engine.sources.forwarding_stats = collector.forwarding_stats
+    engine.sources.monitors = lambda now: evaluate_monitors(collector.storage.monitors(), now)
 
 
 def _health_source(
@@ -235,14 +241,21 @@ def _site(collector: Collector, policy: _auth.AuthPolicy, close_storage: bool) -
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        uptime = collector.uptime
+        if uptime is not None:
+            uptime.start()
         if collector.alerts is not None:
             collector.alerts.sources.health = _health_source(collector.health, loop)
+            if uptime is not None:
+                collector.alerts.sources.uptime = uptime.status
             collector.alerts.start()
         try:
             yield
         finally:
             if collector.alerts is not None:  # in a thread: its last tick may need this loop
                 await loop.run_in_executor(None, collector.alerts.close)
+            if uptime is not None:
+                uptime.close(timeout=2.0)
             if close_storage:
                 storage.close()
 

@@ -17,9 +17,10 @@ from starlette.types import Receive, Scope, Send
 from selfreport._core.dsn import parse_dsn
 from selfreport._core.guard import is_reporting
 from selfreport._core.untrusted_json import JSONDepthError
-from selfreport._delivery.envelope import EnvelopeError, parse_envelope
+from selfreport._delivery.envelope import Envelope, EnvelopeError, Item, parse_envelope
 from selfreport.exceptions import ConfigError
 
+from .alerting.monitors import CheckInError, CheckInItem, parse_checkin
 from .events import (
     EventError,
     PreparedEvent,
@@ -294,6 +295,7 @@ class IngestEndpoint:
         body = await read_body(receive, headers, self.max_body)
         started = time.perf_counter()
         envelope_event_id: Optional[str] = None
+        envelope: Optional[Envelope] = None
         if self.kind == "envelope":
             try:
                 envelope = parse_envelope(body)
@@ -313,6 +315,7 @@ class IngestEndpoint:
         if key is None:
             raise _missing_auth()
         project = await self.keys.authorize(key, project_id)
+        checkins = self._other_items(envelope)
         self.metrics.received(len(raw_events))
         if len(body) > PREPARE_INLINE_MAX:  # parsing and trimming it would stall the loop
             events = await run_in_threadpool(
@@ -320,6 +323,7 @@ class IngestEndpoint:
             )
         else:
             events = self._prepare_all(raw_events, project, envelope_event_id)
+        await self._store_checkins(project, checkins)  # once every item was found valid
         kept = [event for event in events if event is not None]
         if len(kept) < len(events):
             self.metrics.rejected("filtered", len(events) - len(kept))
@@ -337,6 +341,34 @@ class IngestEndpoint:
         self.metrics.stored(sum(stored), len(stored) - sum(stored), elapsed)
         self._notify(StoredEnvelope(project, kept, stored, body, is_reporting(), headers, outcomes))
         return 200, {"id": first_id}
+
+    # --- items other than events (issue 13, part C) ---------------------------------------
+
+    def _other_items(self, envelope: Optional[Envelope]) -> list[CheckInItem]:
+        """The check-ins, checked (IngestError 400 naming the item); every other item type
+        that is not an event is counted as dropped under its type in /metrics."""
+        checkins: list[CheckInItem] = []
+        for index, item in enumerate(envelope.items if envelope is not None else (), 1):
+            if item.type == "check_in":
+                checkins.append(_checkin(index, item))
+            elif item.type != "event":
+                self.metrics.item_dropped(item.type)
+        return checkins
+
+    async def _store_checkins(self, project: Project, checkins: list[CheckInItem]) -> None:
+        """Stored before the events: a sender retrying after a 503 sends them again, and one
+        check_in_id is one check-in however often it comes."""
+        for checkin in checkins:
+            try:
+                kept = await self.storage.checkin_async(project.id, checkin, time.time())
+            except StorageFull as exc:
+                raise IngestError(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
+            except StorageError as exc:
+                detail = str(exc)
+                raise IngestError(
+                    503, "storage_unavailable", detail, {"Retry-After": "5"}
+                ) from None
+            self.metrics.checkin("stored" if kept else "monitor_limit")
 
     def _prepare_all(
         self,
@@ -379,6 +411,18 @@ class IngestEndpoint:
                 # The events are committed and acknowledged: a hook (forwarding) failing must
                 # not turn that into an error for the sender; it is reported here instead.
                 logger.exception("an on_stored hook failed")
+
+
+def _checkin(index: int, item: Item) -> CheckInItem:
+    where = f"item {index} (check_in)"
+    try:
+        return parse_checkin(item.json())
+    except JSONDepthError as exc:
+        raise IngestError(400, "too_deep", f"{where}: {exc}") from None
+    except CheckInError as exc:
+        raise IngestError(400, "malformed", f"{where}: {exc}") from None
+    except ValueError as exc:
+        raise IngestError(400, "malformed", f"{where} is not valid JSON: {exc}") from None
 
 
 class KeyCache:

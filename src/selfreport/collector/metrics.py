@@ -18,6 +18,29 @@ __all__ = ["CONTENT_TYPE", "CollectorMetrics", "RateWindow"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 StatsSource = Callable[[], dict[str, int]]
+# Sentry's envelope item types (https://develop.sentry.dev/sdk/data-model/envelope-items/).
+_ITEM_TYPES = frozenset(
+    (
+        "attachment",
+        "session",
+        "sessions",
+        "transaction",
+        "client_report",
+        "profile",
+        "profile_chunk",
+        "replay_event",
+        "replay_recording",
+        "replay_video",
+        "statsd",
+        "metric_meta",
+        "span",
+        "log",
+        "otel_log",
+        "user_report",
+        "feedback",
+        "trace_metric",
+    )
+)
 
 
 class RateWindow:
@@ -91,11 +114,31 @@ class CollectorMetrics:
             registry=self.registry,
         )
         self.registry.register(_LiveValues(self))
+        self._init_checkin_metrics()
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(
             f"selfreport_collector_{name}", documentation, labels, registry=self.registry
         )
+
+    # --- check-ins and other envelope items (issue 13, part C) ----------------------------
+
+    def _init_checkin_metrics(self) -> None:
+        self.checkins = self._counter(
+            "checkins", "Check-ins received, by outcome (stored, monitor_limit).", "outcome"
+        )
+        self.items_dropped = self._counter(
+            "items_dropped",
+            "Envelope items neither events nor check-ins, dropped, by type.",
+            "type",
+        )
+
+    def checkin(self, outcome: str) -> None:
+        self.checkins.labels(outcome).inc()
+
+    def item_dropped(self, item_type: str) -> None:
+        # The type is the sender's: a label from a fixed set, so it cannot grow the registry.
+        self.items_dropped.labels(item_type if item_type in _ITEM_TYPES else "other").inc()
 
     def received(self, events: int) -> None:
         self.events_received.inc(events)

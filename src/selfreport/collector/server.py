@@ -25,6 +25,7 @@ from selfreport.exceptions import ConfigError
 
 from .alerting.config import CollectorConfig, config_path, describe, load_config
 from .alerting.engine import AlertEngine, engine_from_config
+from .alerting.uptime import UptimeCheck, UptimeProber
 from .app import Collector, CollectorApp, add_alerts, create_app
 from .forward import UPSTREAM_ENV, Forwarder, upstream_dsn
 from .ingest import DEFAULT_MAX_BODY, Processor
@@ -94,9 +95,12 @@ class CollectorServer:
     on this server (so this process's errors land there) and closes that client on stop.
     ``reporter_options`` are passed to that ``init``. ``limits`` bound what clients may send
     (sizes, timeouts, connections; see :class:`HttpLimits`); ``max_body`` is a shorthand for
-    its ``max_body`` when ``limits`` is not given. ``alerts`` builds the alert engine on the
-    server's storage; without it, ``config``'s alert rules make one (with the durable outbox
-    and the configured notifiers). The app starts it, and closes it when the server stops.
+    its ``max_body`` when ``limits`` is not given. ``uptime``: ``[[uptime]]`` checks (``url``,
+    ``interval``, ``timeout``, ``expect_status``, ``consecutive``, ``name``) probed while it
+    runs: on the Monitors page, and ``collector.uptime.status()`` for alerts. ``alerts``
+    builds the alert engine on the server's storage; without it, ``config``'s alert rules make
+    one (with the durable outbox and the configured notifiers). The app starts it, and closes
+    it when the server stops.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class CollectorServer:
         limits: Optional[HttpLimits] = None,
         alerts: Optional[Callable[[Store], AlertEngine]] = None,
         config: Optional[CollectorConfig] = None,
+        uptime: Sequence[UptimeCheck] = (),
     ) -> None:
         # Forwarding is validated first: a bad DSN or mode fails before anything is opened.
         try:
@@ -148,6 +153,8 @@ class CollectorServer:
             metrics_public=metrics_public,
             config=config,
         )
+        if uptime:
+            self.app.collector.uptime = UptimeProber(uptime)
         self._add_alerts(alerts, config)
         self._start_forwarding()
         _throttle_uvicorn_log(install=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -22,6 +23,13 @@ from typing import Any, Callable, Optional, Union
 
 from selfreport._core.guard import reporting_path
 
+from .alerting.monitors import (
+    CheckIn,
+    CheckInItem,
+    Monitor,
+    MonitorConfigError,
+    parse_monitor_config,
+)
 from .events import PreparedEvent
 from .store import (
     DEFAULT_PROJECT,
@@ -179,6 +187,31 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (notification_id, notifier)
 );
 CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, next_try);
+"""
+
+# Check-in monitors (issue 13, part C): one per (project, slug), made by its first check-in;
+# a check-in's in_progress and closing items are one row (by check_in_id).
+_MONITOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS monitors (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL REFERENCES projects (id),
+    slug TEXT NOT NULL,
+    config TEXT,
+    created REAL NOT NULL,
+    UNIQUE (project_id, slug)
+);
+CREATE TABLE IF NOT EXISTS checkins (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    monitor_id INTEGER NOT NULL REFERENCES monitors (id),
+    check_in_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started REAL NOT NULL,
+    updated REAL NOT NULL,
+    duration REAL,
+    environment TEXT,
+    UNIQUE (monitor_id, check_in_id)
+);
+CREATE INDEX IF NOT EXISTS checkins_by_monitor ON checkins (monitor_id, started);
 """
 
 # Counts events deleted before the forwarder handed them on (see SqliteStorage.forwarding_start).
@@ -556,7 +589,7 @@ class SqliteStorage:
             if str(mode).lower() != "wal":
                 raise StorageError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             with _transaction(conn):
-                schema = _SCHEMA + _AUTH_SCHEMA + _ALERT_SCHEMA + _OUTBOX_SCHEMA
+                schema = _SCHEMA + _AUTH_SCHEMA + _ALERT_SCHEMA + _OUTBOX_SCHEMA + _MONITOR_SCHEMA
                 conn.executescript("BEGIN IMMEDIATE;" + schema + "COMMIT;")
                 _add_columns(conn)
                 found = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -1645,6 +1678,49 @@ class SqliteStorage:
         with self._reader() as conn:
             return [float(row[0]) for row in conn.execute(sql, params).fetchall()]
 
+    # --- check-in monitors (issue 13, part C) --------------------------------------------
+
+    # Bounds on what senders can make: monitors per project, check-ins kept per monitor.
+    max_monitors_per_project = 1000
+    checkins_per_monitor = 50
+
+    async def checkin_async(self, project_id: int, item: CheckInItem, received: float) -> bool:
+        """Record a check-in through the writer (its monitor made on the first, its config
+        updated when one comes along); False when a new monitor would pass the limit."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        apply = _store_checkin(
+            project_id, item, received, self.max_monitors_per_project, self.checkins_per_monitor
+        )
+        self._submit(_Write(apply, _LoopDone(loop, future), _ROW_OVERHEAD))
+        return await future
+
+    def monitors(self, project_id: Optional[int] = None, checkins: int = 1) -> list[Monitor]:
+        """Every monitor (of ``project_id``), by project and slug, each with its newest
+        ``checkins`` check-ins, newest first."""
+        where = "" if project_id is None else " WHERE m.project_id = ?"
+        params: tuple[Any, ...] = () if project_id is None else (project_id,)
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT m.id, p.name, m.slug, m.config, m.created FROM monitors m"
+                f" JOIN projects p ON p.id = m.project_id{where} ORDER BY p.name, m.slug",
+                params,
+            ).fetchall()
+            recent = conn.execute(
+                "SELECT monitor_id, check_in_id, status, started, updated, duration, environment"
+                " FROM (SELECT *, row_number() OVER (PARTITION BY monitor_id"
+                " ORDER BY started DESC, id DESC) AS n FROM checkins) WHERE n <= ?"
+                " ORDER BY monitor_id, started DESC, id DESC",
+                (max(1, checkins),),
+            ).fetchall()
+        by_monitor: dict[int, list[CheckIn]] = {}
+        for monitor_id, *columns in recent:
+            by_monitor.setdefault(monitor_id, []).append(CheckIn(*columns))
+        return [
+            Monitor(name, slug, _monitor_config(config), created, tuple(by_monitor.get(mid, ())))
+            for mid, name, slug, config, created in rows
+        ]
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def close(self, timeout: float = 10.0) -> None:
@@ -1851,3 +1927,64 @@ def _check_status(status: str, count: Optional[int], until: Optional[float]) -> 
         raise ValueError(f"ignore_count must be a whole number from 1 to {MAX_IGNORE_COUNT}")
     if until is not None and not math.isfinite(until):
         raise ValueError("ignore_until must be a time (seconds since the epoch)")
+
+
+# --- check-in monitors (issue 13, part C) ------------------------------------------------------
+
+
+def _monitor_config(text: Optional[str]) -> Any:
+    """A stored monitor_config, or None (none stored, or no longer readable here)."""
+    if text is None:
+        return None
+    try:
+        return parse_monitor_config(json.loads(text))
+    except (ValueError, MonitorConfigError):
+        return None
+
+
+def _monitor_id(
+    conn: sqlite3.Connection, project_id: int, item: CheckInItem, now: float, limit: int
+) -> Optional[int]:
+    config = None if item.config is None else json.dumps(item.config.as_dict())
+    row = conn.execute(
+        "SELECT id FROM monitors WHERE project_id = ? AND slug = ?", (project_id, item.slug)
+    ).fetchone()
+    if row is not None:
+        if config is not None:
+            conn.execute("UPDATE monitors SET config = ? WHERE id = ?", (config, row[0]))
+        return int(row[0])
+    count = conn.execute("SELECT count(*) FROM monitors WHERE project_id = ?", (project_id,))
+    if count.fetchone()[0] >= limit:
+        return None
+    cursor = conn.execute(
+        "INSERT INTO monitors (project_id, slug, config, created) VALUES (?, ?, ?, ?)",
+        (project_id, item.slug, config, now),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def _store_checkin(
+    project_id: int, item: CheckInItem, now: float, max_monitors: int, keep: int
+) -> Callable[[sqlite3.Connection, _Batch], bool]:
+    def apply(conn: sqlite3.Connection, batch: _Batch) -> bool:
+        monitor_id = _monitor_id(conn, project_id, item, now, max_monitors)
+        if monitor_id is None:
+            return False
+        # A closing status is final: a late in_progress for the same id does not reopen it.
+        conn.execute(
+            "INSERT INTO checkins (monitor_id, check_in_id, status, started, updated, duration,"
+            " environment) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (monitor_id, check_in_id)"
+            " DO UPDATE SET status = CASE WHEN excluded.status = 'in_progress'"
+            " THEN status ELSE excluded.status END, updated = excluded.updated,"
+            " duration = coalesce(excluded.duration, duration),"
+            " environment = coalesce(excluded.environment, environment)",
+            (monitor_id, item.check_in_id, item.status, now, now, item.duration, item.environment),
+        )
+        conn.execute(
+            "DELETE FROM checkins WHERE monitor_id = ? AND id NOT IN (SELECT id FROM checkins"
+            " WHERE monitor_id = ? ORDER BY started DESC, id DESC LIMIT ?)",
+            (monitor_id, monitor_id, keep),
+        )
+        return True
+
+    return apply

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
+from .alerting.monitors import CheckInItem, Monitor
 from .events import EventColumns, PreparedEvent
 
 __all__ = [
@@ -424,3 +425,15 @@ class Store(Protocol):
     ) -> list[float]:
         """When the events with ids in (``after``, ``upto``] were received (forwarding
         measures its latency with it)."""
+
+    # --- check-in monitors (issue 13, part C) ---------------------------------------------------
+
+    async def checkin_async(self, project_id: int, item: CheckInItem, received: float) -> bool:
+        """Record a check-in received at ``received``: its monitor is made by the first one
+        (at most ``max_monitors_per_project``; False when that refuses it) and its config
+        replaced by any that comes along; the in_progress and closing items of one
+        ``check_in_id`` are one check-in; the newest ``checkins_per_monitor`` are kept."""
+
+    def monitors(self, project_id: Optional[int] = None, checkins: int = 1) -> list[Monitor]:
+        """Every monitor (of ``project_id``) by project and slug, each with its newest
+        ``checkins`` check-ins, newest first (what ``evaluate_monitors`` reads)."""

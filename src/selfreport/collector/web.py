@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -23,6 +23,8 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
+from .alerting.monitors import CheckIn, MonitorStatus, evaluate_monitors
+from .alerting.uptime import UptimeStatus
 from .auth import _form, identity_of, is_loopback, page_context
 from .events import LEVELS, exception_values, frames_of, parse_id
 from .store import ISSUE_STATUSES, AlertRecord, Event, Issue, Project, StorageError
@@ -734,6 +736,76 @@ async def issue_status_form(request: Request) -> Response:
     return RedirectResponse(f"/issues/{issue.id}", status_code=303)
 
 
+# --- monitors: check-ins and uptime probes (issue 13, part C) ------------------------------
+
+_RECENT_CHECKINS = 10
+
+
+def _checkin_json(checkin: Optional[CheckIn]) -> Optional[dict[str, Any]]:
+    if checkin is None:
+        return None
+    return {
+        "check_in_id": checkin.check_in_id,
+        "status": checkin.status,
+        "started": checkin.started,
+        "updated": checkin.updated,
+        "duration": checkin.duration,
+        "environment": checkin.environment,
+    }
+
+
+def _monitor_json(state: MonitorStatus, recent: Sequence[CheckIn]) -> dict[str, Any]:
+    return {
+        "project": state.project,
+        "slug": state.slug,
+        "state": state.state,
+        "failing": state.failing,
+        "since": state.since,
+        "detail": state.detail,
+        "schedule": state.schedule,
+        "next_expected": state.next_expected,
+        "last_checkin": _checkin_json(state.last_checkin),
+        "recent": [_checkin_json(checkin) for checkin in recent],
+    }
+
+
+def _uptime_json(state: UptimeStatus) -> dict[str, Any]:
+    last = state.last
+    return {
+        "name": state.name,
+        "url": state.url,
+        "up": state.up,
+        "down": state.down,
+        "consecutive_failures": state.consecutive_failures,
+        "threshold": state.threshold,
+        "interval": state.interval,
+        "since": state.since,
+        "last_probe": None if last is None else last.at,
+        "status": None if last is None else last.status,
+        "latency_ms": None if last is None else round(last.latency * 1000, 1),
+        "error": None if last is None else last.error,
+    }
+
+
+def _monitor_rows(request: Request) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    collector = _collector(request)
+    monitors = collector.storage.monitors(checkins=_RECENT_CHECKINS)
+    states = evaluate_monitors(monitors, time.time())
+    rows = [_monitor_json(s, m.checkins) for s, m in zip(states, monitors)]
+    probes = [] if collector.uptime is None else collector.uptime.status()
+    return rows, [_uptime_json(state) for state in probes]
+
+
+def monitors_page(request: Request) -> Response:
+    monitors, uptime = _monitor_rows(request)
+    return render(request, "monitors.html", monitors=monitors, uptime=uptime)
+
+
+def monitors_api(request: Request) -> Response:
+    monitors, uptime = _monitor_rows(request)
+    return JSONResponse({"monitors": monitors, "uptime": uptime})
+
+
 def routes() -> list[Route]:
     return [
         Route("/", issues_page, methods=["GET"]),
@@ -749,4 +821,6 @@ def routes() -> list[Route]:
         Route("/api/0/status/", status_api, methods=["GET"]),
         Route("/alerts", alerts_page, methods=["GET"]),
         Route("/api/0/alerts/", alerts_api, methods=["GET"]),
+        Route("/monitors", monitors_page, methods=["GET"]),
+        Route("/api/0/monitors/", monitors_api, methods=["GET"]),
     ]
