@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +19,9 @@ from tests.collector.alerting_parts import (
     stored,
 )
 from tests.collector.conftest import Target, call, envelope, make_event
-from tests.conftest import FakeClock, wait_until
+from tests.collector.test_checkins import checkin_envelope
+from tests.collector.test_monitors_page import Check as UptimeEntry
+from tests.conftest import FakeClock, closed_port, wait_until
 
 import selfreport
 from selfreport.collector import app as app_module
@@ -208,3 +211,20 @@ def test_a_configured_collector_notifies_through_its_outbox(
         server.stop()
     assert engine is not None
     assert not engine.outbox.alive  # type: ignore[attr-defined]
+
+
+def test_checkin_and_uptime_rules_in_a_running_collector(make_server: MakeServer) -> None:
+    """A check-in with status error fires the checkin rule; a URL nobody answers fires the
+    uptime rule (the prober's own status, through the app)."""
+    outbox = ListOutbox()
+    rules = [Rule("crons", "checkin"), Rule("up", "uptime")]
+    down = f"http://127.0.0.1:{closed_port()}/health"
+    server = make_server(
+        alerts=engine_factory(rules, outbox),
+        uptime=[UptimeEntry(down, name="gone", interval=1.0, timeout=1.0)],
+    )
+    target = Target(server)
+    payload = {"monitor_slug": "nightly", "status": "error", "check_in_id": uuid.uuid4().hex}
+    assert target.send(checkin_envelope(payload)).status == 200
+    assert wait_until(lambda: len(outbox.states()) == 2)
+    assert sorted(outbox.states()) == [("monitor:nightly", "firing"), (f"url:{down}", "firing")]
