@@ -518,7 +518,7 @@ class AlertEngine:
         """Counters, firing alerts and the time spent evaluating."""
         return {
             **{k: self.counts.get(k, 0) for k in _COUNTS},
-            "firing": sum(1 for a in self.alerts.values() if a.state == "firing"),
+            "firing": sum(1 for a in list(self.alerts.values()) if a.state == "firing"),
             "inbox": len(self._inbox),
             "evaluation_seconds": round(self.evaluation_seconds, 6),
         }
@@ -526,9 +526,11 @@ class AlertEngine:
     def rule_states(self) -> list[dict[str, Any]]:
         """Per rule: its kind, notifiers and the subjects it fires for now."""
         out = []
+        # A copy: the engine's thread changes the alerts while pages read them.
+        alerts = list(self.alerts.items())
         for rule in self.rules:
             prefix = f"{rule.name}\x00"
-            firing = [a for k, a in self.alerts.items() if k.startswith(prefix)]
+            firing = [a for k, a in alerts if k.startswith(prefix)]
             out.append(
                 {
                     "name": rule.name,
