@@ -228,3 +228,13 @@ def test_checkin_and_uptime_rules_in_a_running_collector(make_server: MakeServer
     assert target.send(checkin_envelope(payload)).status == 200
     assert wait_until(lambda: len(outbox.states()) == 2)
     assert sorted(outbox.states()) == [("monitor:nightly", "firing"), (f"url:{down}", "firing")]
+
+
+def test_a_self_rule_on_ingest_latency_reads_the_pipeline_percentiles(
+    make_server: MakeServer,
+) -> None:
+    outbox = ListOutbox()
+    rule = Rule("slow", "self", metric="ingest_p99_ms", above=0.0)
+    server = make_server(alerts=engine_factory([rule], outbox))
+    assert Target(server).send(envelope(make_event())).status == 200
+    assert wait_until(lambda: outbox.states() == [("metric:ingest_p99_ms", "firing")])

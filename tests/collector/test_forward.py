@@ -416,3 +416,30 @@ def test_serve_without_upstream_then_with_it_sends_no_backlog(
     run("stored while not forwarding")
     run("forwarded again", upstream=upstream.dsn)
     assert [e["message"] for e in upstream.events] == ["forwarded", "forwarded again"]
+
+
+def test_the_pipeline_latency_of_forwarded_events_is_measured(
+    make_server: Callable[..., CollectorServer],
+    upstream: FakeCollector,
+    make_event: Callable[..., dict[str, Any]],
+    envelope_of: Callable[..., bytes],
+    call: Any,
+) -> None:
+    """received -> stored -> forwarded: p50/p99 on /status, /api/0/status/ and /metrics."""
+    server = make_server(upstream=upstream.dsn)
+    assert server.forwarder is not None
+    auth = {"X-Sentry-Auth": f"Sentry sentry_key={server.default_project.public_key}"}
+    path = f"/api/{server.default_project.id}/envelope/"
+    events = [make_event() for _ in range(3)]
+    for event in events:
+        assert call(server.port, "POST", path, envelope_of(event), auth).status == 200
+    assert wait_until(lambda: _handed_on(server, server.forwarder, events[-1]["event_id"]))
+    latency = call(server.port, "GET", "/api/0/status/").json()["latency"]
+    assert latency["stored"]["samples"] == 3
+    assert latency["forwarded"]["samples"] == 3
+    for stage in ("stored", "forwarded"):
+        assert 0 <= latency[stage]["p50_ms"] <= latency[stage]["p99_ms"] < 60_000
+    assert "stored → forwarded" in call(server.port, "GET", "/status").text
+    metrics = call(server.port, "GET", "/metrics").text
+    assert 'selfreport_collector_pipeline_latency_seconds_count{stage="forwarded"} 3.0' in metrics
+    assert 'selfreport_collector_pipeline_latency_seconds_count{stage="stored"} 3.0' in metrics

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from selfreport.collector.metrics import CollectorMetrics, RateWindow
+import pytest
+
+from selfreport.collector.metrics import CollectorMetrics, LatencyWindow, RateWindow
 from selfreport.collector.storage import Storage
 
 
@@ -44,3 +46,28 @@ def test_the_reporters_stats_are_exposed(storage: Storage) -> None:
     assert 'selfreport_reporter_events_total{outcome="sent"} 4.0' in text
     assert "selfreport_reporter_queue_size 2.0" in text
     assert "selfreport_collector_database_bytes" in text
+
+
+# --- Part A: pipeline latency -------------------------------------------------------------------
+
+
+def test_latency_percentiles_over_a_recent_bounded_window() -> None:
+    now = [1000.0]
+    window = LatencyWindow(seconds=60.0, max_samples=200, clock=lambda: now[0])
+    assert window.percentiles() == {"p50_ms": None, "p99_ms": None, "samples": 0}
+    for n in range(1, 101):
+        window.add(n / 1000)
+    assert window.percentiles() == {"p50_ms": 50.0, "p99_ms": 99.0, "samples": 100}
+    now[0] += 30
+    window.add(5.0)
+    assert window.percentiles()["p99_ms"] == 100.0
+    now[0] += 31  # the first hundred left the window
+    assert window.percentiles() == {"p50_ms": 5000.0, "p99_ms": 5000.0, "samples": 1}
+    for _ in range(500):
+        window.add(0.001)
+    assert window.percentiles()["samples"] == 200  # bounded
+    metrics = CollectorMetrics()
+    metrics.latency("forwarded", -1.0)  # a wall clock stepping back counts as 0
+    assert metrics.latency_percentiles()["forwarded"]["p99_ms"] == 0.0
+    with pytest.raises(ValueError, match="stage must be one of"):
+        metrics.latency("shipped", 1.0)

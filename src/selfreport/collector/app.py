@@ -199,6 +199,9 @@ def add_alerts(app: CollectorApp, engine: AlertEngine) -> None:
     collector.on_stored.append(engine.on_stored)
     engine.sources.reporter_stats = collector.reporter_stats
     engine.sources.forwarding_stats = collector.forwarding_stats
+    engine.sources.ingest_p99_ms = lambda: collector.metrics.latency_percentiles()["stored"][
+        "p99_ms"
+    ]
     engine.sources.monitors = lambda now: evaluate_monitors(collector.storage.monitors(), now)
 
 

@@ -9,7 +9,7 @@ import stat
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from selfreport._core.guard import enter_thread_for_life, reporting_path
 from selfreport._onprem.destination import Destination
@@ -121,6 +121,9 @@ class Forwarder:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        # Part A: called with ("forwarded", seconds from received to handed on) per event.
+        self.latency: Optional[Callable[[str, float], None]] = None
+        self.clock: Callable[[], float] = time.time  # the clock events' ``received`` is on
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -231,8 +234,18 @@ class Forwarder:
             handed = row_id
         else:
             handed = upto  # past other projects' events too
+        self._measure(self.cursor, handed)
         self.cursor = handed
         return handed == upto and len(rows) == self.batch_size
+
+    def _measure(self, after: int, upto: int) -> None:
+        """The latency of the events just handed on (one read per batch)."""
+        latency, storage = self.latency, self.storage
+        if latency is None or storage is None or upto <= after:
+            return
+        now = self.clock()
+        for received in storage.received_between(after, upto, self.project_id):
+            latency("forwarded", now - received)
 
     def _flushed(self) -> bool:
         """Wait until the destination sent, spooled or counted all it was given; False when

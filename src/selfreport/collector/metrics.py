@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from .store import Store
 
-__all__ = ["CONTENT_TYPE", "CollectorMetrics", "RateWindow"]
+__all__ = ["CONTENT_TYPE", "LATENCY_STAGES", "CollectorMetrics", "LatencyWindow", "RateWindow"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -41,6 +42,10 @@ _ITEM_TYPES = frozenset(
         "trace_metric",
     )
 )
+# The pipeline's stages: received -> stored (committed), stored -> forwarded (handed on to the
+# upstream: sent, or kept in the spool). Forwarding waits minutes when the upstream is down.
+LATENCY_STAGES = ("stored", "forwarded")
+_LATENCY_BUCKETS = (*_BUCKETS, 30.0, 60.0, 300.0, 1800.0)
 
 
 class RateWindow:
@@ -84,6 +89,50 @@ class RateWindow:
         return seconds / events if events else None
 
 
+class LatencyWindow:
+    """The latencies of the last ``seconds`` seconds (at most ``max_samples`` of the newest):
+    their percentiles for the status page, bounded in memory whatever the load."""
+
+    def __init__(
+        self,
+        seconds: float = 300.0,
+        max_samples: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=max_samples
+        )
+
+    def add(self, seconds: float) -> None:
+        sample = (self._clock(), seconds)
+        with self._lock:
+            self._samples.append(sample)
+
+    def percentiles(self) -> dict[str, Optional[float]]:
+        """``p50_ms``, ``p99_ms`` (None without samples) and ``samples`` in the window."""
+        cutoff = self._clock() - self.seconds
+        with self._lock:
+            while self._samples and self._samples[0][0] < cutoff:
+                self._samples.popleft()
+            values = sorted(value for _, value in list(self._samples))
+        if not values:
+            return {"p50_ms": None, "p99_ms": None, "samples": 0}
+        return {
+            "p50_ms": round(_rank(values, 0.50) * 1e3, 3),
+            "p99_ms": round(_rank(values, 0.99) * 1e3, 3),
+            "samples": len(values),
+        }
+
+
+def _rank(values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of sorted ``values``."""
+    index = max(0, min(len(values) - 1, int(fraction * len(values) + 0.999999) - 1))
+    return values[index]
+
+
 class CollectorMetrics:
     """The collector's counters in a registry of its own (several apps may share a process)."""
 
@@ -115,6 +164,7 @@ class CollectorMetrics:
         )
         self.registry.register(_LiveValues(self))
         self._init_checkin_metrics()
+        self._init_latency()
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(
@@ -149,6 +199,34 @@ class CollectorMetrics:
             self.events_duplicate.inc(duplicates)
         self.processing.observe(seconds)
         self.window.add(stored + duplicates, seconds)
+        self._stored_latency.observe(seconds)
+        self.latencies["stored"].add(seconds)
+
+    # --- Part A: pipeline latency ----------------------------------------------------------
+
+    def _init_latency(self) -> None:
+        self.pipeline_latency = Histogram(
+            "selfreport_collector_pipeline_latency_seconds",
+            "Time an event took through the pipeline, by stage: stored (request body read to "
+            "committed), forwarded (received to handed on to the upstream, sent or spooled).",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._stored_latency = self.pipeline_latency.labels("stored")  # the hot path's
+        self.latencies = {stage: LatencyWindow() for stage in LATENCY_STAGES}
+
+    def latency(self, stage: str, seconds: float) -> None:
+        """One event (or request, for ``stored``) took ``seconds`` through ``stage``."""
+        if stage not in self.latencies:
+            raise ValueError(f"stage must be one of {', '.join(LATENCY_STAGES)}")
+        seconds = max(0.0, seconds)  # the wall clock may step back
+        self.pipeline_latency.labels(stage).observe(seconds)
+        self.latencies[stage].add(seconds)
+
+    def latency_percentiles(self) -> dict[str, dict[str, Optional[float]]]:
+        """Per stage, p50 and p99 (ms) over the recent window, and the samples in it."""
+        return {stage: window.percentiles() for stage, window in self.latencies.items()}
 
     def rejected(self, reason: str, count: int = 1) -> None:
         self.rejections.labels(reason).inc(count)

@@ -218,6 +218,7 @@ class CollectorServer:
         if self.forwarder is not None:
             self.collector.on_stored.append(self.forwarder)
             self.collector.forwarding = self.forwarder.stats
+            self.forwarder.latency = self.collector.metrics.latency
             self.forwarder.start(self.storage, self.internal_project.id)
         else:
             self.storage.forwarding_off()

@@ -351,6 +351,8 @@ async def status_data(request: Request) -> dict[str, Any]:
         "rejected": metrics.rejected_by_reason(),
         "reporter": stats,
         "forwarding": collector.forwarding_stats(),
+        "latency": metrics.latency_percentiles(),
+        "latency_window_seconds": metrics.latencies["stored"].seconds,
         "internal_project": None
         if internal is None
         else {"id": internal.id, "name": internal.name},
