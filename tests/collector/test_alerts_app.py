@@ -238,3 +238,45 @@ def test_a_self_rule_on_ingest_latency_reads_the_pipeline_percentiles(
     server = make_server(alerts=engine_factory([rule], outbox))
     assert Target(server).send(envelope(make_event())).status == 200
     assert wait_until(lambda: outbox.states() == [("metric:ingest_p99_ms", "firing")])
+
+
+class ExplodingNotifier:
+    """A notifier whose every send raises (a bug in it, not a refusal)."""
+
+    name = "boom"
+    kind = "webhook"
+    timeout = 1.0
+
+    def __init__(self) -> None:
+        self.sends = 0
+
+    def send(self, notification: Notification, timeout: float) -> None:
+        self.sends += 1
+        raise RuntimeError("the notifier exploded")
+
+
+def test_a_new_issue_rule_on_the_internal_project_does_not_loop_when_the_notifier_raises(
+    make_server: MakeServer,
+) -> None:
+    """The collector's own reports are events too; the notification about one is sent inside
+    the reporting path, so the notifier raising never becomes another report."""
+    notifier = ExplodingNotifier()
+    rule = Rule("own", "new_issue", project="selfreport-internal", notify=("boom",))
+
+    def build(storage: Store) -> AlertEngine:
+        outbox = Outbox(storage, {"boom": notifier})
+        engine = AlertEngine([rule], outbox, storage=storage, interval=0.05)
+        outbox.on_notifier_failure = engine.on_notifier_failure
+        return engine
+
+    server = make_server(self_report=True, alerts=build)
+    engine = server.collector.alerts
+    assert engine is not None
+    internal = Target(server)
+    internal.project = server.internal_project
+    assert internal.send(envelope(make_event())).status == 200
+    assert wait_until(lambda: engine.counts["notifier_failures"] >= 1)
+    assert selfreport.flush(10)
+    assert server.storage.event_count(server.internal_project.id) == 1
+    assert engine.counts["fired"] == 1  # one new issue: its own report of the failure is none
+    assert notifier.sends >= 1
