@@ -97,9 +97,9 @@ class _Sweeper:
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """Counts header bytes per chunk received (httptools buffers a header whole, without
-    limit, before calling back) and per header; times headers, bodies and idle keep-alive
-    connections with a deadline each, which the server's sweeper checks.
+    """Counts header bytes and fields per chunk received (httptools buffers a header whole,
+    without limit, before calling back), exactly once they are complete; times headers, bodies
+    and idle keep-alive connections with a deadline each, which the server's sweeper checks.
 
     uvicorn's methods are called by name, not through ``super()``: they run for every request.
     """
@@ -114,7 +114,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._waiting = _NOTHING  # what the deadline is for
         self._reading_headers = True
         self._received = 0  # bytes of the headers, then of the body, so far (whole chunks)
-        self._header_bytes = 0  # exact, from the parser's callbacks
         self._body_bytes = 0
         self._over_limit = False
         self._rejected = False
@@ -153,6 +152,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._reading_headers:
             if self._received > self._limits.max_header_bytes:
                 self._reject(431, "headers_too_large", self._too_large_headers())
+            elif len(self.headers) > self._limits.max_headers:  # many tiny ones in a chunk
+                self._reject(431, "headers_too_large", self._too_many_headers())
             elif self._received and self._waiting != _HEADERS:
                 self._wait(_HEADERS, self._limits.header_timeout)
         elif self._received > self.settings.max_body_received:
@@ -173,25 +174,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # --- parser callbacks -------------------------------------------------------------
 
-    def on_url(self, url: bytes) -> None:
-        HttpToolsProtocol.on_url(self, url)
-        if len(self.url) > self._limits.max_request_line:
-            detail = f"the request target is longer than {self._limits.max_request_line} bytes"
-            self._stop(414, "request_line_too_long", detail)
-        self._header_bytes += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        HttpToolsProtocol.on_header(self, name, value)
-        self._header_bytes += len(name) + len(value) + 4
-        if len(self.headers) > self._limits.max_headers:
-            self._stop(
-                431, "headers_too_large", f"more than {self._limits.max_headers} header fields"
-            )
-
     def on_headers_complete(self) -> None:
         self._received = 0
         self._waiting, self.deadline = _NOTHING, _NEVER
-        if self._header_bytes > self._limits.max_header_bytes:
+        # Checked once the headers are in, not in an on_url/on_header of our own for each
+        # (a Python call per header of every request): until then the bytes received bound
+        # them (data_received), so many or long ones cannot pile up in the meantime.
+        limits = self._limits
+        if len(self.url) > limits.max_request_line:
+            detail = f"the request target is longer than {limits.max_request_line} bytes"
+            self._stop(414, "request_line_too_long", detail)
+        headers = self.headers
+        if len(headers) > limits.max_headers:
+            self._stop(431, "headers_too_large", self._too_many_headers())
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in headers)
+        if size > limits.max_header_bytes:
             self._stop(431, "headers_too_large", self._too_large_headers())
         if self._over_limit:
             detail = "the collector has too many open connections; retry shortly"
@@ -200,7 +197,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if length is not None and length > self._limits.max_body:
             self._stop(413, "too_large", self._too_large_body())
         self._reading_headers = False
-        self._header_bytes = self._body_bytes = 0  # (the next request's count from its URL)
+        self._body_bytes = 0
         HttpToolsProtocol.on_headers_complete(self)
 
     def on_body(self, body: bytes) -> None:
@@ -226,6 +223,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _too_large_headers(self) -> str:
         return f"the request headers are larger than {self._limits.max_header_bytes} bytes"
 
+    def _too_many_headers(self) -> str:
+        return f"more than {self._limits.max_headers} header fields"
+
     def _too_large_body(self) -> str:
         return f"the body is larger than the limit of {self._limits.max_body} bytes"
 
@@ -237,6 +237,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """Answer ``status`` (unless the app already started answering) and close."""
         self._rejected = True
         self._wait(_NOTHING)
+        self.headers = []  # a chunk's worth of tiny headers may be many: not kept till closed
         # Counted before the client can see the answer: whoever reads it, then the metrics,
         # finds it there.
         self.settings.on_reject(reason)
