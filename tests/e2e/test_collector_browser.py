@@ -537,3 +537,63 @@ def test_logging_in_and_out_and_a_cross_site_form_is_refused(
     finally:
         attacker.close()
         browser.close()
+
+
+# --- Part A: issue states and the events-over-time chart, in a real browser -----------------
+
+
+def spread_history(server: CollectorServer, issue_id: int) -> int:
+    """Events of the issue spread over the last 14 days, with a spike a few hours ago (so
+    the charts show a shape); how many events were stored."""
+    from selfreport.collector.events import prepare_event
+
+    [latest] = server.storage.events(issue_id, limit=1)
+    stored = server.storage.event(latest.project_id, latest.event_id)
+    assert stored is not None
+    template = json.loads(stored.payload)
+    now = time.time()
+    times = [now - day * 86400 - 3600 * (day % 5) for day in range(1, 14) for _ in range(day % 4)]
+    times += [now - hour * 3600 - 60 for hour in range(24) for _ in range(1 + (hour % 3))]
+    times += [now - 3 * 3600 - second for second in range(25)]  # the spike
+    events = [
+        prepare_event({**template, "event_id": uuid.uuid4().hex}, received=when) for when in times
+    ]
+    assert server.storage.store(latest.project_id, events).result(30) == [True] * len(events)
+    return len(events)
+
+
+@needs_chromium
+def test_issue_states_and_the_chart(server: CollectorServer, tmp_path: Path) -> None:
+    """The issue page's chart and state buttons: resolving works, a cross-site form that
+    would reopen it is refused; ``SELFREPORT_SCREENSHOTS=1`` updates docs/img."""
+    realistic_data(server)
+    issue = next(i for i in server.storage.issues() if i.title.startswith("KeyError"))
+    spread_history(server, issue.id)
+    server.storage.add_user("alice", hash_password("a good password"))
+    browser = Browser(tmp_path / "profile")
+    attacker = AttackerSite()
+    path = f"/issues/{issue.id}"
+    try:
+        browser.log_in(server, "alice", "a good password")
+        text = browser.go(server.url + path, path)
+        for shown in ("Last 24 hours", "Last 14 days", "Resolve", "Ignore for 1h", "unresolved"):
+            assert shown in text
+        assert browser.js("document.querySelectorAll('.chart rect').length") == 24 + 14
+        shot = tmp_path / "collector-issue-states.png"
+        browser.screenshot(shot)
+        assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        assert len(shot.read_bytes()) > 20_000
+        if os.environ.get("SELFREPORT_SCREENSHOTS") == "1":
+            shutil.copyfile(shot, DOCS_IMG / "collector-issue-states.png")
+        browser.js("document.querySelector('button[value=resolve]').click()")
+        assert wait_until(lambda: server.storage.issue(issue.id).status == "resolved")  # type: ignore[union-attr]
+        assert wait_until(lambda: "Reopen" in str(browser.js("document.body.innerText")))
+        assert browser.js("location.pathname") == path
+        attack = attacker.auto_post(
+            "reopen", server.url + path + "/status", {"action": "reopen", "csrf": "0" * 64}
+        )
+        browser.go(attack, path + "/status")
+        assert server.storage.issue(issue.id).status == "resolved"  # type: ignore[union-attr]
+    finally:
+        attacker.close()
+        browser.close()
