@@ -126,7 +126,7 @@ def test_the_api_changes_and_filters_states(
             reply = http.post(path, json=body)
             assert reply.status_code == 400, body
             assert message in reply.json()["detail"], body
-        for content in (b"[1]", b"{", b"x" * 5000):
+        for content in (b"[1]", b"{", b"x" * 5000, b"[" * 4000, b'{"a": [[[[[1]]]]]}'):
             assert http.post(path, content=content).status_code in (400, 413)
         assert http.post("/api/0/issues/999/status", json={"status": "resolved"}).status_code == 404
         assert http.post("/api/0/issues/x/status", json={"status": "resolved"}).status_code == 404

@@ -1907,7 +1907,7 @@ def _set_status(
             " ignore_seen = CASE WHEN ? = 'ignored' THEN times_seen END WHERE id = ?",
             (status, now if status == "resolved" else None, count, until, status, issue_id),
         ).rowcount
-        if status == "unresolved":
+        if status == "unresolved" or not changed:
             batch.states.pop(issue_id, None)
         else:
             batch.states[issue_id] = _IssueState(status, count, until)

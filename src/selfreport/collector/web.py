@@ -23,6 +23,8 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
+from selfreport._core import untrusted_json
+
 from .alerting.monitors import CheckIn, MonitorStatus, evaluate_monitors
 from .alerting.uptime import UptimeStatus
 from .auth import _form, identity_of, is_loopback, page_context
@@ -667,7 +669,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
         if len(body) > _MAX_STATE_BODY:
             raise HTTPException(413, f"the body must be at most {_MAX_STATE_BODY} bytes")
     try:
-        value = json.loads(body)
+        value = untrusted_json.loads(body, max_depth=4)  # a stranger's: bounded depth too
     except ValueError:
         raise HTTPException(400, "the body must be a JSON object") from None
     if not isinstance(value, dict):
