@@ -211,7 +211,7 @@ def _add_alerts_command(alerts: argparse.ArgumentParser) -> None:
 def _alerts(args: argparse.Namespace) -> int:
     try:
         from .collector.alerting.commands import alerts_command
-    except ImportError as exc:  # tomli before Python 3.11
+    except ImportError as exc:  # pragma: no cover - tomli missing before Python 3.11
         print(f"selfreport: {exc}: pip install 'selfreport[collector]'", file=sys.stderr)
         return 2
     return alerts_command(args.action, args.config, getattr(args, "name", ""))

@@ -253,6 +253,44 @@ def test_a_storage_failure_is_counted_never_raised(
     assert outbox.stats()["pending"] == 0
 
 
+class MarkFailing(SqliteStorage):
+    """A real database that refuses to record tries while ``refuse`` is set (a full disk)."""
+
+    refuse = False
+
+    def outbox_mark(self, *args: Any, **kwargs: Any) -> None:
+        if self.refuse:
+            raise StorageError("database or disk is full")
+        super().outbox_mark(*args, **kwargs)
+
+
+def test_a_try_storage_cannot_record_is_never_sent_again(tmp_path: Path) -> None:
+    storage = MarkFailing(tmp_path / "db").start()
+    clock = Clock()
+    rec = Recorder()
+    outbox = Outbox(storage, {"rec": rec}, clock=clock, retry=FAST)
+    try:
+        outbox.put(note(1), ["rec"])
+        outbox.put(note(2), ["rec"])
+        rec.errors = [NotifyError("down")]
+        storage.refuse = True
+        with pytest.raises(StorageError):
+            outbox.deliver_due()  # nid-1 failed, its mark refused
+        with pytest.raises(StorageError):
+            outbox.deliver_due()  # nid-1 skipped, nid-2 sent, its mark refused
+        assert outbox.deliver_due() == 0  # nothing sent again: both only wait for their marks
+        assert [n.notification_id for n in rec.sent] == ["nid-2"]
+        storage.refuse = False
+        assert outbox.deliver_due() == 0  # the marks are recorded, nothing is sent
+        assert [n.notification_id for n in rec.sent] == ["nid-2"]
+        assert outbox.stats()["delivered"] == 1
+        clock.now += 10.0
+        assert outbox.deliver_due() == 1  # nid-1's retry, on its schedule
+        assert [n.notification_id for n in rec.sent] == ["nid-2", "nid-1"]
+    finally:
+        storage.close()
+
+
 def test_the_thread_delivers_in_the_path_and_survives_a_bad_callback(
     storage: SqliteStorage, receiver: HttpReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -103,6 +103,8 @@ class Outbox:
             ("sent", "retries", "gave_up", "dropped_full", "dropped_unknown", "dropped_storage"), 0
         )
         self._logged: set[str] = set()
+        # Rows tried whose mark storage refused: never sent again by this process.
+        self._unmarked: dict[int, tuple[str, dict[str, Any]]] = {}
 
     # --- the engine's side ------------------------------------------------------------------
 
@@ -146,14 +148,32 @@ class Outbox:
         with self._pass_lock, reporting_path():
             while not self.is_closing():
                 entries = self.storage.outbox_due(self._clock(), _BATCH)
+                sent = 0
                 for entry in entries:
                     if self.is_closing():
                         break
+                    if entry.id in self._unmarked:  # tried already: only its mark is missing
+                        self._mark_again(entry.id)
+                        continue
                     self._deliver(entry)
-                    tried += 1
-                if len(entries) < _BATCH:
+                    sent += 1
+                tried += sent
+                if len(entries) < _BATCH or not sent:
                     break
         return tried
+
+    def _mark(self, entry_id: int, status: str, fields: dict[str, Any]) -> None:
+        """Record a try. Until storage takes the mark (a full disk), the row is remembered
+        here, so this process never sends it again, and marked on the next pass."""
+        self._unmarked[entry_id] = (status, fields)
+        self.storage.outbox_mark(entry_id, status, **fields)
+        del self._unmarked[entry_id]
+
+    def _mark_again(self, entry_id: int) -> None:
+        try:
+            self._mark(entry_id, *self._unmarked[entry_id])
+        except Exception as exc:
+            self._log_once("mark", f"outbox: could not record a delivery try: {exc!r}")
 
     def _deliver(self, entry: OutboxEntry) -> None:
         notifier = self.notifiers.get(entry.notifier)
@@ -169,10 +189,10 @@ class Outbox:
             except Exception as exc:  # a notifier's bug: tried again, bounded like a failure
                 error = NotifyError(f"{type(exc).__name__}: {exc}"[:_MAX_ERROR], retryable=True)
         if error is None:
-            self.storage.outbox_mark(
-                entry.id, "delivered", attempts=entry.attempts + 1, next_try=entry.next_try
-            )
             self._delivered(entry.notifier)
+            self._mark(
+                entry.id, "delivered", {"attempts": entry.attempts + 1, "next_try": entry.next_try}
+            )
         else:
             self._failed(entry, error)
 
@@ -197,14 +217,10 @@ class Outbox:
         message = str(error)[:_MAX_ERROR]
         if young and policy.is_retry(outcome, retry_after):
             next_try = now + policy.increment().get_sleep_time(retry_after)
-            self.storage.outbox_mark(
-                entry.id, "pending", attempts=attempts, next_try=next_try, error=message
-            )
+            status = "pending"
             self._count("retries")
         else:
-            self.storage.outbox_mark(
-                entry.id, "failed", attempts=attempts, next_try=entry.next_try, error=message
-            )
+            next_try, status = entry.next_try, "failed"
             self._count("gave_up")
             logger.warning(
                 "notification %s through %r given up after %d tries: %s",
@@ -215,6 +231,8 @@ class Outbox:
             )
         self._notifier_failed(entry.notifier, message, now)
         self._callback(self.on_notifier_failure, entry.notifier, error)
+        fields = {"attempts": attempts, "next_try": next_try, "error": message}
+        self._mark(entry.id, status, fields)
 
     def _notifier_failed(self, name: str, message: str, now: float) -> None:
         with self._lock:
