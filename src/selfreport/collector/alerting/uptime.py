@@ -21,14 +21,29 @@ _MAX_BODY = 64 * 1024  # read (and drop) at most this much of an answer
 
 
 class UptimeCheck(Protocol):
-    """What the prober needs of an ``[[uptime]]`` entry (the configuration's UptimeConfig)."""
+    """What the prober needs of an ``[[uptime]]`` entry (the configuration's UptimeConfig);
+    read-only, so frozen dataclasses with narrower types (a tuple of statuses) fit."""
 
-    url: str
-    interval: float
-    timeout: float
-    expect_status: Union[int, Sequence[int]]
-    consecutive: int
-    name: Optional[str]
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def interval(self) -> float:
+        """Seconds between probes."""
+
+    @property
+    def timeout(self) -> float:
+        """Seconds one probe may take."""
+
+    @property
+    def expect_status(self) -> Union[int, Sequence[int]]: ...
+
+    @property
+    def consecutive(self) -> int:
+        """Failed probes in a row that make the URL down."""
+
+    @property
+    def name(self) -> Optional[str]: ...
 
 
 @dataclass(frozen=True)
