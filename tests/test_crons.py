@@ -34,6 +34,14 @@ def client(collector: FakeCollector) -> Iterator[Client]:
     selfreport.close()
 
 
+def test_fake_collector_lists_checkins(client: Client, collector: FakeCollector) -> None:
+    selfreport.checkin("nightly", "ok")
+    selfreport.capture_message("not a check-in")
+    assert selfreport.flush(5)
+    assert [c["monitor_slug"] for c in collector.checkins] == ["nightly"]
+    assert len(collector.events) == 1
+
+
 def checkins(collector: FakeCollector) -> list[tuple[Envelope, dict[str, Any]]]:
     return [
         (envelope, item.json())

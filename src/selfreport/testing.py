@@ -235,6 +235,16 @@ class FakeCollector:
         """Every event received so far, oldest first."""
         return [event for envelope in self.envelopes for event in envelope.events()]
 
+    @property
+    def checkins(self) -> list[Event]:
+        """Every cron check-in received so far (``check_in`` items), oldest first."""
+        return [
+            item.json()
+            for envelope in self.envelopes
+            for item in envelope.items
+            if item.type == "check_in"
+        ]
+
     def wait_for(self, count: int, timeout: float = 5.0) -> bool:
         """Wait until at least ``count`` events arrived; False on timeout.
 

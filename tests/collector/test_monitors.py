@@ -7,15 +7,19 @@ from typing import Any, Optional
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from selfreport.collector.alerting.monitors import (
     CheckIn,
+    CheckInError,
     Monitor,
     MonitorConfig,
     MonitorConfigError,
     evaluate_monitor,
     evaluate_monitors,
     next_expected,
+    parse_checkin,
     parse_monitor_config,
 )
 
@@ -197,3 +201,50 @@ def test_missed_comes_before_failed_and_pending_without_check_ins() -> None:
     assert [s.state for s in states] == ["pending", "ok"]
     assert states[0].next_expected is None
     assert not states[0].failing
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "monitor_slug": _json | st.text(max_size=200),
+        "status": _json | st.sampled_from(["ok", "error", "in_progress"]),
+        "check_in_id": _json | st.uuids().map(str),
+        "duration": _json,
+        "environment": _json,
+        "monitor_config": _json
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                "schedule": _json | st.sampled_from(["* * * * *", "@daily", "61 * * * *"]),
+                "checkin_margin": _json,
+                "max_runtime": _json,
+                "timezone": _json | st.sampled_from(["UTC", "Europe/Riga", "Nowhere/Else"]),
+            },
+        ),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json | _fields)
+def test_any_json_is_a_check_in_or_a_check_in_error(value: Any) -> None:
+    """What a stranger sends is a 400 with a message, never another exception (a 500)."""
+    try:
+        item = parse_checkin(value)
+    except CheckInError as exc:
+        message = str(exc)
+    else:
+        message = ""
+    if message:  # refused, saying why
+        return
+    assert item.status in ("ok", "error", "in_progress")
+    assert len(item.check_in_id) == 32
+    if item.config is not None:
+        assert next_expected(item.config, 1_700_000_000.0) > 1_700_000_000.0

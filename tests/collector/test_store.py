@@ -460,6 +460,8 @@ async def test_checkins_make_monitors_with_their_newest_checkins(store: Store) -
     assert job.checkins[1].duration == 1.5
     assert (internal.project, internal.config) == (INTERNAL_PROJECT, None)
     assert [m.slug for m in store.monitors(project_id=2)] == ["internal"]
+    (only,) = store.monitors(project_id=1, checkins=5)
+    assert [c.check_in_id for c in only.checkins] == [second, first]
     assert len(store.monitors()[0].checkins) == 1
 
 

@@ -146,9 +146,30 @@ def test_thread_probes_on_the_interval_and_stops(site: Site) -> None:
         assert all(result.up for result in seen)
     finally:
         prober.close(5)
-    assert prober._thread is not None
-    assert not prober._thread.is_alive()
-    UptimeProber([]).start()  # no checks: no thread
+    assert len(prober._threads) == 1
+    assert not prober._threads[0].is_alive()
+    prober.start()  # closed: not started again
+    assert len(prober._threads) == 1
+    idle = UptimeProber([])
+    idle.start()  # no checks: no thread
+    assert idle._threads == []
+
+
+def test_a_hanging_url_delays_no_other(site: Site) -> None:
+    seen: list[str] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # accepts into the backlog, never answers
+        hanging = Check(f"http://127.0.0.1:{listener.getsockname()[1]}/", timeout=30, name="hang")
+        fine = Check(site.url, interval=0.05, name="fine")
+        prober = UptimeProber([hanging, fine], on_result=lambda name, _r: seen.append(name))
+        prober.start()
+        try:
+            wait_until(lambda: seen.count("fine") >= 3)
+            assert seen.count("fine") >= 3
+            assert "hang" not in seen
+        finally:
+            prober.close(0.5)  # the hanging probe's thread is a daemon; close() is bounded
 
 
 def test_a_failing_result_callback_is_logged_not_raised(

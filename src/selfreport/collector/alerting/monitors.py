@@ -326,11 +326,12 @@ def next_expected(config: MonitorConfig, after: float) -> float:
 # --- evaluation ------------------------------------------------------------------------------
 
 
-def _missed(monitor: Monitor, latest: CheckIn, now: float) -> Optional[MonitorStatus]:
+def _missed(
+    monitor: Monitor, latest: CheckIn, due: Optional[float], now: float
+) -> Optional[MonitorStatus]:
     config = monitor.config
-    if config is None:
+    if config is None or due is None:
         return None
-    due = next_expected(config, latest.started)
     deadline = due + config.checkin_margin * 60.0
     if now <= deadline:
         return None
@@ -386,11 +387,11 @@ def evaluate_monitor(monitor: Monitor, now: float) -> MonitorStatus:
     if not monitor.checkins:
         return _status(monitor, "pending", None, None, None, "no check-in yet")
     latest = max(monitor.checkins, key=lambda checkin: checkin.started)
-    missed = _missed(monitor, latest, now)
-    if missed is not None:
-        return missed
     config = monitor.config
     upcoming = next_expected(config, latest.started) if config is not None else None
+    missed = _missed(monitor, latest, upcoming, now)
+    if missed is not None:
+        return missed
     max_runtime = (config.max_runtime if config is not None else DEFAULT_MAX_RUNTIME) * 60.0
     if latest.status == "in_progress":
         if now > latest.started + max_runtime:

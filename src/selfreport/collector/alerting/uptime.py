@@ -21,14 +21,29 @@ _MAX_BODY = 64 * 1024  # read (and drop) at most this much of an answer
 
 
 class UptimeCheck(Protocol):
-    """What the prober needs of an ``[[uptime]]`` entry (the configuration's UptimeConfig)."""
+    """What the prober needs of an ``[[uptime]]`` entry (the configuration's UptimeConfig);
+    read-only, so frozen dataclasses with narrower types (a tuple of statuses) fit."""
 
-    url: str
-    interval: float
-    timeout: float
-    expect_status: Union[int, Sequence[int]]
-    consecutive: int
-    name: Optional[str]
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def interval(self) -> float:
+        """Seconds between probes."""
+
+    @property
+    def timeout(self) -> float:
+        """Seconds one probe may take."""
+
+    @property
+    def expect_status(self) -> Union[int, Sequence[int]]: ...
+
+    @property
+    def consecutive(self) -> int:
+        """Failed probes in a row that make the URL down."""
+
+    @property
+    def name(self) -> Optional[str]: ...
 
 
 @dataclass(frozen=True)
@@ -161,8 +176,9 @@ class _State:
 
 
 class UptimeProber:
-    """Probes each check on its interval on one daemon thread, inside the reporting path (a
-    probe that fails is a result, never a report); ``status()`` for the engine and the page.
+    """Probes each check on its interval, one daemon thread per check (a URL that hangs until
+    its timeout delays no other), inside the reporting path (a probe that fails is a result,
+    never a report); ``status()`` for the engine and the page.
 
     ``on_result(name, result)`` (optional) is called after each probe, e.g. to keep the last
     results in the store; it must not block for long.
@@ -185,7 +201,7 @@ class UptimeProber:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
+        self._threads: list[threading.Thread] = []
         self.probes = 0
 
     def status(self) -> list[UptimeStatus]:
@@ -194,7 +210,7 @@ class UptimeProber:
             return [state.status() for state in self._states]
 
     def probe_all(self) -> None:
-        """Probe every check once now (what the thread does when they are due; tests call it)."""
+        """Probe every check once now, one after the other (tests; the threads probe alone)."""
         for state in self._states:
             self._probe(state)
 
@@ -211,31 +227,33 @@ class UptimeProber:
                 self.diagnostics.warn("uptime_store", f"could not keep an uptime result: {exc!r}")
 
     def start(self) -> None:
-        """Start probing (no thread without checks)."""
-        if not self._states or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="selfreport-uptime", daemon=True)
-        self._thread.start()
+        """Start probing: a thread per check (none without checks); idempotent."""
+        with self._lock:
+            if self._threads or self._stopping:
+                return
+            for index, state in enumerate(self._states):
+                name = f"selfreport-uptime-{index}"
+                thread = threading.Thread(target=self._run, args=(state,), name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
-    def _run(self) -> None:
+    def _run(self, state: _State) -> None:
         enter_thread_for_life()
         while True:
             with self._lock:
+                while not self._stopping and state.due > self.timer():
+                    self._wake.wait(max(0.01, state.due - self.timer()))
                 if self._stopping:
                     return
-                now = self.timer()
-                due = [s for s in self._states if s.due <= now]
-                if not due:
-                    self._wake.wait(max(0.01, min(s.due for s in self._states) - now))
-                    continue
-            for state in due:
-                self._probe(state)
+            self._probe(state)
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop the thread; waits at most ``timeout`` (a probe under way ends by its timeout)."""
+        """Stop the threads; waits at most ``timeout`` in all (a probe under way ends by its
+        own timeout, on a daemon thread)."""
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
