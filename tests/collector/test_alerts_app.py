@@ -280,3 +280,17 @@ def test_a_new_issue_rule_on_the_internal_project_does_not_loop_when_the_notifie
     assert server.storage.event_count(server.internal_project.id) == 1
     assert engine.counts["fired"] == 1  # one new issue: its own report of the failure is none
     assert notifier.sends >= 1
+
+
+def test_serve_config_probes_its_uptime_entries_and_alerts(make_server: MakeServer) -> None:
+    down = f"http://127.0.0.1:{closed_port()}/health"
+    rules = (
+        f'[[uptime]]\nurl = "{down}"\ninterval = "1s"\ntimeout = "1s"\n\n'
+        '[[alert]]\nname = "down"\nwhen = "uptime"\nnotify = ["hook"]\n'
+    )
+    with http_receiver(200) as hook:
+        server = make_server(config=_config(hook.url, rules))
+        assert server.collector.uptime is not None
+        assert wait_until(lambda: hook.count() == 1)
+        body = hook.requests[0].json()
+        assert (body["rule"], body["subject"], body["state"]) == ("down", f"url:{down}", "firing")

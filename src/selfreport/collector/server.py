@@ -153,9 +153,7 @@ class CollectorServer:
             metrics_public=metrics_public,
             config=config,
         )
-        if uptime:
-            self.app.collector.uptime = UptimeProber(uptime)
-        self._add_alerts(alerts, config)
+        self._add_alerts(alerts, config, uptime)
         self._start_forwarding()
         _throttle_uvicorn_log(install=True)
         self._config = self._uvicorn_config(log_level)
@@ -165,10 +163,17 @@ class CollectorServer:
         self._closed = False
 
     def _add_alerts(
-        self, alerts: Optional[Callable[[Store], AlertEngine]], config: Optional[CollectorConfig]
+        self,
+        alerts: Optional[Callable[[Store], AlertEngine]],
+        config: Optional[CollectorConfig],
+        uptime: Sequence[UptimeCheck],
     ) -> None:
-        """The alert engine: the one ``alerts`` builds, else the configuration's (if it has
-        alert rules), with its outbox and notifiers."""
+        """Uptime probes (``uptime``, else the configuration's ``[[uptime]]``) and the alert
+        engine: the one ``alerts`` builds, else the configuration's (if it has alert rules),
+        with its outbox and notifiers."""
+        uptime = uptime or (() if config is None else config.uptime)
+        if uptime:
+            self.app.collector.uptime = UptimeProber(uptime)
         if alerts is not None:
             add_alerts(self.app, alerts(self.storage))
         elif config is not None and config.alerts:
