@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from selfreport._core.guard import reporting_path
 from selfreport.collector.limits import LogThrottle
-from selfreport.collector.store import AlertRecord, StorageError, Store
+from selfreport.collector.store import AlertRecord, EventOutcome, StorageError, Store
 
-from .config import CollectorConfig
+from .config import AlertRule, CollectorConfig
 from .model import Notification
+from .monitors import MonitorStatus
 from .notifiers import build_notifiers
 from .outbox import Outbox
 from .rules import (
@@ -24,15 +25,12 @@ from .rules import (
     NOTIFIER_METRIC,
     Condition,
     CounterHistory,
-    EventOutcomeLike,
-    MonitorLike,
     RateCounter,
-    RuleSpec,
-    UptimeLike,
     level_at_least,
     metric_value,
     rate_conditions,
 )
+from .uptime import UptimeStatus
 
 if TYPE_CHECKING:
     from selfreport.collector.ingest import StoredEnvelope
@@ -74,8 +72,8 @@ class Sources:
     reporter_stats: Optional[Callable[[], Mapping[str, int]]] = None
     forwarding_stats: Optional[Callable[[], Optional[Mapping[str, int]]]] = None
     ingest_p99_ms: Optional[Callable[[], Optional[float]]] = None
-    monitors: Optional[Callable[[float], Sequence[MonitorLike]]] = None
-    uptime: Optional[Callable[[], Sequence[UptimeLike]]] = None
+    monitors: Optional[Callable[[float], Sequence[MonitorStatus]]] = None
+    uptime: Optional[Callable[[], Sequence[UptimeStatus]]] = None
 
 
 @dataclass
@@ -85,7 +83,7 @@ class _Stored:
     at: float
     project: str
     events: int
-    outcomes: tuple[EventOutcomeLike, ...]
+    outcomes: tuple[EventOutcome, ...]
 
 
 class AlertEngine:
@@ -98,7 +96,7 @@ class AlertEngine:
 
     def __init__(
         self,
-        rules: Sequence[RuleSpec],
+        rules: Sequence[AlertRule],
         outbox: OutboxLike,
         *,
         storage: Optional[AlertStore] = None,
@@ -226,9 +224,9 @@ class AlertEngine:
             self.evaluation_seconds += time.thread_time() - started
             self.counts["ticks"] += 1
 
-    def _drain(self) -> list[tuple[str, EventOutcomeLike]]:
+    def _drain(self) -> list[tuple[str, EventOutcome]]:
         """Count queued events into the rate windows; return the instant outcomes."""
-        instant: list[tuple[str, EventOutcomeLike]] = []
+        instant: list[tuple[str, EventOutcome]] = []
         rates = [(r, self._rates[r.name]) for r in self.rules if r.when == "rate"]
         while self._inbox:
             item = self._inbox.popleft()
@@ -248,7 +246,7 @@ class AlertEngine:
                     counter.add(item.project, item.events, item.at)
         return instant
 
-    def _conditions(self, rule: RuleSpec, now: float) -> Optional[list[Condition]]:
+    def _conditions(self, rule: AlertRule, now: float) -> Optional[list[Condition]]:
         """The rule's subjects now, or None when it cannot be evaluated (no source)."""
         if rule.when == "rate":
             return rate_conditions(rule, self._rates[rule.name], now, now - self._started)
@@ -262,7 +260,7 @@ class AlertEngine:
             return self._uptime(rule)
         return None
 
-    def _health(self, rule: RuleSpec) -> Optional[list[Condition]]:
+    def _health(self, rule: AlertRule) -> Optional[list[Condition]]:
         if self.sources.health is None:
             return None
         out = []
@@ -272,7 +270,7 @@ class AlertEngine:
                 out.append(Condition(f"check:{name}", not ok, title, detail))
         return out
 
-    def _monitors(self, rule: RuleSpec, now: float) -> Optional[list[Condition]]:
+    def _monitors(self, rule: AlertRule, now: float) -> Optional[list[Condition]]:
         if self.sources.monitors is None:
             return None
         out = []
@@ -284,7 +282,7 @@ class AlertEngine:
                 out.append(condition)
         return out
 
-    def _uptime(self, rule: RuleSpec) -> Optional[list[Condition]]:
+    def _uptime(self, rule: AlertRule) -> Optional[list[Condition]]:
         if self.sources.uptime is None:
             return None
         out = []
@@ -297,7 +295,7 @@ class AlertEngine:
                 out.append(Condition(f"url:{check.url}", bad, title, "", failures))
         return out
 
-    def _self(self, rule: RuleSpec, now: float) -> list[Condition]:
+    def _self(self, rule: AlertRule, now: float) -> list[Condition]:
         """Notifier failures (rules without a metric) and the collector's own metrics."""
         out = []
         if rule.metric in (None, NOTIFIER_METRIC):
@@ -333,13 +331,13 @@ class AlertEngine:
         except Exception:  # an outbox without that view: the failures reported to us count
             return dict(self.notifier_failures)
 
-    def _notifier_subjects(self, rule: RuleSpec) -> list[str]:
+    def _notifier_subjects(self, rule: AlertRule) -> list[str]:
         prefix = f"{rule.name}\x00notifier:"
         return [k[len(prefix) :] for k in self.alerts if k.startswith(prefix)]
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def _apply(self, rule: RuleSpec, conditions: list[Condition], now: float) -> None:
+    def _apply(self, rule: AlertRule, conditions: list[Condition], now: float) -> None:
         """Fire, re-notify or resolve each subject; subjects gone are resolved."""
         seen = set()
         for condition in conditions:
@@ -369,14 +367,14 @@ class AlertEngine:
                 self._resolve(rule, alert, gone, now)
 
     def _renotify_due(
-        self, rule: RuleSpec, alert: AlertRecord, condition: Condition, now: float
+        self, rule: AlertRule, alert: AlertRecord, condition: Condition, now: float
     ) -> bool:
         # An alert about a failing notifier is sent once, however long it keeps failing.
         if condition.subject.startswith("notifier:") or not rule.renotify:
             return False
         return now - (alert.last_notified or alert.fired_at) >= rule.renotify
 
-    def _fire(self, rule: RuleSpec, key: str, condition: Condition, now: float) -> None:
+    def _fire(self, rule: AlertRule, key: str, condition: Condition, now: float) -> None:
         alert = AlertRecord(
             key, rule.name, rule.when, condition.subject, "firing", condition.title,
             condition.project, condition.count, now, None, None, 0,
@@ -385,14 +383,14 @@ class AlertEngine:
         self._notify(rule, alert, condition, "firing", now)
 
     def _resolve(
-        self, rule: RuleSpec, alert: AlertRecord, condition: Condition, now: float
+        self, rule: AlertRule, alert: AlertRecord, condition: Condition, now: float
     ) -> None:
         alert = replace(alert, state="resolved", resolved_at=now, count=condition.count)
         self.counts["resolved"] += 1
         self._notify(rule, alert, condition, "resolved", now)
 
     def _instant(
-        self, rule: RuleSpec, outcomes: list[tuple[str, EventOutcomeLike]], now: float
+        self, rule: AlertRule, outcomes: list[tuple[str, EventOutcome]], now: float
     ) -> None:
         """new_issue and regression: one notification per issue (and regression), no resolve."""
         for project, outcome in outcomes:
@@ -416,7 +414,7 @@ class AlertEngine:
             self._notify(rule, alert, condition, "firing", now)
         self._flush_held(rule, now)
 
-    def _spend_budget(self, rule: RuleSpec, now: float) -> bool:
+    def _spend_budget(self, rule: AlertRule, now: float) -> bool:
         minute, sent, held = self._budget.get(rule.name, (now, 0, 0))
         if now - minute >= 60.0:
             self._flush_held(rule, now)
@@ -428,7 +426,7 @@ class AlertEngine:
         self._budget[rule.name] = (minute, sent + 1, held)
         return True
 
-    def _flush_held(self, rule: RuleSpec, now: float) -> None:
+    def _flush_held(self, rule: AlertRule, now: float) -> None:
         """After a minute over budget: one notification saying how many were held back."""
         minute, _sent, held = self._budget.get(rule.name, (now, 0, 0))
         if not held or now - minute < 60.0:
@@ -454,7 +452,7 @@ class AlertEngine:
     # --- notifications ------------------------------------------------------------------
 
     def _notify(
-        self, rule: RuleSpec, alert: AlertRecord, condition: Condition, state: str, now: float
+        self, rule: AlertRule, alert: AlertRecord, condition: Condition, state: str, now: float
     ) -> None:
         """Hand one notification to the outbox, through the rule's notifiers minus the one an
         alert is about (a failing notifier never carries news of itself)."""
@@ -475,7 +473,7 @@ class AlertEngine:
         self._save(alert)
 
     def _notification(
-        self, rule: RuleSpec, alert: AlertRecord, condition: Condition, state: str, now: float
+        self, rule: AlertRule, alert: AlertRecord, condition: Condition, state: str, now: float
     ) -> Notification:
         issue = condition.details.get("issue_id")
         path = f"/issues/{issue}" if issue is not None else "/alerts"

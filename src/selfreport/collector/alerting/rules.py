@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 from selfreport.collector.events import LEVELS
+
+from .config import AlertRule
 
 __all__ = [
     "COUNTER_METRICS",
@@ -14,11 +16,7 @@ __all__ = [
     "NOTIFIER_METRIC",
     "Condition",
     "CounterHistory",
-    "EventOutcomeLike",
-    "MonitorLike",
     "RateCounter",
-    "RuleSpec",
-    "UptimeLike",
     "level_at_least",
     "metric_value",
     "rate_conditions",
@@ -31,94 +29,6 @@ GAUGE_METRICS = ("forward_backlog", "spool_bytes", "ingest_p99_ms")
 NOTIFIER_METRIC = "notifier_failures"
 # A subject per rule at most this many (per-issue rates): the oldest are forgotten, counted.
 MAX_SUBJECTS = 10_000
-
-
-class RuleSpec(Protocol):
-    """An alert rule as the engine reads it (the configuration's ``AlertRule``)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def when(self) -> str: ...
-    @property
-    def project(self) -> Optional[str]: ...
-    @property
-    def threshold(self) -> Optional[float]: ...
-    @property
-    def window(self) -> Optional[float]: ...
-    @property
-    def per(self) -> str: ...
-    @property
-    def ratio(self) -> Optional[float]: ...
-    @property
-    def baseline(self) -> float: ...
-    @property
-    def notify(self) -> Sequence[str]: ...
-    @property
-    def renotify(self) -> float: ...
-    @property
-    def grace(self) -> float: ...
-    @property
-    def monitor(self) -> Optional[str]: ...
-    @property
-    def url(self) -> Optional[str]: ...
-    @property
-    def check(self) -> Optional[str]: ...
-    @property
-    def metric(self) -> Optional[str]: ...
-    @property
-    def above(self) -> Optional[float]: ...
-    @property
-    def consecutive(self) -> Optional[int]: ...
-    @property
-    def level(self) -> Optional[str]: ...
-
-
-class EventOutcomeLike(Protocol):
-    """What storing one event did (``StoredEnvelope.outcomes``' items)."""
-
-    @property
-    def stored(self) -> bool: ...
-    @property
-    def issue_id(self) -> int: ...
-    @property
-    def new_issue(self) -> bool: ...
-    @property
-    def regressed(self) -> bool: ...
-    @property
-    def issue_title(self) -> str: ...
-    @property
-    def level(self) -> str: ...
-    @property
-    def ignored(self) -> bool: ...
-
-
-class MonitorLike(Protocol):
-    """A check-in monitor's evaluated state (``evaluate_monitors``' ``MonitorStatus``):
-    ``state`` ok, pending, missed, timeout or failed; ``failing`` for the last three."""
-
-    @property
-    def project(self) -> str: ...
-    @property
-    def slug(self) -> str: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def detail(self) -> str: ...
-    @property
-    def failing(self) -> bool: ...
-
-
-class UptimeLike(Protocol):
-    """An uptime check's last results (the prober's ``UptimeStatus``): ``down`` once its own
-    ``consecutive`` failures were reached."""
-
-    @property
-    def url(self) -> str: ...
-    @property
-    def down(self) -> bool: ...
-    @property
-    def consecutive_failures(self) -> int: ...
 
 
 @dataclass
@@ -184,7 +94,7 @@ class RateCounter:
 
 
 def rate_conditions(
-    rule: RuleSpec, counter: RateCounter, now: float, watched: float
+    rule: AlertRule, counter: RateCounter, now: float, watched: float
 ) -> list[Condition]:
     """A rate rule's subjects: bad when more than ``threshold`` events came in the window and,
     with ``ratio``, the window's rate is at least ``ratio`` times the baseline's. A ratio needs
