@@ -127,7 +127,7 @@ def test_hanging_server_times_out_and_bad_urls_are_down() -> None:
     assert not result.up
     assert result.error is not None
     assert "timed out" in result.error.lower() or "Timeout" in result.error
-    assert "unsupported scheme" in str(probe(Check("ftp://127.0.0.1/")).error)
+    assert "not an http(s) URL" in str(probe(Check("ftp://127.0.0.1/")).error)
 
 
 def test_https_against_a_plain_server_is_down(site: Site) -> None:

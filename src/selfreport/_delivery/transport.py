@@ -9,6 +9,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Protocol
+from urllib.parse import urlsplit
 
 from selfreport._core.dsn import Dsn
 from selfreport._version import __version__
@@ -16,6 +17,7 @@ from selfreport.exceptions import ConfigError
 
 __all__ = [
     "ORIGIN_HEADER",
+    "Connector",
     "HttpTransport",
     "Response",
     "SendsEnvelopes",
@@ -35,6 +37,47 @@ _MAX_RESPONSE = 65536
 # What reusing a connection the server has closed in the meantime raises (RemoteDisconnected is
 # a ConnectionResetError); timeouts are not among them.
 _STALE_CONNECTION = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class Connector:
+    """Opens HTTP(S) connections to one host: the one place every sender of selfreport (the
+    transport, notifiers, uptime probes) makes them. The TLS context is made on first use and
+    kept, since loading the CA store is slow."""
+
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: Optional[int] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+    ) -> None:
+        if scheme not in ("http", "https") or not host:
+            raise ValueError(f"not an http(s) address: {scheme}://{host}")
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self._ssl_context = ssl_context
+
+    @classmethod
+    def for_url(
+        cls, url: str, ssl_context: Optional[ssl.SSLContext] = None
+    ) -> tuple[Connector, str]:
+        """A connector for ``url``'s host, and the path (with the query) to request there."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.scheme, parts.hostname, parts.port, ssl_context), path
+
+    def connect(self, timeout: float) -> http.client.HTTPConnection:
+        """A new connection (not yet open: it connects on its first request)."""
+        if self.scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=timeout, context=self._ssl_context
+            )
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
 
 def origin_value(dsn: Dsn) -> str:
@@ -148,22 +191,14 @@ class HttpTransport(Transport):
     ) -> None:
         self.dsn = dsn
         self.compress = compress
-        self._ssl_context = ssl_context
+        self._connector = Connector(dsn.scheme, dsn.host, dsn.port, ssl_context)
         self._clock = clock
         self._conn: Optional[http.client.HTTPConnection] = None
         self._origin = origin_value(dsn)
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self._conn is None:
-            port = self.dsn.port
-            if self.dsn.scheme == "https":
-                if self._ssl_context is None:  # loading the CA store is slow: once per transport
-                    self._ssl_context = ssl.create_default_context()
-                self._conn = http.client.HTTPSConnection(
-                    self.dsn.host, port, timeout=timeout, context=self._ssl_context
-                )
-            else:
-                self._conn = http.client.HTTPConnection(self.dsn.host, port, timeout=timeout)
+            self._conn = self._connector.connect(timeout)
         self._conn.timeout = timeout
         if self._conn.sock is not None:
             self._conn.sock.settimeout(timeout)

@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from typing import Any, Callable, Mapping, Optional
-from urllib.parse import urlsplit
 
 from selfreport._delivery.retry import Outcome, classify, parse_retry_after
+from selfreport._delivery.transport import Connector
 from selfreport._version import __version__
 from selfreport.collector.alerting.config import (
     DEFAULT_PAGERDUTY_URL,
@@ -113,28 +113,14 @@ class _HttpPoster:
     the answer the way every sender here does (``_delivery/retry.classify``)."""
 
     def __init__(self, url: str, ssl_context: Optional[ssl.SSLContext] = None) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self.scheme = parts.scheme
-        self.host = parts.hostname
-        self.port = parts.port
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._ssl_context = ssl_context
-
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        if self.scheme == "https":
-            if self._ssl_context is None:  # loading the CA store is slow: once per notifier
-                self._ssl_context = ssl.create_default_context()
-            return http.client.HTTPSConnection(
-                self.host, self.port, timeout=timeout, context=self._ssl_context
-            )
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        self._connector, self.path = Connector.for_url(url, ssl_context)
+        self.host = self._connector.host
+        self.port = self._connector.port
 
     def post(self, body: bytes, headers: Mapping[str, str], timeout: float) -> tuple[int, bytes]:
         """Send; returns the status and body of a 2xx answer, raises :class:`NotifyError`."""
         all_headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **headers}
-        conn = self._connection(max(timeout, 0.001))
+        conn = self._connector.connect(max(timeout, 0.001))
         try:
             conn.request("POST", self.path, body=body, headers=all_headers)
             answer = conn.getresponse()

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import http.client
-import ssl
 import threading
 import time
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Union
 
 from selfreport._core.diag import Diagnostics
 from selfreport._core.guard import enter_thread_for_life
+from selfreport._delivery.transport import Connector
 
 __all__ = ["ProbeResult", "UptimeCheck", "UptimeProber", "UptimeStatus", "probe"]
 
@@ -93,19 +91,6 @@ def _expected(check: UptimeCheck) -> tuple[int, ...]:
     return tuple(wanted)
 
 
-def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-    parts = urllib.parse.urlsplit(url)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    if parts.scheme == "https":
-        context = ssl.create_default_context()
-        return http.client.HTTPSConnection(parts.netloc, timeout=timeout, context=context), path
-    if parts.scheme != "http":
-        raise ValueError(f"unsupported scheme {parts.scheme!r}")
-    return http.client.HTTPConnection(parts.netloc, timeout=timeout), path
-
-
 def probe(
     check: UptimeCheck,
     clock: Callable[[], float] = time.time,
@@ -121,7 +106,8 @@ def probe(
     status: Optional[int] = None
     error: Optional[str] = None
     try:
-        connection, path = _connection(check.url, check.timeout)
+        connector, path = Connector.for_url(check.url)
+        connection = connector.connect(check.timeout)
         try:
             connection.request(
                 "GET", path, headers={"User-Agent": _USER_AGENT, "Connection": "close"}
