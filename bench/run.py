@@ -37,7 +37,7 @@ from _common import (
     sentry_plus_available,
 )
 
-PARTS = ("micro", "storm", "close", "recursion", "collector")
+PARTS = ("micro", "storm", "close", "recursion", "collector", "alerts")
 REPORTED_CASES = ("log_error", "log_exception", "capture_exception")
 # Scopes and breadcrumbs: a reported logger.error with a full scope (both SDKs), and a
 # breadcrumb-recording logger.info against the same call to a NullHandler.
@@ -375,6 +375,28 @@ def run_collector(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def run_alerts(quick: bool) -> dict[str, Any]:
+    """Alert evaluation's cost (bench/alert_eval.py): ingestion at 2,000 events/s and as fast as
+    it goes, without rules and with 20, alternately."""
+    with tempfile.TemporaryDirectory(prefix="selfreport-alerts-bench-") as tmp:
+        out = Path(tmp) / "alerts.json"
+        log("alerts: ingestion with and without 20 alert rules")
+        subprocess.run(
+            [
+                PYTHON,
+                str(BENCH_DIR / "alert_eval.py"),
+                *("--duration", "2" if quick else "15"),
+                *("--rounds", "1" if quick else "2"),
+                *("--json", str(out)),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=900,
+        )
+        summary: dict[str, Any] = json.loads(out.read_text())["summary"]
+    return summary
+
+
 def environment() -> dict[str, Any]:
     import sentry_sdk
 
@@ -463,6 +485,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 results["recursion"] = run_recursion(plan, collector, failing)
         if "collector" in parts:
             results["collector"] = run_collector(args.quick)
+        if "alerts" in parts:
+            results["alerts"] = run_alerts(args.quick)
     results["environment"]["load_average_end"] = list(os.getloadavg())
     results["duration_s"] = time.monotonic() - started
 

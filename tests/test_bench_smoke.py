@@ -22,6 +22,7 @@ SECTIONS = (
     "### close() against an upstream that never answers",
     "### Recursion amplification",
     "### Collector ingestion",
+    "### Alert evaluation",
 )
 
 
