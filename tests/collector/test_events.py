@@ -255,6 +255,19 @@ sentry_keys = st.sampled_from(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"logentry": " "},
+        {"message": "\n\t"},
+        {"exception": {"values": [{"type": " ", "value": " "}]}},
+    ],
+)
+def test_an_event_of_whitespace_still_has_a_title(event: Event) -> None:
+    # Failed before: {"logentry": " "} was an issue titled "" (found by the property below).
+    assert prepare_event(event, received=1.0).title.strip()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(sentry_keys | st.text(max_size=8), json_values, max_size=8))
 def test_any_json_object_is_accepted_or_refused_clearly(event: Event) -> None:

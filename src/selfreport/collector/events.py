@@ -231,14 +231,14 @@ def _culprit(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> str:
 def _title(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> str:
     main = main_exception(exceptions)
     if main is not None:
-        kind = _text(main.get("type") or "Error", 100)
+        kind = _text(main.get("type") or "Error", 100) or "Error"
         value = main.get("value")
-        return _text(f"{kind}: {value}" if value not in (None, "") else kind, _MAX_TITLE)
+        title = _text(f"{kind}: {value}" if value not in (None, "") else kind, _MAX_TITLE)
+        return title or kind
     _, formatted = _message(event)
-    if formatted:
-        first_line = formatted.strip().splitlines()[0] if formatted.strip() else formatted
-        return _text(first_line, _MAX_TITLE)
-    return "<no message>"
+    lines = formatted.strip().splitlines() if formatted else []
+    # Whitespace alone is no title: an issue list row must show something to click.
+    return (_text(lines[0], _MAX_TITLE) if lines else "") or "<no message>"
 
 
 def _default_grouping(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> list[Any]:
