@@ -184,7 +184,7 @@ def _add_forwarding_arguments(serve: argparse.ArgumentParser) -> None:
     )
 
 
-# --- alerting (issue 13): serve --config, alerts check, alerts test ---------------------------
+# --- alerting: serve --config, alerts check, alerts test --------------------------------------
 
 
 def _add_alerting_arguments(serve: argparse.ArgumentParser) -> None:

@@ -48,7 +48,7 @@ def test_the_reporters_stats_are_exposed(storage: Storage) -> None:
     assert "selfreport_collector_database_bytes" in text
 
 
-# --- Part A: pipeline latency -------------------------------------------------------------------
+# --- pipeline latency ---------------------------------------------------------------------------
 
 
 def test_latency_percentiles_over_a_recent_bounded_window() -> None:

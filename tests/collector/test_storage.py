@@ -865,7 +865,7 @@ def test_retention_counts_events_deleted_before_they_were_forwarded(
         storage.close()
 
 
-# --- Part A: issue states -----------------------------------------------------------------------
+# --- issue states -------------------------------------------------------------------------------
 
 
 def test_a_database_from_before_issue_states_gets_their_columns(

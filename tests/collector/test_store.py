@@ -440,7 +440,7 @@ async def test_retention_by_size_keeps_the_store_under_its_limit(open_store: Ope
     assert store.size_bytes() <= limit
 
 
-# --- check-in monitors (issue 13, part C) -------------------------------------------------------
+# --- check-in monitors --------------------------------------------------------------------------
 
 
 @pytest.mark.asyncio
@@ -498,7 +498,7 @@ def test_alerts_are_saved_replaced_and_old_ones_pruned(
     assert store.alerts(limit=1)[0].key == "old4"
 
 
-# --- alerting: the notification outbox (issue 13, part B) ------------------------------------
+# --- alerting: the notification outbox -------------------------------------------------------
 
 
 def outbox_entry(notification_id: str, notifier: str = "ops", when: float = 100.0) -> OutboxEntry:
@@ -546,7 +546,7 @@ def test_the_outbox_survives_reopening(open_store: OpenStore, tmp_path: Path) ->
     assert entry.done_at is not None
 
 
-# --- Part A: issue states, outcomes, the chart, pipeline latency ------------------------------
+# --- issue states, outcomes, the chart, pipeline latency --------------------------------------
 
 
 @pytest.mark.asyncio

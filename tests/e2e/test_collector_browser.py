@@ -186,7 +186,7 @@ def test_script_planted_in_every_field_never_runs(server: CollectorServer, tmp_p
         )
         # No element came out of a payload: each shows up only as escaped text.
         assert '<img src="x"' not in dom, path
-        # The issue page's own charts are the only SVG (Part A: events over time).
+        # The issue page's own charts are the only SVG (events over time).
         charts = len(CHARTS) if path.startswith("/issues/") else 0
         assert dom.count("<svg") == dom.count('<svg role="img"') == charts, path
         assert "<iframe" not in dom, path
@@ -300,7 +300,7 @@ def test_screenshots_render(server: CollectorServer, tmp_path: Path) -> None:
             shutil.copyfile(target, DOCS_IMG / name)
 
 
-# --- the Alerts page (issue 13, part D) ---------------------------------------------------
+# --- the Alerts page ----------------------------------------------------------------------
 
 ALERT_RULES = """
 [[alert]]
@@ -615,7 +615,7 @@ def test_logging_in_and_out_and_a_cross_site_form_is_refused(
         browser.close()
 
 
-# --- the Monitors page (issue 13, part C) --------------------------------------------------
+# --- the Monitors page ---------------------------------------------------------------------
 
 
 @dataclass
@@ -723,7 +723,7 @@ def post_checkin(server: CollectorServer, payload: dict[str, Any]) -> None:
         conn.close()
 
 
-# --- Part A: issue states and the events-over-time chart, in a real browser -----------------
+# --- issue states and the events-over-time chart, in a real browser -------------------------
 
 
 def spread_history(server: CollectorServer, issue_id: int) -> int:

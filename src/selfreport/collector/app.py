@@ -73,7 +73,7 @@ class Collector:
     # Alerting's configuration (`serve --config`, create_app's `config`): notifiers, rules,
     # uptime checks, as alerting.config.load_config read them.
     config: Optional[CollectorConfig] = None
-    # Uptime probes (issue 13, part C): started and stopped with the app (its lifespan); on
+    # Uptime probes: started and stopped with the app (its lifespan); on
     # the Monitors page, and ``uptime.status()`` for alerts.
     uptime: Optional[UptimeProber] = None
 

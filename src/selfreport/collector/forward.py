@@ -121,7 +121,7 @@ class Forwarder:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        # Part A: called with ("forwarded", seconds from received to handed on) per event.
+        # Pipeline latency: called with ("forwarded", seconds from received to handed on) per event.
         self.latency: Optional[Callable[[str, float], None]] = None
         self.clock: Callable[[], float] = time.time  # the clock events' ``received`` is on
 

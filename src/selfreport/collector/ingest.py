@@ -342,7 +342,7 @@ class IngestEndpoint:
         self._notify(StoredEnvelope(project, kept, stored, body, is_reporting(), headers, outcomes))
         return 200, {"id": first_id}
 
-    # --- items other than events (issue 13, part C) ---------------------------------------
+    # --- items other than events ----------------------------------------------------------
 
     def _other_items(self, envelope: Optional[Envelope]) -> list[CheckInItem]:
         """The check-ins, checked (IngestError 400 naming the item); every other item type

@@ -171,7 +171,7 @@ class CollectorMetrics:
             f"selfreport_collector_{name}", documentation, labels, registry=self.registry
         )
 
-    # --- check-ins and other envelope items (issue 13, part C) ----------------------------
+    # --- check-ins and other envelope items -----------------------------------------------
 
     def _init_checkin_metrics(self) -> None:
         self.checkins = self._counter(
@@ -202,7 +202,7 @@ class CollectorMetrics:
         self._stored_latency.observe(seconds)
         self.latencies["stored"].add(seconds)
 
-    # --- Part A: pipeline latency ----------------------------------------------------------
+    # --- pipeline latency ------------------------------------------------------------------
 
     def _init_latency(self) -> None:
         self.pipeline_latency = Histogram(

@@ -145,7 +145,7 @@ CREATE TABLE IF NOT EXISTS api_tokens (
 );
 """
 
-# Part D: the alert engine's alerts (firing ones and the recent past), one row per key.
+# The alert engine's alerts (firing ones and the recent past), one row per key.
 _ALERT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
     key TEXT PRIMARY KEY,
@@ -166,7 +166,7 @@ CREATE INDEX IF NOT EXISTS alerts_by_fired ON alerts (fired_at);
 # Alerts kept that are not firing any more (the Alerts page's history of what fired).
 MAX_ALERTS = 1000
 
-# Alerting's durable outbox (issue 13, part B): one row per (notification, notifier), written
+# Alerting's durable outbox: one row per (notification, notifier), written
 # before the engine goes on, marked delivered only after the notifier took it.
 _OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -189,7 +189,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, next_try);
 """
 
-# Check-in monitors (issue 13, part C): one per (project, slug), made by its first check-in;
+# Check-in monitors: one per (project, slug), made by its first check-in;
 # a check-in's in_progress and closing items are one row (by check_in_id).
 _MONITOR_SCHEMA = """
 CREATE TABLE IF NOT EXISTS monitors (
@@ -224,7 +224,7 @@ BEGIN
 END
 """
 
-# Part A: columns added to databases made before issue states (ALTER TABLE ADD COLUMN is
+# Columns added to databases made before issue states (ALTER TABLE ADD COLUMN is
 # cheap in SQLite: only the schema changes; old rows read the default). Older versions of
 # selfreport ignore them, so the schema version stays.
 _ADDED_COLUMNS = (
@@ -1538,7 +1538,7 @@ class SqliteStorage:
             ).fetchall()
         return [AlertRecord(*row) for row in rows]
 
-    # --- alerting: the notification outbox (issue 13, part B) -------------------------------
+    # --- alerting: the notification outbox --------------------------------------------------
 
     def outbox_put(
         self, entries: Sequence[OutboxEntry], max_pending: int, keep_done: int
@@ -1622,7 +1622,7 @@ class SqliteStorage:
             rows = conn.execute("SELECT status, count(*) FROM outbox GROUP BY status").fetchall()
         return {str(status): int(count) for status, count in rows}
 
-    # --- Part A: issue states, the events-over-time chart, pipeline latency -----------------
+    # --- issue states, the events-over-time chart, pipeline latency -------------------------
 
     def set_issue_status(
         self,
@@ -1678,7 +1678,7 @@ class SqliteStorage:
         with self._reader() as conn:
             return [float(row[0]) for row in conn.execute(sql, params).fetchall()]
 
-    # --- check-in monitors (issue 13, part C) --------------------------------------------
+    # --- check-in monitors ---------------------------------------------------------------
 
     # Bounds on what senders can make: monitors per project, check-ins kept per monitor.
     max_monitors_per_project = 1000
@@ -1842,7 +1842,7 @@ def _insert_event(
     return EventOutcome(True, issue_id, new_issue, regressed, event.title, event.level, ignored)
 
 
-# --- Part A: issue states, in the writer -----------------------------------------------------
+# --- issue states, in the writer -------------------------------------------------------------
 
 
 def _issue(row: Sequence[Any]) -> Issue:
@@ -1923,7 +1923,7 @@ def _check_status(status: str, count: Optional[int], until: Optional[float]) -> 
         raise ValueError("ignore_until must be a time (seconds since the epoch)")
 
 
-# --- check-in monitors (issue 13, part C) ------------------------------------------------------
+# --- check-in monitors -------------------------------------------------------------------------
 
 
 def _monitor_config(text: Optional[str]) -> Any:

@@ -71,7 +71,7 @@ class Issue:
     last_seen: float
     times_seen: int
     last_event_id: str
-    # Part A (issue states). An ignore that ran out (time passed) reads as unresolved.
+    # Issue states. An ignore that ran out (time passed) reads as unresolved.
     status: str = "unresolved"
     ignore_count: Optional[int] = None  # ignored until this many more events, from ignoring
     ignore_until: Optional[float] = None  # ignored until then (``time.time()``)
@@ -143,7 +143,7 @@ class ApiToken:
 
 @dataclass(frozen=True)
 class OutboxEntry:
-    """One notification for one notifier in the alerting outbox (issue 13, part B).
+    """One notification for one notifier in the alerting outbox.
 
     ``payload`` is the notification as JSON; ``status`` is ``pending``, ``delivered``,
     ``failed`` (given up after its tries) or ``dropped`` (pushed out of a full outbox).
@@ -367,7 +367,7 @@ class Store(Protocol):
     def alerts(self, *, firing_only: bool = False, limit: int = 200) -> list[AlertRecord]:
         """Alerts, newest first by when they fired (firing ones only, if asked)."""
 
-    # --- alerting: the notification outbox (issue 13, part B) -----------------------------------
+    # --- alerting: the notification outbox ------------------------------------------------------
 
     def outbox_put(
         self, entries: Sequence[OutboxEntry], max_pending: int, keep_done: int
@@ -399,7 +399,7 @@ class Store(Protocol):
     def outbox_counts(self) -> dict[str, int]:
         """How many rows have each status."""
 
-    # --- Part A: issue states, the events-over-time chart, pipeline latency ----------------------
+    # --- issue states, the events-over-time chart, pipeline latency ------------------------------
 
     def set_issue_status(
         self,
@@ -426,7 +426,7 @@ class Store(Protocol):
         """When the events with ids in (``after``, ``upto``] were received (forwarding
         measures its latency with it)."""
 
-    # --- check-in monitors (issue 13, part C) ---------------------------------------------------
+    # --- check-in monitors ----------------------------------------------------------------------
 
     async def checkin_async(self, project_id: int, item: CheckInItem, received: float) -> bool:
         """Record a check-in received at ``received``: its monitor is made by the first one

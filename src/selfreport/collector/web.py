@@ -534,7 +534,7 @@ def alerts_api(request: Request) -> Response:
     return JSONResponse(_alerts_data(_collector(request)))
 
 
-# --- Part A: issue states and the events-over-time chart ------------------------------------
+# --- issue states and the events-over-time chart --------------------------------------------
 
 _STATUS_FILTERS = (*ISSUE_STATUSES, "all")
 _MAX_STATE_BODY = 4096
@@ -740,7 +740,7 @@ async def issue_status_form(request: Request) -> Response:
     return RedirectResponse(f"/issues/{issue.id}", status_code=303)
 
 
-# --- monitors: check-ins and uptime probes (issue 13, part C) ------------------------------
+# --- monitors: check-ins and uptime probes -------------------------------------------------
 
 _RECENT_CHECKINS = 10
 
