@@ -9,59 +9,43 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
+from selfreport.collector.alerting.config import AlertRule
 from selfreport.collector.alerting.model import Notification
 from selfreport.collector.ingest import StoredEnvelope
-from selfreport.collector.store import Project
+from selfreport.collector.store import EventOutcome, Project
 
 
-@dataclass(frozen=True)
-class Rule:
-    """An alert rule with the configuration's fields and defaults (part B's ``AlertRule``)."""
-
-    name: str
-    when: str
-    project: Optional[str] = None
-    threshold: Optional[float] = None
-    window: Optional[float] = None
-    per: str = "project"
-    ratio: Optional[float] = None
-    baseline: float = 3600.0
-    notify: Sequence[str] = ("ops",)
-    renotify: float = 3600.0
-    grace: float = 0.0
-    monitor: Optional[str] = None
-    url: Optional[str] = None
-    check: Optional[str] = None
-    metric: Optional[str] = None
-    above: Optional[float] = None
-    consecutive: Optional[int] = None
-    level: Optional[str] = None
+def Rule(name: str, when: str, **fields: Any) -> AlertRule:
+    """The configuration's ``AlertRule``, told to the notifier ``ops`` unless said otherwise."""
+    fields.setdefault("notify", ("ops",))
+    fields["notify"] = tuple(fields["notify"])
+    return AlertRule(name, when, **fields)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What storing one event did (part A's ``EventOutcome``)."""
-
-    stored: bool = True
-    issue_id: int = 1
-    new_issue: bool = False
-    regressed: bool = False
-    issue_title: str = "ValueError: boom"
-    level: str = "error"
-    ignored: bool = False
+def Outcome(
+    stored: bool = True,
+    issue_id: int = 1,
+    new_issue: bool = False,
+    regressed: bool = False,
+    issue_title: str = "ValueError: boom",
+    level: str = "error",
+    ignored: bool = False,
+) -> EventOutcome:
+    """An ``EventOutcome`` of a stored event on issue 1, unless said otherwise."""
+    return EventOutcome(stored, issue_id, new_issue, regressed, issue_title, level, ignored)
 
 
 PROJECT = Project(1, "default", False, "k" * 32, 0.0)
 INTERNAL = Project(2, "selfreport-internal", True, "i" * 32, 0.0)
 
 
-def stored(outcomes: Sequence[Outcome], project: Project = PROJECT) -> StoredEnvelope:
+def stored(outcomes: Sequence[EventOutcome], project: Project = PROJECT) -> StoredEnvelope:
     """A StoredEnvelope as ingestion hands it to on_stored hooks, with its outcomes."""
     flags = [o.stored for o in outcomes]
-    return StoredEnvelope(project, [], flags, b"", False, {}, list(outcomes))  # type: ignore[arg-type]
+    return StoredEnvelope(project, [], flags, b"", False, {}, list(outcomes))
 
 
 @dataclass
@@ -121,7 +105,7 @@ def receiver(status: int = 200) -> Iterator[Receiver]:
 
 class WebhookOutbox:
     """The smallest real outbox: POSTs each notification at once to the named webhooks (a URL
-    per name) and reports failures the way part B's outbox does (``on_notifier_failure``)."""
+    per name) and reports failures the way the real outbox does (``on_notifier_failure``)."""
 
     def __init__(self, urls: dict[str, str], attempts: int = 3) -> None:
         self.urls = urls

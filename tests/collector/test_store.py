@@ -473,7 +473,7 @@ def test_every_member_of_the_protocol_has_a_contract_test_here() -> None:
     assert [name for name in members if f".{name}" not in source] == []
 
 
-# --- alerts (part D) --------------------------------------------------------------------------
+# --- alerts -----------------------------------------------------------------------------------
 
 
 def _alert(key: str, state: str, fired_at: float) -> AlertRecord:

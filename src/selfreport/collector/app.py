@@ -68,7 +68,7 @@ class Collector:
     public_url: str = _auth.DEFAULT_PUBLIC_URL
     # Forwarding's counters (Forwarder.stats) for /metrics and /status, when forwarding.
     forwarding: Optional[Callable[[], dict[str, int]]] = None
-    # The alert engine (part D), when alert rules are configured.
+    # The alert engine, when alert rules are configured.
     alerts: Optional[AlertEngine] = None
     # Alerting's configuration (`serve --config`, create_app's `config`): notifiers, rules,
     # uptime checks, as alerting.config.load_config read them.
@@ -185,7 +185,7 @@ def _health_checks(
     return default_checks(storage, min_free_bytes=min_free_bytes, extra=extra)
 
 
-# --- alerts (part D) -------------------------------------------------------------------------
+# --- alerts ----------------------------------------------------------------------------------
 
 # The health checks (one of which writes to the database) run for alert rules this often at most.
 HEALTH_EVERY = 5.0

@@ -353,7 +353,7 @@ def _forwarding(stats: Optional[dict[str, int]]) -> Iterator[Metric]:
         )
 
 
-# --- alerts (part D) ------------------------------------------------------------------------
+# --- alerts ---------------------------------------------------------------------------------
 
 # AlertEngine.stats() keys exported as counters of the engine's work, by what happened.
 _ALERT_COUNTS = (

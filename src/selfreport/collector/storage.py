@@ -1512,7 +1512,7 @@ class SqliteStorage:
         self._submit(_Write(write, _ThreadDone(future)))
         return future
 
-    # --- alerts (part D) ---------------------------------------------------------------------
+    # --- alerts ------------------------------------------------------------------------------
 
     def save_alert(self, alert: AlertRecord) -> None:
         """Insert or replace the alert; keeps the newest MAX_ALERTS alerts not firing."""

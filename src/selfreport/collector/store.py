@@ -110,7 +110,7 @@ class Event(EventColumns):
 
 @dataclass(frozen=True)
 class AlertRecord:
-    """An alert (part D): one per rule and subject while it fires, kept after it resolved.
+    """An alert: one per rule and subject while it fires, kept after it resolved.
 
     ``state`` is ``firing``, ``resolved`` or ``fired`` (instant alerts: new issue, regression);
     ``notifications`` counts the notifications handed to the outbox for it."""
@@ -358,7 +358,7 @@ class Store(Protocol):
     def save_forward_cursor(self, cursor: int) -> Future[None]:
         """Move the saved cursor forward to ``cursor``, never back."""
 
-    # --- alerts (part D: the alert engine's state, so firing alerts survive a restart) --------
+    # --- alerts: the alert engine's state, so firing alerts survive a restart ----------------
 
     def save_alert(self, alert: AlertRecord) -> None:
         """Insert or replace the alert with ``alert.key``; keeps the newest

@@ -369,25 +369,17 @@ async def status_api(request: Request) -> Response:
 # --- JSON API (read-only) -------------------------------------------------------------------
 
 
-def _issue_json(issue: Issue) -> dict[str, Any]:
+def _fields_json(value: Any, skip: tuple[str, ...] = (), **rename: str) -> dict[str, Any]:
+    """A dataclass's fields as a JSON object, in their order (``rename``: field -> key)."""
     return {
-        "id": issue.id,
-        "project_id": issue.project_id,
-        "project": issue.project,
-        "title": issue.title,
-        "culprit": issue.culprit,
-        "level": issue.level,
-        "environment": issue.environment,
-        "release": issue.release,
-        "first_seen": issue.first_seen,
-        "last_seen": issue.last_seen,
-        "count": issue.times_seen,
-        "last_event_id": issue.last_event_id,
-        "status": issue.status,
-        "ignore_count": issue.ignore_count,
-        "ignore_until": issue.ignore_until,
-        "resolved_at": issue.resolved_at,
+        rename.get(f.name, f.name): getattr(value, f.name)
+        for f in dataclasses.fields(value)
+        if f.name not in skip
     }
+
+
+def _issue_json(issue: Issue) -> dict[str, Any]:
+    return _fields_json(issue, times_seen="count")
 
 
 def _event_json(event: Event) -> str:
@@ -467,7 +459,7 @@ def projects_api(request: Request) -> Response:
     )
 
 
-# --- alerts (part D) -------------------------------------------------------------------------
+# --- alerts ----------------------------------------------------------------------------------
 
 # The Alerts page's history: this many alerts and deliveries at most.
 ALERT_HISTORY = 100
@@ -486,19 +478,7 @@ def _alert_status(collector: Collector) -> Optional[dict[str, Any]]:
 
 
 def _alert_json(alert: AlertRecord) -> dict[str, Any]:
-    return {
-        "rule": alert.rule,
-        "when": alert.when,
-        "subject": alert.subject,
-        "state": alert.state,
-        "title": alert.title,
-        "project": alert.project,
-        "count": alert.count,
-        "fired_at": alert.fired_at,
-        "last_notified": alert.last_notified,
-        "resolved_at": alert.resolved_at,
-        "notifications": alert.notifications,
-    }
+    return _fields_json(alert, skip=("key",))
 
 
 def _alerts_data(collector: Collector) -> dict[str, Any]:

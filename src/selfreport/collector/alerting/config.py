@@ -46,7 +46,7 @@ SELF_METRICS = (
     "forward_backlog",
     "spool_bytes",
     "ingest_p99_ms",
-    "notifier_failures",  # part D: a notifier failing (its alert never goes through it)
+    "notifier_failures",  # a notifier failing (its alert never goes through it)
 )
 LEVELS = ("debug", "info", "warning", "error", "fatal")
 PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")

@@ -49,7 +49,7 @@ DEFAULT_SELF_WINDOW = 300.0
 
 
 class OutboxLike(Protocol):
-    """The durable outbox (part B) as the engine uses it."""
+    """The durable outbox as the engine uses it."""
 
     def put(self, notification: Notification, notifier_names: Sequence[str]) -> object: ...
 
