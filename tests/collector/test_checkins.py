@@ -7,6 +7,7 @@ import asyncio
 import json
 import sqlite3
 import uuid
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -139,7 +140,7 @@ def test_only_the_newest_checkins_are_kept_and_read_newest_first(storage: Storag
     nightly = storage.monitors(checkins=10)[0]
     assert [c.started for c in nightly.checkins] == [9.0, 8.0, 7.0]
     assert [c.started for c in storage.monitors()[0].checkins] == [9.0]
-    with sqlite3.connect(storage.path) as conn:
+    with closing(sqlite3.connect(storage.path)) as conn, conn:
         assert conn.execute("SELECT count(*) FROM checkins").fetchone()[0] == 4
 
 
@@ -157,14 +158,14 @@ def test_monitors_per_project_are_bounded(storage: Storage) -> None:
 def test_an_older_database_gets_the_monitor_tables(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     Storage(path).close()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("DROP TABLE checkins")
         conn.execute("DROP TABLE monitors")
     reopened = Storage(path)
     try:
         reopened.ensure_defaults()
         assert reopened.monitors() == []
-        with sqlite3.connect(path) as conn:
+        with closing(sqlite3.connect(path)) as conn, conn:
             conn.execute("UPDATE meta SET value = value")  # still writable, same schema
     finally:
         reopened.close()
@@ -173,7 +174,7 @@ def test_an_older_database_gets_the_monitor_tables(tmp_path: Path) -> None:
 def test_a_stored_config_no_longer_readable_is_none(storage: Storage) -> None:
     project_id = storage.projects()[0].id
     record(storage, project_id, item(config=parse_monitor_config(HOURLY)), 1.0)
-    with sqlite3.connect(storage.path) as conn:
+    with closing(sqlite3.connect(storage.path)) as conn, conn:
         conn.execute("UPDATE monitors SET config = '{\"schedule\": 5}'")
     assert storage.monitors()[0].config is None
 
