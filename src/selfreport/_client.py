@@ -542,7 +542,7 @@ class Client:
                 if self._worker.full():  # before the bucket: a full queue spends no token
                     self._drop_queue_full(key, repeats)
                     return None
-                if not self._admission.take(key, repeats):
+                if not admission.take(key, repeats):
                     return None
                 return self._capture_admitted(exc, key, repeats, snapshot)
         except Exception as error:
