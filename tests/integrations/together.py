@@ -1,4 +1,4 @@
-"""Two users' requests crashing at once on a real server: what the framework tests share."""
+"""What the framework tests share: one crash's event, two users' requests crashing at once."""
 
 from __future__ import annotations
 
@@ -54,3 +54,30 @@ def assert_each_event_is_its_own(events: CapturedEvents) -> None:
         assert event["request"]["headers"]["authorization"] == "[Filtered]"
         assert event["transaction"] == "/together"
     assert events.client.stats()["dropped_duplicate"] == len(USERS)
+
+
+def assert_one_crash_report(
+    events: CapturedEvents, *, framework: str, url: str, route: str, endpoint: str
+) -> None:
+    """``GET /items/7/crash?password=hunter2&page=2`` as user ada with secret headers crashed
+    the view (a LookupError): one event, scrubbed, with the route and user, and the
+    framework's own log of it dropped as a duplicate."""
+    events.flush()
+    assert len(events) == 1
+    event = events[0]
+    assert event["exception"]["values"][-1]["type"] == "LookupError"
+    assert event["exception"]["values"][-1]["mechanism"] == {"type": framework, "handled": False}
+    request = event["request"]
+    assert request["method"] == "GET"
+    assert request["url"] == f"{url}/items/7/crash?password=[Filtered]&page=2"
+    assert request["headers"]["authorization"] == "[Filtered]"
+    assert request["headers"]["cookie"] == "[Filtered]"
+    assert request["headers"]["x-test-user"] == "ada"
+    assert event["transaction"] == route
+    assert event["tags"]["route"] == route
+    assert event["tags"]["endpoint"] == endpoint
+    assert event["tags"]["item"] == "7"
+    assert event["user"] == {"id": "3", "username": "ada"}  # no email by default
+    # The framework logged the 500 with the same exception: dropped as a duplicate, counted.
+    assert events.client.stats()["dropped_duplicate"] == 1
+    assert events.client.stats()["captured"] == 1
