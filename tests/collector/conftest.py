@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -192,6 +193,19 @@ def api_token_fixture() -> Callable[..., dict[str, str]]:
 
 # Generous on a loaded machine: a test waits for the server, never sleeps a fixed time.
 DEADLINE = 20.0
+
+
+def answers_health(url: str) -> bool:
+    """Whether a collector answers ``/health`` at ``url``'s host and port (any status)."""
+    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        return True
+    except OSError:
+        return False
+    finally:
+        conn.close()
 
 
 def connect(port: int) -> socket.socket:

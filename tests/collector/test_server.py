@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import os
@@ -13,7 +12,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from tests.conftest import wait_until
@@ -32,6 +30,8 @@ from selfreport.collector.server import (
     project_command,
     serve,
 )
+
+from .conftest import answers_health
 
 
 def test_a_server_in_a_thread(tmp_path: Path) -> None:
@@ -136,15 +136,7 @@ def test_serve_prints_the_dsn_and_stops_on_sigterm(tmp_path: Path, quiet_sigterm
         if not found:
             return False
         url[:] = found[:1]
-        conn = http.client.HTTPConnection(urlsplit(found[0]).netloc, timeout=5)
-        try:
-            conn.request("GET", "/health")
-            conn.getresponse().read()
-            return True
-        except OSError:
-            return False
-        finally:
-            conn.close()
+        return answers_health(found[0])
 
     def stop_when_up() -> None:
         wait_until(answering, 20)

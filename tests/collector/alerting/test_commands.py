@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import os
 import signal
 import subprocess
@@ -10,10 +9,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from tests.collector.alerting.receivers import HttpReceiver, http_receiver
+from tests.collector.conftest import answers_health
 from tests.conftest import wait_until
 
 from selfreport.cli import main
@@ -176,22 +175,10 @@ def test_serve_says_what_it_loaded(tmp_path: Path) -> None:
         summary = f"alerting: {path}: 1 notifiers, 1 alert rules, 1 uptime checks\n"
         assert wait_until(lambda: summary in lines, timeout=60)
         page = next(line for line in lines if "web page" in line).split()[-1]
-        assert wait_until(lambda: answers(page), timeout=60)  # uvicorn handles SIGTERM now
+        assert wait_until(lambda: answers_health(page), timeout=60)  # uvicorn handles SIGTERM now
     finally:
         child.send_signal(signal.SIGTERM)
         code = child.wait(60)
         reader.join(10)
         child.stdout.close()
     assert code in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
-
-
-def answers(url: str) -> bool:
-    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=5)
-    try:
-        conn.request("GET", "/health")
-        conn.getresponse().read()
-        return True
-    except OSError:
-        return False
-    finally:
-        conn.close()
