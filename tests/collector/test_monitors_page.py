@@ -19,6 +19,9 @@ HOURLY = {"schedule": {"type": "crontab", "value": "0 * * * *"}, "checkin_margin
 
 @dataclass
 class Check:
+    """An uptime check whose URL can be set once the server it watches is listening (the
+    configuration's UptimeConfig is frozen)."""
+
     url: str
     interval: float = 0.05
     timeout: float = 5.0

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional, Union
+from typing import Any
 
 import pytest
 from tests.conftest import wait_until
 
+from selfreport.collector.alerting.config import UptimeConfig
 from selfreport.collector.alerting.uptime import ProbeResult, UptimeProber, probe
 
 
-@dataclass
-class Check:
-    url: str
-    interval: float = 30.0
-    timeout: float = 5.0
-    expect_status: Union[int, Sequence[int]] = 200
-    consecutive: int = 1
-    name: Optional[str] = None
+def Check(url: str, **fields: Any) -> UptimeConfig:
+    """The configuration's ``UptimeConfig``, every 30.0 s, 1 failure(s) in a row
+    making it down, unless said otherwise."""
+    fields.setdefault("interval", 30.0)
+    fields.setdefault("timeout", 5.0)
+    fields.setdefault("consecutive", 1)
+    return UptimeConfig(url, **fields)
 
 
 class Site:
@@ -108,7 +107,7 @@ def test_recovery_resets_the_streak(site: Site) -> None:
 def test_redirects_are_not_followed_and_expected_status_may_be_a_list(site: Site) -> None:
     site.status = 302
     assert not probe(Check(site.url)).up
-    assert probe(Check(site.url, expect_status=[200, 302])).up
+    assert probe(Check(site.url, expect_status=(200, 302))).up
 
 
 def test_probe_carries_no_selfreport_marks(site: Site) -> None:
