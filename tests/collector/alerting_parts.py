@@ -5,9 +5,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -63,44 +61,6 @@ class ListOutbox:
 
     def states(self) -> list[tuple[str, str]]:
         return [(n.subject, n.state) for n, _ in self.sent]
-
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1 answering every POST with ``status``; keeps bodies."""
-
-    def __init__(self, status: int = 200) -> None:
-        self.status = status
-        self.bodies: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                receiver.bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@contextmanager
-def receiver(status: int = 200) -> Iterator[Receiver]:
-    running = Receiver(status)
-    try:
-        yield running
-    finally:
-        running.close()
 
 
 class WebhookOutbox:

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.collector.alerting.receivers import http_receiver
 from tests.collector.alerting_parts import (
     INTERNAL,
     ListOutbox,
     Outcome,
     Rule,
     WebhookOutbox,
-    receiver,
     stored,
 )
 from tests.conftest import FakeClock, wait_until
@@ -288,7 +288,7 @@ def test_the_self_loop_a_webhook_answering_500_and_a_self_rule_through_it(
 ) -> None:
     """Explicit loop test: every failure is counted, the self alert adds no notification."""
     caplog.set_level(logging.DEBUG, "selfreport")
-    with receiver(500) as hook:
+    with http_receiver(500) as hook:
         outbox = WebhookOutbox({"hook": hook.url}, attempts=3)
         clock = FakeClock(1_000_000.0)
         engine = AlertEngine(
@@ -303,7 +303,8 @@ def test_the_self_loop_a_webhook_answering_500_and_a_self_rule_through_it(
             clock.advance(30)
     # The rate alert's two notifications (firing, resolved), each tried three times: that
     # is all the webhook ever saw, and all the failures counted.
-    assert [(b["subject"], b["state"]) for b in hook.bodies] == [("default", "firing")] * 3 + [
+    bodies = [request.json() for request in hook.requests]
+    assert [(b["subject"], b["state"]) for b in bodies] == [("default", "firing")] * 3 + [
         ("default", "resolved")
     ] * 3
     assert outbox.failures == 6

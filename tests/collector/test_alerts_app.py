@@ -15,7 +15,6 @@ from tests.collector.alerting_parts import (
     Outcome,
     Rule,
     WebhookOutbox,
-    receiver,
     stored,
 )
 from tests.collector.conftest import Target, call, envelope, make_event
@@ -47,16 +46,16 @@ def engine_factory(rules: Sequence[Rule], outbox: Any) -> Callable[[Store], Aler
 def test_a_rate_alert_through_a_real_webhook_shows_everywhere(make_server: MakeServer) -> None:
     rules = [Rule("spike", "rate", threshold=2, window=600, notify=("hook",)),
              Rule("new", "new_issue", notify=("hook",))]  # fmt: skip
-    with receiver() as hook:
+    with http_receiver() as hook:
         outbox = WebhookOutbox({"hook": hook.url})
         server = make_server(alerts=engine_factory(rules, outbox))
         target = Target(server)
         for _ in range(3):
             assert target.send(envelope(make_event())).status == 200
-        assert wait_until(lambda: len(hook.bodies) == 2)
+        assert wait_until(lambda: hook.count() == 2)
         # A new issue for each event (make_event's ids differ, its exception is the same: one
         # issue), and the rate over its threshold after the third: one notification each.
-        assert sorted(tuple(b.values()) for b in hook.bodies) == [
+        assert sorted(tuple(b.values()) for b in (r.json() for r in hook.requests)) == [
             ("new", "issue:1", "firing"), ("spike", "default", "firing"),
         ]  # fmt: skip
         status = call(server.port, "GET", "/api/0/status/").json()["alerts"]
