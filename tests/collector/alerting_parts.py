@@ -1,9 +1,8 @@
-"""Parts the alert engine's tests share: rules, outcomes, stored envelopes, outboxes, a receiver."""
+"""Parts the alert engine's tests share: rules, outcomes, stored envelopes, outboxes."""
 
 from __future__ import annotations
 
 import http.client
-import http.server
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
