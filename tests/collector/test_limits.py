@@ -171,6 +171,13 @@ def test_keep_alive_and_pipelined_requests_still_work(
         reply = read_all(sock)
     assert reply.count(b"HTTP/1.1 200 OK") == 3
     assert rejected(server) == {}
+    # A second request in the same chunk as the first, its headers over the limit: the count
+    # restarts within the chunk, and the headers are still measured.
+    many = b"".join(b"X-%d: %s\r\n" % (i, b"b" * 90) for i in range(60))
+    with connect(server.port) as sock:
+        sock.sendall(GET + b"\r\n" + GET + many + b"\r\n")
+        assert b"HTTP/1.1 431 " in read_all(sock)
+    assert rejected(server) == {"headers_too_large": 1}
 
 
 def test_connections_over_the_limit_get_a_fast_503(

@@ -71,3 +71,21 @@ def test_latency_percentiles_over_a_recent_bounded_window() -> None:
     assert metrics.latency_percentiles()["forwarded"]["p99_ms"] == 0.0
     with pytest.raises(ValueError, match="stage must be one of"):
         metrics.latency("shipped", 1.0)
+
+
+def test_processing_seconds_is_the_stored_stage_under_its_old_name() -> None:
+    # One observation per request on the hot path: the old histogram is read from the stage's.
+    metrics = CollectorMetrics()
+    for seconds in (0.0005, 0.003, 0.003, 0.2, 45.0):
+        metrics.stored(1, 0, seconds)
+    text = metrics.render().decode()
+    assert 'selfreport_collector_processing_seconds_bucket{le="0.001"} 1.0' in text
+    assert 'selfreport_collector_processing_seconds_bucket{le="0.005"} 3.0' in text
+    assert 'selfreport_collector_processing_seconds_bucket{le="10.0"} 4.0' in text
+    assert 'selfreport_collector_processing_seconds_bucket{le="+Inf"} 5.0' in text
+    assert 'processing_seconds_bucket{le="30.0"}' not in text  # the stage's longer buckets
+    assert "selfreport_collector_processing_seconds_count 5.0" in text
+    assert "selfreport_collector_processing_seconds_sum 45.2065" in text
+    assert 'pipeline_latency_seconds_bucket{le="30.0",stage="stored"} 4.0' in text
+    assert metrics.average_processing() == pytest.approx(45.2065 / 5)
+    assert CollectorMetrics().average_processing() is None

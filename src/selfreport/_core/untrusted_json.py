@@ -88,6 +88,7 @@ def repair_surrogates(text: str) -> str:
 
 
 _DECODERS: dict[Optional[Callable[[str], Any]], json.JSONDecoder] = {}
+_PLAIN = json.JSONDecoder()
 
 
 def _decoder(parse_constant: Optional[Callable[[str], Any]]) -> json.JSONDecoder:
@@ -115,7 +116,7 @@ def parse(
         raw, text = data.encode("utf-8", "surrogatepass"), data
     deep = False
     if len(raw) <= 2 * max_depth + 1:  # too short to nest deeper (a level takes two bytes)
-        if repair:
+        if repair and "\\" in text:  # (the common case without a call)
             text = repair_surrogates(text)
     else:
         # One pass in C keeps what both checks need: the brackets (a bound on the depth) and
@@ -129,7 +130,8 @@ def parse(
     try:
         if text.startswith("\ufeff"):  # json.loads refuses it, saying why
             json.loads(text)
-        value = _decoder(parse_constant).decode(text)
+        decoder = _PLAIN if parse_constant is None else _decoder(parse_constant)
+        value = decoder.decode(text)
     except RecursionError:  # nested hundreds deep: refused by the parser, quickly
         raise JSONDepthError(max_depth) from None
     # After parsing: what is nested too deep for the parser never costs a depth check.

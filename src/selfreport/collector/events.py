@@ -213,8 +213,7 @@ def _mechanism(exception: dict[str, Any]) -> dict[str, Any]:
     return mechanism if isinstance(mechanism, dict) else {}
 
 
-def _culprit(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> str:
-    main = main_exception(exceptions)
+def _culprit(event: dict[str, Any], main: Optional[dict[str, Any]]) -> str:
     if main is not None:
         frames = frames_of(main)
         in_app = [f for f in frames if f.get("in_app") is True]
@@ -228,8 +227,7 @@ def _culprit(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _title(event: dict[str, Any], exceptions: list[dict[str, Any]]) -> str:
-    main = main_exception(exceptions)
+def _title(event: dict[str, Any], main: Optional[dict[str, Any]]) -> str:
     if main is not None:
         kind = _text(main.get("type") or "Error", 100) or "Error"
         value = main.get("value")
@@ -262,12 +260,16 @@ def _default_grouping(event: dict[str, Any], exceptions: list[dict[str, Any]]) -
     template, _ = _message(event)
     if template:
         return ["message", template]
-    return ["title", _title(event, exceptions)]
+    return ["title", _title(event, None)]
 
 
-def event_fingerprint(event: dict[str, Any]) -> str:
-    """The grouping key: a custom ``fingerprint`` list if the event has one, else the default."""
-    exceptions = exception_values(event)
+def event_fingerprint(
+    event: dict[str, Any], exceptions: Optional[list[dict[str, Any]]] = None
+) -> str:
+    """The grouping key: a custom ``fingerprint`` list if the event has one, else the default
+    (``exceptions``: the event's :func:`exception_values`, when the caller has them)."""
+    if exceptions is None:
+        exceptions = exception_values(event)
     custom = event.get("fingerprint")
     default = _default_grouping(event, exceptions)
     components: Any = default
@@ -337,11 +339,12 @@ def prepare_event(
         original = None
     level = _level(event.get("level"))
     exceptions = exception_values(event)
+    main = main_exception(exceptions)
     # Grouped and titled by the event as it came; stored as trimmed.
     title, culprit, fingerprint = (
-        _title(event, exceptions),
-        _culprit(event, exceptions),
-        event_fingerprint(event),
+        _title(event, main),
+        _culprit(event, main),
+        event_fingerprint(event, exceptions),
     )
     payload = original
     if payload is None and (size is None or size <= TRIM_ABOVE):

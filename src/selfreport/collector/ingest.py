@@ -305,17 +305,13 @@ class IngestEndpoint:
                 key = _key_from_envelope_dsn(envelope.headers.get("dsn"), project_id)
             header_id = envelope.headers.get("event_id")
             envelope_event_id = header_id if isinstance(header_id, str) else None
-            raw_events = [
-                (index, item.payload)
-                for index, item in enumerate(envelope.items, 1)
-                if item.type == "event"
-            ]
+            raw_events, others = _split_items(envelope)
         else:
-            raw_events = [(0, body)]
+            raw_events, others = [(0, body)], []
         if key is None:
             raise _missing_auth()
         project = await self.keys.authorize(key, project_id)
-        checkins = self._other_items(envelope)
+        checkins = self._other_items(others) if others else []
         self.metrics.received(len(raw_events))
         if len(body) > PREPARE_INLINE_MAX:  # parsing and trimming it would stall the loop
             events = await run_in_threadpool(
@@ -323,7 +319,8 @@ class IngestEndpoint:
             )
         else:
             events = self._prepare_all(raw_events, project, envelope_event_id)
-        await self._store_checkins(project, checkins)  # once every item was found valid
+        if checkins:  # stored once every item was found valid
+            await self._store_checkins(project, checkins)
         kept = [event for event in events if event is not None]
         if len(kept) < len(events):
             self.metrics.rejected("filtered", len(events) - len(kept))
@@ -344,14 +341,14 @@ class IngestEndpoint:
 
     # --- items other than events ----------------------------------------------------------
 
-    def _other_items(self, envelope: Optional[Envelope]) -> list[CheckInItem]:
+    def _other_items(self, others: list[tuple[int, Item]]) -> list[CheckInItem]:
         """The check-ins, checked (IngestError 400 naming the item); every other item type
         that is not an event is counted as dropped under its type in /metrics."""
         checkins: list[CheckInItem] = []
-        for index, item in enumerate(envelope.items if envelope is not None else (), 1):
+        for index, item in others:
             if item.type == "check_in":
                 checkins.append(_checkin(index, item))
-            elif item.type != "event":
+            else:
                 self.metrics.item_dropped(item.type)
         return checkins
 
@@ -411,6 +408,18 @@ class IngestEndpoint:
                 # The events are committed and acknowledged: a hook (forwarding) failing must
                 # not turn that into an error for the sender; it is reported here instead.
                 logger.exception("an on_stored hook failed")
+
+
+def _split_items(envelope: Envelope) -> tuple[list[tuple[int, bytes]], list[tuple[int, Item]]]:
+    """The events' payloads and the other items, each with its position (1-based)."""
+    events: list[tuple[int, bytes]] = []
+    others: list[tuple[int, Item]] = []
+    for index, item in enumerate(envelope.items, 1):
+        if item.headers.get("type") == "event":
+            events.append((index, item.payload))
+        else:
+            others.append((index, item))
+    return events, others
 
 
 def _checkin(index: int, item: Item) -> CheckInItem:

@@ -9,7 +9,12 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .store import Store
@@ -156,12 +161,6 @@ class CollectorMetrics:
         self.rejections = self._counter(
             "rejected", "Requests or events refused, by reason.", "reason"
         )
-        self.processing = Histogram(
-            "selfreport_collector_processing_seconds",
-            "Time from a request's body being read to its events being committed.",
-            buckets=_BUCKETS,
-            registry=self.registry,
-        )
         self.registry.register(_LiveValues(self))
         self._init_checkin_metrics()
         self._init_latency()
@@ -197,7 +196,6 @@ class CollectorMetrics:
         self.events_stored.inc(stored)
         if duplicates:
             self.events_duplicate.inc(duplicates)
-        self.processing.observe(seconds)
         self.window.add(stored + duplicates, seconds)
         self._stored_latency.observe(seconds)
         self.latencies["stored"].add(seconds)
@@ -255,16 +253,38 @@ class CollectorMetrics:
                     out[sample.labels["reason"]] = int(sample.value)
         return out
 
-    def average_processing(self) -> Optional[float]:
-        """Average processing time since start (seconds), or None before the first event."""
-        count = total = 0.0
-        for metric in self.processing.collect():
+    def stored_latency(self) -> tuple[list[tuple[str, float]], float]:
+        """The ``stored`` stage's histogram: cumulative counts per bucket bound (``le``, as
+        Prometheus writes it, ``+Inf`` last), and the sum of the seconds."""
+        buckets: list[tuple[str, float]] = []
+        total = 0.0
+        for metric in self.pipeline_latency.collect():
             for sample in metric.samples:
-                if sample.name.endswith("_count"):
-                    count = sample.value
+                if sample.labels.get("stage") != "stored":
+                    continue
+                if sample.name.endswith("_bucket"):
+                    buckets.append((sample.labels["le"], sample.value))
                 elif sample.name.endswith("_sum"):
                     total = sample.value
+        return buckets, total
+
+    def average_processing(self) -> Optional[float]:
+        """Average processing time since start (seconds), or None before the first event."""
+        buckets, total = self.stored_latency()
+        count = buckets[-1][1] if buckets else 0.0
         return total / count if count else None
+
+
+def _processing(buckets: list[tuple[str, float]], total: float) -> HistogramMetricFamily:
+    # The pipeline's "stored" stage under the name it had before there were stages, from the
+    # same observations (its first buckets are this one's): one histogram on the hot path.
+    return HistogramMetricFamily(
+        "selfreport_collector_processing_seconds",
+        "Time from a request's body being read to its events being committed (the same as "
+        'selfreport_collector_pipeline_latency_seconds{stage="stored"}).',
+        buckets=[*buckets[: len(_BUCKETS)], *buckets[-1:]],
+        sum_value=total,
+    )
 
 
 class _LiveValues(Collector):
@@ -304,6 +324,7 @@ class _LiveValues(Collector):
                 "Size of the SQLite database, WAL included.",
                 value=storage.size_bytes(),
             )
+        yield _processing(*self.metrics.stored_latency())
         yield from _forwarding(self.metrics.forward_stats())
         yield from _alerting(self.metrics.alert_stats())
         source = self.metrics.reporter_stats

@@ -114,6 +114,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._waiting = _NOTHING  # what the deadline is for
         self._reading_headers = True
         self._received = 0  # bytes of the headers, then of the body, so far (whole chunks)
+        self._chunk = 0  # bytes of the chunk being parsed
         self._body_bytes = 0
         self._over_limit = False
         self._rejected = False
@@ -137,7 +138,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # (Never called once rejected: closing the transport stops reading at once.)
         if self._waiting == _KEEP_ALIVE:
             self._waiting, self.deadline = _NOTHING, _NEVER
-        self._received += len(data)
+        self._chunk = len(data)
+        self._received += self._chunk
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -175,7 +177,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # --- parser callbacks -------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
-        self._received = 0
+        # Bytes received for this request in earlier chunks, plus the chunk the headers ended
+        # in (pipelined requests reset the count within a chunk): at least the headers' size.
+        received, self._received = self._received + self._chunk, 0
         self._waiting, self.deadline = _NOTHING, _NEVER
         # Checked once the headers are in, not in an on_url/on_header of our own for each
         # (a Python call per header of every request): until then the bytes received bound
@@ -187,9 +191,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         headers = self.headers
         if len(headers) > limits.max_headers:
             self._stop(431, "headers_too_large", self._too_many_headers())
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in headers)
-        if size > limits.max_header_bytes:
-            self._stop(431, "headers_too_large", self._too_large_headers())
+        if received > limits.max_header_bytes:  # only then are they worth counting
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in headers)
+            if size > limits.max_header_bytes:
+                self._stop(431, "headers_too_large", self._too_large_headers())
         if self._over_limit:
             detail = "the collector has too many open connections; retry shortly"
             self._stop(503, "too_many_connections", detail, b"retry-after: 1\r\n")

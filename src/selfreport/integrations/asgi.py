@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 
 from selfreport._capture.scope import new_scope
 from selfreport._core.guard import reporting_path
+from selfreport._delivery.transport import ORIGIN_HEADER
 from selfreport.integrations import (
     RequestMiddleware,
     filter_headers,
@@ -21,6 +22,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_ORIGIN_NAME = ORIGIN_HEADER.lower().encode("latin-1")
 
 
 class SelfreportMiddleware(RequestMiddleware[ASGIApp]):
@@ -44,10 +47,7 @@ class SelfreportMiddleware(RequestMiddleware[ASGIApp]):
         if scope.get("type") not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())
-        }
-        if self._is_own(headers):
+        if self._is_own_scope(scope):
             async with reporting_path():
                 try:
                     await self.app(scope, receive, send)
@@ -61,10 +61,21 @@ class SelfreportMiddleware(RequestMiddleware[ASGIApp]):
             try:
                 await self.app(scope, receive, send)
             except Exception as exc:
-                report_request_exception(
-                    exc, request_info(scope, headers), mechanism="asgi", client=self.client
-                )
+                info = request_info(scope, _headers(scope))
+                report_request_exception(exc, info, mechanism="asgi", client=self.client)
                 raise
+
+    def _is_own_scope(self, scope: Scope) -> bool:
+        # The one header that matters, found among the raw ones (ASGI lowercases their names):
+        # decoding them all for every request would cost more than the rest of the middleware.
+        for name, value in scope.get("headers", ()):
+            if name == _ORIGIN_NAME:
+                return self._is_own({ORIGIN_HEADER: value.decode("latin-1")})
+        return False
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
 
 
 def _matched_route_path(scope: Scope) -> Optional[str]:
