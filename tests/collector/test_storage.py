@@ -657,6 +657,47 @@ def test_making_room_reads_the_sizes_of_about_the_events_it_deletes(
         storage.close()
 
 
+def test_room_is_measured_again_only_when_it_could_be_used_up(
+    tmp_path: Path, make_event: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the pages in use took three statements in every transaction: now only when
+    the room last found, less twice what each batch since brought, could be gone."""
+    statements: list[str] = []
+    connect = Storage._connect
+
+    def traced(self: Storage, **options: Any) -> sqlite3.Connection:
+        conn = connect(self, **options)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(Storage, "_connect", traced)
+    storage = Storage(tmp_path / "m.db", max_storage_bytes=64 * 2**20)
+    storage.ensure_defaults()
+    try:
+        storage.start()
+        for n in range(40):  # 40 batches of one small event, within the 1 s between checks
+            assert storage.store(1, [big_event(make_event, n, 1000)]).result(10) == [True]
+        measured = sum(1 for sql in statements if sql == "PRAGMA freelist_count")
+        assert 1 <= measured <= 3
+        # Near the limit, nearly every batch measures again (1 MB events against 4 MiB), and
+        # the database stays under it.
+        small = Storage(tmp_path / "n.db", max_storage_bytes=4 * 2**20)
+        small.ensure_defaults()
+        try:
+            small.start()
+            before = sum(1 for sql in statements if sql == "PRAGMA freelist_count")
+            for n in range(8):
+                assert small.store(1, [big_event(make_event, n, 1_000_000)]).result(10) == [True]
+                assert (tmp_path / "n.db").stat().st_size <= 4 * 2**20
+            after = sum(1 for sql in statements if sql == "PRAGMA freelist_count")
+            assert after - before >= 6
+            assert small.deleted_for_space > 0
+        finally:
+            small.close()
+    finally:
+        storage.close()
+
+
 def test_deletions_for_space_rolled_back_are_not_counted(tmp_path: Path, make_event: Any) -> None:
     """Review 1.9: a batch with a failing write is applied again one write at a time, and
     the deletions of the rolled-back first try were counted as well."""

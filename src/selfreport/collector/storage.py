@@ -65,6 +65,8 @@ MIN_STORAGE_BYTES = 2**20
 # What a stored event costs beyond its payload (row, indexes), about.
 _ROW_OVERHEAD = 300
 _MAX_SPACE_STEP = 32 * 2**20  # bytes of events retention by size deletes at most per step
+_BATCH_SLACK = 64 * 1024
+_ROOM_RECHECK = 1.0  # seconds
 # The stored size of an event's payload. octet_length() (SQLite 3.43) takes it from the
 # record header; length(CAST(...)) has to read the whole text.
 _PAYLOAD_BYTES = (
@@ -543,6 +545,11 @@ class SqliteStorage:
         # Measured once the writer starts: the limit may be lower than at the last run.
         self._space_backlog = self.max_storage_bytes is not None
         self._vacuum = False
+        # Retention by size reads the pages in use only when the room it last found, less
+        # what every batch since may have added, could be used up (or a second went by).
+        self._room = 0
+        self._room_checked = 0.0
+        self._page_size = 0
         self._inserted_since_retention = 0
         self._last_issue_cleanup = 0.0
         # (project, fingerprint) -> issue id; the writer's alone, cleared after rollbacks
@@ -1239,12 +1246,22 @@ class SqliteStorage:
         the limit."""
         if self.max_storage_bytes is None:
             return 0
+        # At most: twice the payloads (UTF-8 of non-ASCII text, indexes) and a slack for the
+        # writes that carry no size (outbox, check-ins, issue rows).
+        room = self._room - 2 * incoming - _BATCH_SLACK
+        if room > 0 and time.monotonic() - self._room_checked < _ROOM_RECHECK:
+            self._room = room
+            return 0
         target = self.max_storage_bytes - self.wal_allowance
-        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        if not self._page_size:  # fixed when the database was made
+            self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        page_size = self._page_size
         need = _pages_in_use(conn) * page_size + incoming - target
         if need <= 0:
             self._space_backlog = False
+            self._room, self._room_checked = -need, time.monotonic()
             return 0
+        self._room = 0
         need += min(target // 20, 8 * 2**20)  # a little more: not every batch has to delete
         # A database far over the limit (the limit was lowered) shrinks over several steps:
         # none holds the writer, and every request waiting on it, for long.
